@@ -1,0 +1,65 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# VENV points at the environment to use; an existing one (e.g. with ModelZoo installed
+# editable) is reused as it is: `make test VENV=/path/to/venv`.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VENV_LATEST ?= .venv-latest
+PYTEST_ARGS ?=
+
+.PHONY: test test-slow test-latest demo tiny-assets lint format bench-masks bench-sparse-lora bench-convert bench-train-step clean
+
+$(VENV)/.installed-cs: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[cs,dev]"
+	touch $@
+
+# The ModelZoo 2.10 stack (torch 2.4.0, cerebras-pytorch 2.10.0). Tests marked `modelzoo` run
+# where cerebras_modelzoo is installed in $(VENV) and are skipped, with the reason, elsewhere.
+test: $(VENV)/.installed-cs
+	$(PY) -m ruff check .
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.installed-cs
+	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+
+# Current torch/transformers without cerebras-pytorch: the core, converters and gpu_reference
+# must work there too (cs/modelzoo tests skip themselves).
+$(VENV_LATEST)/.installed: setup.py
+	test -x $(VENV_LATEST)/bin/python || $(PYTHON) -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/python -m pip install -q --upgrade pip
+	$(VENV_LATEST)/bin/python -m pip install -q -e ".[dev]"
+	touch $@
+
+test-latest: $(VENV_LATEST)/.installed
+	$(VENV_LATEST)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: $(VENV)/.installed-cs
+	$(PY) -m experiments.demo --out demo_out
+
+tiny-assets: $(VENV)/.installed-cs
+	$(PY) -m modelzoo_ext.cerebras.tiny_assets --out build/tiny
+
+lint: $(VENV)/.installed-cs
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(VENV)/.installed-cs
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench-masks: $(VENV)/.installed-cs
+	$(PY) benchmarks/masks.py
+
+bench-sparse-lora: $(VENV)/.installed-cs
+	MALLOC_MMAP_THRESHOLD_=65536 $(PY) benchmarks/sparse_lora.py
+
+bench-convert: $(VENV)/.installed-cs
+	$(PY) benchmarks/convert.py
+
+bench-train-step: $(VENV)/.installed-cs
+	MALLOC_MMAP_THRESHOLD_=65536 $(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf build demo_out .pytest_cache .ruff_cache

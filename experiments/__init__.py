@@ -1,0 +1,1 @@
+"""Evaluation (lm-eval), the experiment sweep, its SQLite registry and the report."""

@@ -1,0 +1,1 @@
+"""HF <-> Cerebras conversion of weights, masks and LoRA adapters; PEFT and merged-sparse exports."""

@@ -1,0 +1,1 @@
+"""Cerebras-facing modules: ModelZoo registration, model variants, sparsity hook. Imports ModelZoo lazily."""

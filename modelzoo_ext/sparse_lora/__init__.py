@@ -1,0 +1,1 @@
+"""Sparse-LoRA layers and kernels shared by the ModelZoo model variants and the GPU reference."""

@@ -1,0 +1,88 @@
+"""Tiny random Llama/Mistral models saved with transformers: fixtures, `make tiny-assets`, demos.
+
+Two layers, hidden 64, grouped-query attention (4 query heads, 2 key/value heads) so the
+k-projection's RoPE permutation is exercised, and the real Mistral v1 SentencePiece tokenizer
+(32,000 tokens, from `mistral-common`) so data preparation and lm-eval run on real text.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from modelzoo_ext.offline_assets import asset_path
+
+FAMILIES = ("llama", "mistral")
+
+
+def tiny_config(family: str = "llama", vocab_size: int = 32000):
+    """A transformers LlamaConfig/MistralConfig: 2 layers, hidden 64, 4 heads, 2 kv heads."""
+    from transformers import LlamaConfig, MistralConfig
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype="float32",
+    )
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+
+def save_tokenizer(out_dir: str | Path) -> Path:
+    """Save the Mistral v1 tokenizer (fast, with BOS) into `out_dir`."""
+    from transformers import LlamaTokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(asset_path("mistral_tokenizer_v1"), out_dir / "tokenizer.model")
+    tokenizer = LlamaTokenizerFast(vocab_file=str(out_dir / "tokenizer.model"), add_bos_token=True, legacy=True)
+    tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def save_tiny_model(
+    out_dir: str | Path,
+    family: str = "llama",
+    *,
+    seed: int = 0,
+    tokenizer_from: str | Path | None = None,
+    max_shard_size: str | None = None,
+) -> Path:
+    """Build a tiny random model and `save_pretrained` it (safetensors) with a tokenizer.
+
+    `tokenizer_from`: a directory with saved tokenizer files to copy (building the tokenizer
+    takes seconds; fixtures build it once). `max_shard_size` (e.g. "200KB") writes a sharded
+    checkpoint with an index, as 7B checkpoints are.
+    """
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    kwargs = {"safe_serialization": True}
+    if max_shard_size:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(out_dir, **kwargs)
+    if tokenizer_from is None:
+        save_tokenizer(out_dir)
+    else:
+        for item in Path(tokenizer_from).iterdir():
+            if item.is_file() and ("token" in item.name or item.name == "special_tokens_map.json"):
+                shutil.copy(item, out_dir / item.name)
+    return out_dir

@@ -1,0 +1,49 @@
+"""modelzoo-sparse-lora: sparsity-preserving LoRA for pruned LLMs on Cerebras ModelZoo and GPUs.
+
+Install editable (`pip install -e .`): on a Cerebras cluster the appliance mounts editable
+packages onto the workers, and ModelZoo itself only supports editable installs.
+"""
+
+from setuptools import find_packages, setup
+
+# Ranges include ModelZoo 2.10's pins (transformers 4.57.1, pydantic 2.8.2, h5py 3.13.0,
+# safetensors 0.4.5, datasets 3.6.0, lm-eval 0.4.9.1) and current releases.
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    "numpy>=1.25",
+    "transformers>=4.45.2",
+    "tokenizers>=0.20",
+    "safetensors>=0.4.5",
+    "h5py>=3.10",
+    "pydantic>=2.8.2,<3",
+    "pyyaml>=6",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+    "peft>=0.13",
+    "datasets>=2.20",
+    "lm-eval==0.4.9.1",
+    "accelerate>=0.34",
+    "gguf>=0.10",
+]
+
+EXTRAS_REQUIRE = {
+    # cerebras-pytorch 2.10.0 pins torch 2.4.0 and numpy 1.25.0; cp311 wheels only.
+    "cs": ["cerebras-pytorch==2.10.0", "numpy==1.25.0"],
+    "dev": ["pytest>=8", "hypothesis>=6.100", "ruff==0.8.4"],
+}
+
+setup(
+    name="modelzoo-sparse-lora",
+    version="0.1.0",
+    description="Sparse-to-dense and sparse-to-sparse LoRA for pruned LLMs on Cerebras ModelZoo and GPUs",
+    python_requires=">=3.11",
+    packages=find_packages(include=["modelzoo_ext*", "mask_converters*", "gpu_reference*", "experiments*"]),
+    package_data={"experiments": ["tasks/*.yaml"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={
+        "console_scripts": [
+            "sparse-lora = modelzoo_ext.cli:main",
+        ]
+    },
+)

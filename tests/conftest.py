@@ -1,0 +1,90 @@
+"""Shared fixtures and the marker policy.
+
+Markers (declared in pyproject.toml):
+- `modelzoo`: needs Cerebras ModelZoo (`cerebras.modelzoo`) importable; skipped with the reason.
+- `cs`: needs cerebras-pytorch; skipped with the reason.
+- `gpu`: needs CUDA; skipped otherwise.
+- `slow`: excluded from `make test`, run by `make test-slow`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores are shared by everything on the test machines: keep torch from oversubscribing.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+HAS_MODELZOO = _has_module("cerebras.modelzoo")
+HAS_CSTORCH = _has_module("cerebras.pytorch")
+HAS_CUDA = torch.cuda.is_available()
+
+SKIP_REASONS = {
+    "modelzoo": (
+        not HAS_MODELZOO,
+        "Cerebras ModelZoo (cerebras.modelzoo) is not installed in this environment; "
+        "install Release_2.10.0 editable to run it (README: 'Testing against ModelZoo')",
+    ),
+    "cs": (not HAS_CSTORCH, "cerebras-pytorch is not installed (install the `cs` extra)"),
+    "gpu": (not HAS_CUDA, "no CUDA device"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for marker, (skip, reason) in SKIP_REASONS.items():
+            if skip and item.get_closest_marker(marker):
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The Mistral v1 tokenizer saved once per session."""
+    from modelzoo_ext.tiny_models import save_tokenizer
+
+    return save_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random Llama (2 layers, hidden 64, GQA 4/2 heads) saved as one safetensors file."""
+    from modelzoo_ext.tiny_models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama", seed=0, tokenizer_from=tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random Mistral (same shape as the Llama one) saved as one safetensors file."""
+    from modelzoo_ext.tiny_models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_mistral"), "mistral", seed=1, tokenizer_from=tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_sharded_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """The tiny Llama saved as several shards with a `model.safetensors.index.json`."""
+    from modelzoo_ext.tiny_models import save_tiny_model
+
+    return save_tiny_model(
+        tmp_path_factory.mktemp("tiny_llama_sharded"),
+        "llama",
+        seed=0,
+        tokenizer_from=tokenizer_dir,
+        max_shard_size="2MB",
+    )
