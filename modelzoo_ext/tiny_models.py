@@ -50,7 +50,9 @@ def save_tokenizer(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(asset_path("mistral_tokenizer_v1"), out_dir / "tokenizer.model")
-    tokenizer = LlamaTokenizerFast(vocab_file=str(out_dir / "tokenizer.model"), add_bos_token=True, legacy=True)
+    tokenizer = LlamaTokenizerFast(
+        vocab_file=str(out_dir / "tokenizer.model"), add_bos_token=True, legacy=True
+    )
     tokenizer.pad_token = tokenizer.unk_token
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -65,7 +65,9 @@ def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny random Llama (2 layers, hidden 64, GQA 4/2 heads) saved as one safetensors file."""
     from modelzoo_ext.tiny_models import save_tiny_model
 
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama", seed=0, tokenizer_from=tokenizer_dir)
+    return save_tiny_model(
+        tmp_path_factory.mktemp("tiny_llama"), "llama", seed=0, tokenizer_from=tokenizer_dir
+    )
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +75,9 @@ def tiny_mistral_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny random Mistral (same shape as the Llama one) saved as one safetensors file."""
     from modelzoo_ext.tiny_models import save_tiny_model
 
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_mistral"), "mistral", seed=1, tokenizer_from=tokenizer_dir)
+    return save_tiny_model(
+        tmp_path_factory.mktemp("tiny_mistral"), "mistral", seed=1, tokenizer_from=tokenizer_dir
+    )
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,9 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Bool mask of any shape -> uint8 [ceil(numel / 8)], 1 bit per element, little-endian bits."""
     if mask.dtype != torch.bool:
-        raise UserError(f"masks must be torch.bool, got {mask.dtype}", fix="pass `weight != 0` or a bool tensor")
+        raise UserError(
+            f"masks must be torch.bool, got {mask.dtype}", fix="pass `weight != 0` or a bool tensor"
+        )
     bits = mask.detach().contiguous().reshape(-1).cpu().numpy()
     return torch.from_numpy(np.packbits(bits, bitorder="little"))
 
@@ -122,11 +124,13 @@ class MaskWriter:
     def write(self) -> dict[str, Any]:
         """Write the file (temporary name, then rename) and return its metadata."""
         if not self.packed:
-            raise UserError("no masks to write", where=str(self.path), fix="check the target rule matched tensors")
+            raise UserError(
+                "no masks to write", where=str(self.path), fix="check the target rule matched tensors"
+            )
         numel = sum(t["numel"] for t in self.tensors.values())
         kept = sum(t["kept"] for t in self.tensors.values())
         metadata = {
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "tool_version": tool_version(),
             **self.metadata,
             "format": FORMAT_NAME,
