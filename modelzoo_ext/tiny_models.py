@@ -7,6 +7,7 @@ k-projection's RoPE permutation is exercised, and the real Mistral v1 SentencePi
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -44,15 +45,21 @@ def tiny_config(family: str = "llama", vocab_size: int = 32000):
 
 
 def save_tokenizer(out_dir: str | Path) -> Path:
-    """Save the Mistral v1 tokenizer (fast, with BOS) into `out_dir`."""
-    from transformers import LlamaTokenizerFast
+    """Save the Mistral v1 SentencePiece tokenizer (with BOS, pad = unk) into `out_dir`.
+
+    The fast tokenizer is built through `AutoTokenizer` from `tokenizer.model` plus a minimal
+    `tokenizer_config.json`: that path works on transformers 4.x and 5.x alike (5.x turned the
+    direct `LlamaTokenizerFast(vocab_file=...)` constructor into one that drops all text).
+    """
+    from transformers import AutoTokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(asset_path("mistral_tokenizer_v1"), out_dir / "tokenizer.model")
-    tokenizer = LlamaTokenizerFast(
-        vocab_file=str(out_dir / "tokenizer.model"), add_bos_token=True, legacy=True
-    )
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({**config, **special}))
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
     tokenizer.pad_token = tokenizer.unk_token
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -1,9 +1,80 @@
-"""Subcommands of this stage (filled in by its issue)."""
+"""`sparse-lora install-hook` and `sparse-lora modelzoo status`."""
 
 from __future__ import annotations
 
 import argparse
 
+from modelzoo_ext.errors import UserError
+
 
 def register(subparsers: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
     """Add this stage's subcommands to `sparse-lora`."""
+    hook = subparsers.add_parser(
+        "install-hook",
+        help="let the unmodified `cszoo` see sparse_lora_llama/_mistral (writes one .pth file)",
+        description="Write a .pth file into site-packages so that every `cszoo` run registers this "
+        "package's ModelZoo models, callbacks and converters. It costs a few milliseconds at "
+        "interpreter start and imports nothing heavy until ModelZoo itself is imported. Sites that "
+        "forbid .pth files use `cszoo-sparse-lora` (same arguments as cszoo) instead.",
+    )
+    hook.add_argument("--uninstall", action="store_true", help="remove the .pth file instead")
+    hook.add_argument(
+        "--site-dir", default=None, help="site-packages folder (default: this interpreter's purelib)"
+    )
+    hook.set_defaults(func=_install_hook)
+
+    modelzoo = subparsers.add_parser(
+        "modelzoo", help="ModelZoo integration: status", description="ModelZoo integration commands."
+    )
+    sub = modelzoo.add_subparsers(dest="modelzoo_command", metavar="COMMAND", required=True)
+    groups["modelzoo"] = sub
+    status = sub.add_parser(
+        "status",
+        help="is ModelZoo installed, is the hook in place, are our models registered",
+        description="Report whether Cerebras ModelZoo and cerebras-pytorch are importable, whether the "
+        "install-hook .pth is in place, and which sparse-LoRA model names ModelZoo's registry knows "
+        "(imports ModelZoo; takes a few seconds). Exit status 1 when something `cszoo fit` needs is missing.",
+    )
+    status.set_defaults(func=_status)
+
+
+def _install_hook(args: argparse.Namespace) -> int:
+    from modelzoo_ext.cerebras.hook import hook_path, install_hook, uninstall_hook
+
+    if args.uninstall:
+        removed = uninstall_hook(args.site_dir)
+        print(f"removed {removed}" if removed else f"no hook at {hook_path(args.site_dir)}")
+        return 0
+    site = hook_path(args.site_dir).parent
+    if not site.is_dir():
+        raise UserError("site-packages folder not found", where=str(site), fix="pass an existing --site-dir")
+    print(f"wrote {install_hook(args.site_dir)}; `cszoo fit <params_sparse_lora_*.yaml>` now works")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from modelzoo_ext.cerebras.hook import hook_installed, hook_path
+
+    def importable(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            return False
+
+    checks = {
+        "cerebras.pytorch (cerebras-pytorch)": importable("cerebras.pytorch"),
+        "cerebras.modelzoo (ModelZoo, editable install)": importable("cerebras.modelzoo"),
+        "bigcode_eval (ModelZoo requirement; cszoo fit imports it)": importable("bigcode_eval"),
+        f"install-hook ({hook_path()})": hook_installed(),
+    }
+    for what, ok in checks.items():
+        print(f"{'ok     ' if ok else 'MISSING'}  {what}")
+    if checks["cerebras.modelzoo (ModelZoo, editable install)"]:
+        from modelzoo_ext.cerebras.registration import MODEL_PATHS, registered_model_names
+
+        names = registered_model_names()
+        print(f"registered models: {', '.join(names) or 'none'} (expected {', '.join(MODEL_PATHS)})")
+    missing = [what for what, ok in checks.items() if not ok and not what.startswith("install-hook")]
+    return 1 if missing else 0

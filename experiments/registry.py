@@ -1,0 +1,211 @@
+"""The run registry: one SQLite row per run, safe for many concurrent writers.
+
+Every number the report prints comes from here, with its provenance (config hash, git revision,
+mask checksum). SQLite in WAL mode lets readers proceed while one writer writes; writers take the
+write lock up front (`BEGIN IMMEDIATE`), wait for it (`busy_timeout`), and retry with backoff if
+the wait runs out, so concurrent sweep workers lose no row.
+
+Columns that identify a run in the grid (model, task, method, structure, sparsity, mode, backend,
+seed) are plain columns so the report can group by them; metrics and artifact paths are JSON.
+Modes: `s2s`, `s2d` (sparse-LoRA fine-tunes), `lora` (plain LoRA on the dense model: the dense
+baseline), `none` (no fine-tune: the dense model at sparsity 0, the pruned model otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelzoo_ext.errors import UserError
+
+STATUSES = ("planned", "running", "succeeded", "failed", "stopped")
+MODES = ("s2s", "s2d", "lora", "none")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    model TEXT, task TEXT, method TEXT, structure TEXT, sparsity REAL, mode TEXT,
+    backend TEXT, seed INTEGER,
+    config_hash TEXT, git_rev TEXT, mask_sha256 TEXT,
+    metrics_json TEXT NOT NULL DEFAULT '{}',
+    throughput_tokens_per_s REAL,
+    artifacts_json TEXT NOT NULL DEFAULT '{}',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at REAL
+)
+"""
+
+
+@dataclass
+class RunRecord:
+    """One run: where it sits in the grid, its provenance, its results and artifact paths."""
+
+    run_id: str
+    status: str = "planned"
+    model: str | None = None
+    task: str | None = None
+    method: str | None = None
+    structure: str | None = None
+    sparsity: float | None = None
+    mode: str | None = None
+    backend: str | None = None
+    seed: int | None = None
+    config_hash: str | None = None
+    git_rev: str | None = None
+    mask_sha256: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    throughput_tokens_per_s: float | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
+    attempts: int = 0
+    error: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise UserError(f"run status must be one of {STATUSES}, got {self.status!r}", where=self.run_id)
+        if self.mode is not None and self.mode not in MODES:
+            raise UserError(f"run mode must be one of {MODES}, got {self.mode!r}", where=self.run_id)
+
+    def to_row(self) -> dict[str, Any]:
+        row = dataclasses.asdict(self)
+        row["metrics_json"] = json.dumps(row.pop("metrics"), sort_keys=True)
+        row["artifacts_json"] = json.dumps(row.pop("artifacts"), sort_keys=True)
+        return row
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> RunRecord:
+        values = dict(row)
+        values["metrics"] = json.loads(values.pop("metrics_json"))
+        values["artifacts"] = json.loads(values.pop("artifacts_json"))
+        return cls(**values)
+
+
+_COLUMNS = [f.name for f in dataclasses.fields(RunRecord) if f.name not in ("metrics", "artifacts")] + [
+    "metrics_json",
+    "artifacts_json",
+]
+
+
+class Registry:
+    """A SQLite run registry at `path` (created on first use).
+
+    Each call opens its own connection, so one `Registry` may be shared by threads and a path by
+    processes. Writes are atomic per call.
+    """
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 60.0, max_retries: int = 20) -> None:
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self.max_retries = max_retries
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._write() as conn:
+            conn.execute(_SCHEMA)
+        with self._connect() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+
+    # -- writing ---------------------------------------------------------------------------------
+    def put(self, record: RunRecord) -> None:
+        """Insert `record`, or replace the row with its `run_id` (keeping the original `created_at`)."""
+        now = time.time()
+        row = record.to_row()
+        row["updated_at"] = now
+        with self._write() as conn:
+            existing = conn.execute(
+                "SELECT created_at FROM runs WHERE run_id = ?", (record.run_id,)
+            ).fetchone()
+            row["created_at"] = existing[0] if existing else (record.created_at or now)
+            placeholders = ", ".join(f":{c}" for c in _COLUMNS)
+            conn.execute(f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) VALUES ({placeholders})", row)
+
+    def update(self, run_id: str, **changes: Any) -> RunRecord:
+        """Change some fields of an existing run in one transaction; `metrics`/`artifacts` are merged."""
+        with self._write() as conn:
+            found = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if found is None:
+                raise UserError(f"no run {run_id!r} in the registry", where=str(self.path))
+            record = RunRecord.from_row(found)
+            for name, value in changes.items():
+                if name in ("metrics", "artifacts"):
+                    getattr(record, name).update(value)
+                elif name in RunRecord.__dataclass_fields__:
+                    setattr(record, name, value)
+                else:
+                    raise UserError(f"unknown registry field {name!r}", fix=f"use one of {_COLUMNS}")
+            record.__post_init__()
+            row = record.to_row()
+            row["updated_at"] = time.time()
+            conn.execute(
+                f"UPDATE runs SET {', '.join(f'{c} = :{c}' for c in _COLUMNS)} WHERE run_id = :run_id", row
+            )
+        return record
+
+    # -- reading ---------------------------------------------------------------------------------
+    def get(self, run_id: str) -> RunRecord | None:
+        with self._connect() as conn:
+            row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return RunRecord.from_row(row) if row else None
+
+    def runs(self, **where: Any) -> list[RunRecord]:
+        """All runs (ordered by `run_id`) whose columns equal the given values, e.g. `status="succeeded"`."""
+        unknown = [k for k in where if k not in _COLUMNS]
+        if unknown:
+            raise UserError(f"unknown registry column(s) {unknown}", fix=f"use one of {_COLUMNS}")
+        clause = " AND ".join(f"{k} = :{k}" for k in where)
+        sql = "SELECT * FROM runs" + (f" WHERE {clause}" if clause else "") + " ORDER BY run_id"
+        with self._connect() as conn:
+            return [RunRecord.from_row(r) for r in conn.execute(sql, where).fetchall()]
+
+    # -- connections -----------------------------------------------------------------------------
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that holds the write lock from its start (so it cannot deadlock midway).
+
+        Taking the lock is retried with jittered backoff when the database stays busy past the
+        busy timeout; once taken, the body runs exactly once and commits or rolls back.
+        """
+        with self._connect() as conn:
+            self._begin_immediate(conn)
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _begin_immediate(self, conn: sqlite3.Connection) -> None:
+        for attempt in range(self.max_retries + 1):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or attempt == self.max_retries:
+                    raise
+                time.sleep(min(2.0, 0.01 * 2**attempt) * (0.5 + random.random()))
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    message = str(exc).lower()
+    return "locked" in message or "busy" in message

@@ -1,0 +1,515 @@
+"""The experiment sweep: a grid in a YAML file -> run directories -> resumable runs -> the registry.
+
+    sparse-lora sweep plan SWEEP_YAML --out DIR      # one directory per run, nothing executed
+    sparse-lora sweep run DIR [--backend cs3|gpu|cpu] [--parallel N]
+    sparse-lora sweep status DIR
+
+Lifecycle of one run (`DIR/runs/<run_id>/`):
+    plan    run.json (grid coordinates, asset references, commands), params.yaml (the model's base
+            run config with this run's mode, mask, data and seed filled in), command.sh (the train
+            command); a `planned` row in DIR/registry.sqlite
+    assets  shared per sweep, built once before the runs that need them: masks
+            (`masks compute`), the pruned checkpoint (`masks apply`, the base of s2d adapters and of
+            the no-fine-tune evaluation), the training split (`data prepare --split train`)
+    train   cpu: `python -m gpu_reference.train` on CPU; gpu: `torchrun -m gpu_reference.train`;
+            cs3: `cszoo fit` (appliance flags) then `convert cs-to-hf`; all read the same params.yaml
+    check   the model to be evaluated must match its mask with zero violations: a dense checkpoint
+            is never evaluated in place of a sparse one
+    eval    `sparse-lora eval` on the held-out part of the same split (identical for every backend)
+    record  metrics, throughput (mean non-padding tokens/s), artifact paths -> the registry
+
+Failures are classified from the step's log (`experiments.steps`): transient ones (appliance gRPC
+UNAVAILABLE, connection resets, ...) are retried with exponential backoff; disk-full or quota errors
+stop the sweep; the rest fail the run at once. The grid itself is `experiments.sweep_spec`. Finished runs are skipped on rerun, and the trainer resumes from its
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from experiments.registry import Registry, RunRecord
+from experiments.steps import StepFailed, SweepStopped, run_with_retries
+from experiments.sweep_spec import SweepSpec, grid, load_sweep, sparsity_tag
+from modelzoo_ext.atomic import atomic_file
+from modelzoo_ext.errors import UserError
+
+MODE_TO_YAML = {"s2s": "sparse_to_sparse", "s2d": "sparse_to_dense", "lora": "sparse_to_dense"}
+REGISTRY_FILE = "registry.sqlite"
+
+
+def _asset_paths(sweep_dir: Path, run: dict[str, Any]) -> dict[str, str | None]:
+    """Shared inputs of a run: its mask file, pruned checkpoint and training data."""
+    sparse = run["mode"] != "lora" and run["method"] != "dense"
+    key = f"{run['model']}__{run['method']}__{run['structure'].replace(':', 'of')}__{sparsity_tag(run['sparsity'])}"
+    return {
+        "masks": str(sweep_dir / "assets" / "masks" / f"{key}.safetensors") if sparse else None,
+        "pruned": str(sweep_dir / "assets" / "pruned" / key) if sparse else None,
+        "data": str(sweep_dir / "assets" / "data" / f"{run['model']}__{run['task']}")
+        if run["mode"] != "none"
+        else None,
+    }
+
+
+def _params_for(spec: SweepSpec, run: dict[str, Any], assets: dict, run_dir: Path) -> dict[str, Any]:
+    """The model's base run config with this run's mode, masks, data, seed and output folder."""
+    model = spec.models[run["model"]]
+    params = yaml.safe_load(Path(model.params).read_text())
+    init, fit = params["trainer"]["init"], params["trainer"]["fit"]
+    sl = init["model"]["sparse_lora"]
+    sl["mode"] = MODE_TO_YAML[run["mode"]]
+    if run["mode"] == "lora":
+        sl.pop("mask_path", None)
+        sl["dense_baseline"] = True
+    else:
+        sl["mask_path"] = assets["masks"]
+        sl.pop("dense_baseline", None)
+    init["seed"] = run["seed"]
+    init["model_dir"] = str(run_dir / "train")
+    fit["train_dataloader"]["data_dir"] = assets["data"]
+    if spec.train.batch_size:
+        fit["train_dataloader"]["batch_size"] = spec.train.batch_size
+    if spec.train.max_steps:
+        init["loop"]["max_steps"] = spec.train.max_steps
+        if init.get("checkpoint", {}).get("steps"):
+            init["checkpoint"]["steps"] = spec.train.max_steps
+    fit.pop("val_dataloader", None)  # evaluation is lm-eval on the held-out split, for every backend
+    if run["backend"] == "cs3" and model.cs_checkpoint:
+        fit["ckpt_path"] = model.cs_checkpoint
+    elif run["backend"] != "cs3":
+        fit.pop("ckpt_path", None)
+    return params
+
+
+def train_command(spec: SweepSpec, run: dict[str, Any], run_dir: Path) -> list[str] | None:
+    """The backend's training command for a run (None for evaluation-only runs)."""
+    params, out, hf = str(run_dir / "params.yaml"), str(run_dir / "train"), spec.models[run["model"]].hf_dir
+    if run["mode"] == "none":
+        return None
+    if run["backend"] == "cpu":
+        return [
+            sys.executable,
+            "-m",
+            "gpu_reference.train",
+            params,
+            "--hf-model",
+            hf,
+            "--out",
+            out,
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    if run["backend"] == "gpu":
+        launcher = ["torchrun", f"--nproc-per-node={spec.gpu.nproc_per_node}", "-m", "gpu_reference.train"]
+        return launcher + [params, "--hf-model", hf, "--out", out, "--device", "cuda", "--no-progress"]
+    cs = spec.cs3
+    command = [
+        cs.cszoo,
+        "fit",
+        params,
+        "--target_device",
+        "CSX",
+        "--num_csx",
+        str(cs.num_csx),
+        "--model_dir",
+        out,
+    ]
+    if cs.mount_dirs:
+        command += ["--mount_dirs", *cs.mount_dirs]
+    if cs.python_paths:
+        command += ["--python_paths", *cs.python_paths]
+    return command + list(cs.extra_args)
+
+
+def cs_export_command(spec: SweepSpec, run: dict[str, Any], run_dir: Path) -> list[str]:
+    """cs3 only: the last CS checkpoint -> the exports the trainer writes (train/merged or train/adapter).
+
+    `LAST_CHECKPOINT` is resolved when the step runs (`latest_cs_checkpoint`); s2d adapters point
+    at the pruned base, like the trainer's.
+    """
+    kind = "merged" if run["mode"] == "s2s" else "adapter"
+    base = run["assets"]["pruned"] if run["mode"] == "s2d" else spec.models[run["model"]].hf_dir
+    return [
+        sys.executable, "-m", "modelzoo_ext.cli", "convert", "cs-to-hf",
+        "--checkpoint", "LAST_CHECKPOINT", "--config", str(run_dir / "params.yaml"),
+        "--base-model", str(base), "--as", kind, "--out", str(run_dir / "train" / kind),
+    ]  # fmt: skip
+
+
+def latest_cs_checkpoint(model_dir: Path) -> Path:
+    """The highest-step `checkpoint_<step>.mdl` ModelZoo wrote into `model_dir`."""
+    found = sorted(model_dir.glob("checkpoint_*.mdl"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+    if not found:
+        raise StepFailed(f"cszoo fit wrote no checkpoint_<step>.mdl in {model_dir}")
+    return found[-1]
+
+
+def config_hash(params: dict[str, Any], spec: SweepSpec) -> str:
+    """sha256 (16 hex) of what determines a run's numbers: its params and the data/eval protocol."""
+    protocol = {"params": params, "data": spec.data.model_dump(), "eval": spec.eval.model_dump()}
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def git_revision() -> str:
+    """The project's git revision (with `-dirty` when the tree has changes), or `unknown`."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def plan_sweep(sweep_yaml: str | Path, out: str | Path) -> list[dict[str, Any]]:
+    """Write one run directory per run and a `planned` registry row; keep finished runs as they are."""
+    spec = load_sweep(sweep_yaml)
+    sweep_dir = Path(out).resolve()
+    for name, model in spec.models.items():
+        for path in (model.hf_dir, model.params):
+            if not Path(path).exists():
+                raise UserError(f"model {name!r}: path not found", where=path)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_file(sweep_dir / "sweep.json") as tmp:
+        tmp.write_text(spec.model_dump_json(indent=2) + "\n")
+    registry = Registry(sweep_dir / REGISTRY_FILE)
+    rev = git_revision()
+    runs = grid(spec)
+    from tqdm import tqdm
+
+    for run in tqdm(runs, desc="sweep plan", unit="run"):
+        _plan_run(spec, run, sweep_dir, registry, rev)
+    return runs
+
+
+def _plan_run(spec: SweepSpec, run: dict[str, Any], sweep_dir: Path, registry: Registry, rev: str) -> None:
+    run_dir = sweep_dir / "runs" / run["run_id"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    assets = _asset_paths(sweep_dir, run)
+    command = train_command(spec, run, run_dir)
+    record = {**run, "assets": assets, "train_command": command, "hf_dir": spec.models[run["model"]].hf_dir}
+    params = None
+    if run["mode"] != "none":
+        params = _params_for(spec, run, assets, run_dir)
+        with atomic_file(run_dir / "params.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(params, sort_keys=False))
+        lines = ["#!/bin/sh", "set -e", shlex.join(command)]
+        if run["backend"] == "cs3":
+            last = f'"$(ls -v {shlex.quote(str(run_dir / "train"))}/checkpoint_*.mdl | tail -n 1)"'
+            lines.append(
+                shlex.join(cs_export_command(spec, record, run_dir)).replace("LAST_CHECKPOINT", last)
+            )
+        with atomic_file(run_dir / "command.sh") as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+    record["config_hash"] = config_hash(params or {"mode": "none", **run}, spec)
+    with atomic_file(run_dir / "run.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    existing = registry.get(run["run_id"])
+    if existing is None or (existing.status != "succeeded" and existing.config_hash != record["config_hash"]):
+        grid_fields = {
+            k: run[k] for k in ("model", "task", "method", "structure", "sparsity", "mode", "backend", "seed")
+        }
+        registry.put(
+            RunRecord(run["run_id"], status="planned", config_hash=record["config_hash"], git_rev=rev,
+                      artifacts={"run_dir": str(run_dir)}, **grid_fields)
+        )  # fmt: skip
+
+
+# -- running --------------------------------------------------------------------------------------
+def _load_plan(sweep_dir: Path) -> tuple[SweepSpec, list[dict[str, Any]]]:
+    if not (sweep_dir / "sweep.json").is_file():
+        raise UserError(
+            "not a planned sweep directory (no sweep.json)",
+            where=str(sweep_dir),
+            fix="run `sweep plan` first",
+        )
+    spec = SweepSpec.model_validate_json((sweep_dir / "sweep.json").read_text())
+    runs = [json.loads(p.read_text()) for p in sorted((sweep_dir / "runs").glob("*/run.json"))]
+    return spec, runs
+
+
+def run_sweep(
+    sweep_dir: str | Path,
+    *,
+    backend: str | None = None,
+    parallel: int = 1,
+    max_attempts: int = 4,
+    backoff_s: float = 30.0,
+    only: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run every unfinished run (of `backend`, or of `only`); return counts and any stop reason."""
+    sweep_dir = Path(sweep_dir).resolve()
+    spec, runs = _load_plan(sweep_dir)
+    registry = Registry(sweep_dir / REGISTRY_FILE)
+    selected = [
+        r for r in runs
+        if (backend is None or r["backend"] in (backend, "eval")) and (only is None or r["run_id"] in only)
+    ]  # fmt: skip
+    if only and len(selected) != len(set(only)):
+        missing = sorted(set(only) - {r["run_id"] for r in selected})
+        raise UserError(f"unknown run id(s) {missing}", where=str(sweep_dir))
+    todo = [
+        r for r in selected if (registry.get(r["run_id"]) or RunRecord(r["run_id"])).status != "succeeded"
+    ]
+    summary: dict[str, Any] = {"selected": len(selected), "skipped_finished": len(selected) - len(todo)}
+    executor = _RunExecutor(spec, sweep_dir, registry, max_attempts, backoff_s)
+    from tqdm import tqdm
+
+    with tqdm(total=len(todo), desc="sweep run", unit="run") as bar:
+        try:
+            executor.build_assets(todo)
+            with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+                for status in pool.map(executor.run_one, todo):
+                    summary[status] = summary.get(status, 0) + 1
+                    bar.update(1)
+        except SweepStopped as exc:
+            summary["stopped_reason"] = str(exc)
+    if executor.stop_reason:
+        summary["stopped_reason"] = executor.stop_reason
+    return summary
+
+
+class _RunExecutor:
+    """Builds shared assets and executes runs; one instance per `sweep run`."""
+
+    def __init__(
+        self, spec: SweepSpec, sweep_dir: Path, registry: Registry, max_attempts: int, backoff_s: float
+    ):
+        self.spec, self.sweep_dir, self.registry = spec, sweep_dir, registry
+        self.max_attempts, self.backoff_s = max_attempts, backoff_s
+        self.stop_reason: str | None = None
+        self.failed_assets: dict[str, str] = {}
+        self._stop = threading.Event()
+
+    def _cli(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "modelzoo_ext.cli", *args]
+
+    def _step(self, command: list[str], log: Path) -> int:
+        """One logged, retried step; says what runs where (each step's own progress bar is in its log)."""
+        from tqdm import tqdm
+
+        what = _step_name(command)
+        started = time.time()
+        tqdm.write(f"[{time.strftime('%H:%M:%S')}] {what} -> {log}")
+        attempts = run_with_retries(command, log, max_attempts=self.max_attempts, backoff_s=self.backoff_s)
+        tqdm.write(f"[{time.strftime('%H:%M:%S')}]   done in {time.time() - started:.0f} s")
+        return attempts
+
+    # -- shared assets (sequential: runs share them) ---------------------------------------------
+    def build_assets(self, runs: list[dict[str, Any]]) -> None:
+        logs = self.sweep_dir / "assets" / "logs"
+        for run in runs:
+            model = self.spec.models[run["model"]]
+            masks, pruned, data = (run["assets"][k] for k in ("masks", "pruned", "data"))
+            if masks:
+                self._build(masks, self._cli("masks", "compute", "--model", model.hf_dir, "--method", run["method"],
+                            "--structure", run["structure"], "--scope", self.spec.scope, "--sparsity", str(run["sparsity"]),
+                            "--seed", "0", "--no-plot", "--out", masks), logs)  # fmt: skip
+            if pruned and (run["mode"] in ("s2d", "none")):
+                self._build(
+                    pruned,
+                    self._cli("masks", "apply", "--model", model.hf_dir, "--masks", masks, "--out", pruned),
+                    logs,
+                    needs=masks,
+                )
+            if data:
+                command = self._cli("data", "prepare", "--task", run["task"], "--source", self.spec.data.source,
+                                    "--tokenizer", model.hf_dir, "--max-seq-length", str(self.spec.data.max_seq_length),
+                                    "--split", "train", "--held-out-fraction", str(self.spec.data.held_out_fraction),
+                                    "--out", data)  # fmt: skip
+                self._build(data, command, logs)
+
+    def _build(self, path: str, command: list[str], logs: Path, needs: str | None = None) -> None:
+        if Path(path).exists() or path in self.failed_assets:
+            return
+        if needs and needs in self.failed_assets:
+            self.failed_assets[path] = f"needs {needs}, which failed"
+            return
+        try:
+            self._step(command, logs / f"{Path(path).name}.log")
+        except StepFailed as exc:
+            self.failed_assets[path] = str(exc)
+
+    # -- one run ---------------------------------------------------------------------------------
+    def run_one(self, run: dict[str, Any]) -> str:
+        """Train (unless evaluation-only), check sparsity, evaluate, record. Returns the final status."""
+        run_id, run_dir = run["run_id"], self.sweep_dir / "runs" / run["run_id"]
+        if self._stop.is_set():
+            return "not_started"
+        attempts = (self.registry.get(run_id) or RunRecord(run_id)).attempts
+        self.registry.update(
+            run_id, status="running", started_at=time.time(), attempts=attempts + 1, error=None
+        )
+        try:
+            missing = [self.failed_assets[p] for p in run["assets"].values() if p in self.failed_assets]
+            if missing:
+                raise StepFailed(f"a shared asset failed: {missing[0]}")
+            artifacts, throughput = self._train(run, run_dir)
+            model_dir, adapter_dir = self._model_to_evaluate(run, run_dir)
+            mask_sha = self._check_sparse(run, model_dir, run_dir)
+            metrics = self._evaluate(run, run_dir, model_dir, adapter_dir)
+        except SweepStopped as exc:
+            self.stop_reason = str(exc)
+            self._stop.set()
+            self.registry.update(run_id, status="stopped", error=str(exc), finished_at=time.time())
+            return "stopped"
+        except (StepFailed, UserError) as exc:
+            self.registry.update(run_id, status="failed", error=str(exc), finished_at=time.time())
+            return "failed"
+        artifacts.update(
+            model=model_dir,
+            adapter=adapter_dir,
+            eval=str(run_dir / "eval.json"),
+            masks=run["assets"]["masks"],
+        )
+        self.registry.update(
+            run_id, status="succeeded", metrics=metrics, throughput_tokens_per_s=throughput, mask_sha256=mask_sha,
+            artifacts={k: v for k, v in artifacts.items() if v}, finished_at=time.time(),
+        )  # fmt: skip
+        return "succeeded"
+
+    def _train(self, run: dict[str, Any], run_dir: Path) -> tuple[dict[str, str], float | None]:
+        if run["mode"] == "none":
+            return {}, None
+        train_dir = run_dir / "train"
+        if run["backend"] == "cs3":
+            export = train_dir / ("merged" if run["mode"] == "s2s" else "adapter")
+            if not export.is_dir():
+                self._step(run["train_command"], run_dir / "train.log")
+                command = cs_export_command(self.spec, run, run_dir)
+                command[command.index("LAST_CHECKPOINT")] = str(latest_cs_checkpoint(train_dir))
+                self._step(command, run_dir / "train.log")
+            return {"train_dir": str(train_dir)}, None  # ModelZoo's own logs hold the CS-3 rate
+        if not _train_complete(train_dir):
+            self._step(run["train_command"], run_dir / "train.log")
+        if not _train_complete(train_dir):
+            raise StepFailed(f"training ended without a complete run record in {train_dir}")
+        return {"train_dir": str(train_dir)}, mean_throughput(train_dir / "metrics.jsonl")
+
+    def _model_to_evaluate(self, run: dict[str, Any], run_dir: Path) -> tuple[str, str | None]:
+        """The checkpoint (and adapter) that stands for this run; never a dense stand-in."""
+        mode, train_dir, hf_dir = run["mode"], run_dir / "train", run["hf_dir"]
+        if mode == "none":
+            return (run["assets"]["pruned"] or hf_dir), None
+        export = train_dir / ("merged" if mode == "s2s" else "adapter")
+        if not export.is_dir():
+            raise StepFailed(f"the {mode} export is missing: {export}")
+        if mode == "s2s":
+            return str(export), None
+        # s2d adapters sit on the pruned base; the dense-LoRA baseline's on the dense model.
+        return (run["assets"]["pruned"] if mode == "s2d" else hf_dir), str(export)
+
+    def _check_sparse(self, run: dict[str, Any], model_dir: str, run_dir: Path) -> str | None:
+        """Zero violations of the run's mask in the evaluated base weights; returns the mask file's sha256."""
+        masks = run["assets"]["masks"]
+        if not masks:
+            return None
+        from modelzoo_ext.hf_checkpoint import HFCheckpoint
+        from modelzoo_ext.masks.format import MaskFile
+        from modelzoo_ext.sparse_lora import check_sparsity
+
+        report = check_sparsity(HFCheckpoint(model_dir), MaskFile(masks))
+        with atomic_file(run_dir / "sparsity_check.json") as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        if not report.ok:
+            raise StepFailed(
+                f"{model_dir} does not satisfy {masks} ({report.total_violations} violations, "
+                f"{len(report.missing)} missing): refusing to evaluate a dense checkpoint as a sparse one"
+            )
+        return _file_sha256(Path(masks))
+
+    def _evaluate(
+        self, run: dict[str, Any], run_dir: Path, model_dir: str, adapter_dir: str | None
+    ) -> dict[str, Any]:
+        out = run_dir / "eval.json"
+        if not out.exists():
+            ev, data = self.spec.eval, self.spec.data
+            command = self._cli("eval", "--model", model_dir, "--tasks", ",".join(ev.tasks or [run["task"]]),
+                                "--data", data.source, "--held-out-fraction", str(data.held_out_fraction),
+                                "--batch-size", str(ev.batch_size), "--device", ev.device, "--out", str(out))  # fmt: skip
+            command += ["--adapter", adapter_dir] if adapter_dir else []
+            command += ["--limit", str(ev.limit)] if ev.limit else []
+            command += ["--max-gen-toks", str(ev.max_gen_toks)] if ev.max_gen_toks else []
+            self._step(command, run_dir / "eval.log")
+        from experiments.evaluate import primary_metrics
+
+        results = json.loads(out.read_text())
+        return {
+            **primary_metrics(results),
+            "eval_limit": results["limit"],
+            "lm_eval_version": results["lm_eval_version"],
+        }
+
+
+def _step_name(command: list[str]) -> str:
+    """`masks compute`, `gpu_reference.train`, `cszoo`, ... for progress lines."""
+    if "modelzoo_ext.cli" in command:
+        words = command[command.index("modelzoo_ext.cli") + 1 :][:2]
+        return " ".join(w for w in words if not w.startswith("-"))
+    if "-m" in command:
+        return command[command.index("-m") + 1]
+    return Path(command[0]).name
+
+
+def _train_complete(train_dir: Path) -> bool:
+    record = train_dir / "run.json"
+    return record.is_file() and bool(json.loads(record.read_text()).get("complete"))
+
+
+def mean_throughput(metrics_path: Path) -> float | None:
+    """Mean non-padding tokens/s over training steps, leaving out the first (warm-up) when there are more."""
+    if not metrics_path.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    values = [r["tokens_per_s"] for r in rows if r.get("split") != "eval" and "tokens_per_s" in r]
+    values = values[1:] if len(values) > 1 else values
+    return sum(values) / len(values) if values else None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sweep_status(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Each planned run's registry row (run id, status, attempts, error, main metrics)."""
+    sweep_dir = Path(sweep_dir).resolve()
+    _load_plan(sweep_dir)
+    rows = []
+    for rec in Registry(sweep_dir / REGISTRY_FILE).runs():
+        rows.append(
+            {
+                "run_id": rec.run_id,
+                "status": rec.status,
+                "attempts": rec.attempts,
+                "error": rec.error,
+                "metrics": rec.metrics,
+            }
+        )
+    return rows

@@ -1,0 +1,280 @@
+"""The parts of a ModelZoo `params_sparse_lora*.yaml` the reference trainer reads, as pydantic models.
+
+Both backends read the same file. Every section this trainer interprets rejects unknown keys
+(`extra="forbid"`); keys that only steer the Cerebras backend or its bookkeeping (backend,
+logging, loggers, checkpoint loading flags, data streaming knobs) are accepted and listed in
+`RunConfig.ignored` so the run record says what was not applied. Anything that would change
+the computation and that this trainer cannot reproduce is a `UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from modelzoo_ext.errors import UserError
+from modelzoo_ext.sparse_lora.config import SparseLoRAConfig
+
+# ModelZoo callbacks that observe a run without changing what it computes.
+OBSERVING_CALLBACKS = {
+    "CheckLoss", "ComputeNorm", "LogOptimizerParamGroup", "ModelEvalMetrics", "RateProfiler",
+    "DurationProfiler", "FlopUtilization", "SavePerformanceData", "DumpAvailableTensorNames",
+    "ModelZooParamsMetadata", "SamplesStreamedInfo", "LogInputSummaries", "WeightCompression",
+}  # fmt: skip
+# Model keys whose non-default values would change the math in ways the HF model does not follow.
+ZERO_DROPOUT_KEYS = ("embedding_dropout_rate", "dropout_rate", "attention_dropout_rate")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(BaseModel):
+    """`trainer.init.model`: the sparse_lora block, the loss, and architecture keys checked against the HF config."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    name: str
+    sparse_lora: SparseLoRAConfig
+    loss_scaling: Literal["num_tokens", "batch_size", "NUM_TOKENS", "BATCH_SIZE"] = "num_tokens"
+    loss_weight: float = 1.0
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """The remaining keys (vocab_size, hidden_size, ...): the HF model must agree with them."""
+        return dict(self.model_extra or {})
+
+
+class PrecisionSection(_Strict):
+    """`trainer.init.precision` (ModelZoo's `MixedPrecision`)."""
+
+    enabled: bool = True
+    fp16_type: Literal["float16", "bfloat16", "cbfloat16"] = "bfloat16"
+    loss_scaling_factor: float | Literal["dynamic"] | None = 1.0
+    max_gradient_norm: float | None = Field(None, gt=0)
+    max_gradient_value: float | None = Field(None, gt=0)
+    # CS-only or fp16-only knobs: accepted, recorded as not applied.
+    precision_opt_level: int | None = None
+    initial_loss_scale: float | None = None
+    steps_per_increase: int = 2000
+    min_loss_scale: float | None = None
+    max_loss_scale: float | None = None
+    log_loss_scale: bool | None = None
+
+
+class LoopSection(_Strict):
+    """`trainer.init.loop`."""
+
+    max_steps: int | None = Field(None, gt=0)
+    num_steps: int | None = Field(None, gt=0)
+    eval_frequency: int | float | None = 1.0
+    eval_steps: int | None = Field(None, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    num_epochs: int | None = None
+    steps_per_epoch: int | None = None
+
+
+class CheckpointSection(_Strict):
+    """`trainer.init.checkpoint`: `steps` is honoured; the loading flags concern the CS checkpoint only."""
+
+    steps: int | None = Field(None, gt=0)
+    save_initial_checkpoint: bool = False
+    disable_strict_checkpoint_loading: bool | None = None
+    autoload_last_checkpoint: bool | None = None
+    save_hf_checkpoint: bool | None = None
+
+
+class DataLoaderSection(_Strict):
+    """A `GptHDF5MapDataProcessor` dataloader."""
+
+    data_processor: Literal["GptHDF5MapDataProcessor"]
+    data_dir: str
+    batch_size: int = Field(gt=0)
+    shuffle: bool = False
+    shuffle_seed: int = 0
+    drop_last: bool = True
+    # Streaming knobs: no effect on which samples come in which order.
+    num_workers: int = 0
+    prefetch_factor: int | None = None
+    persistent_workers: bool | None = None
+    use_worker_cache: bool = False
+    sort_files: bool = True
+    micro_batch_size: Any = None
+    # Accepted only at their defaults (checked in `_check_dataloader`).
+    max_sequence_length: int | None = None
+    data_subset: str | None = None
+    mixture: Any = None
+    num_samples: int | None = None
+    use_vsl: bool = False
+    pad_last: bool = False
+
+
+class TrainerInit(_Strict):
+    backend: dict[str, Any] | None = None
+    model_dir: str | None = None
+    seed: int | None = None
+    model: ModelSection
+    optimizer: dict[str, Any]
+    schedulers: Any = None
+    precision: PrecisionSection | None = None
+    sparsity: Any = None
+    loop: LoopSection
+    checkpoint: CheckpointSection | None = None
+    logging: dict[str, Any] | None = None
+    loggers: Any = None
+    callbacks: list[Any] | None = None
+
+
+class TrainerFit(_Strict):
+    train_dataloader: DataLoaderSection
+    val_dataloader: DataLoaderSection | list[DataLoaderSection] | None = None
+    ckpt_path: str | None = None
+
+
+class RunConfig(BaseModel):
+    """A validated run config plus the list of keys accepted but not applied."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    init: TrainerInit
+    fit: TrainerFit
+    path: str
+    ignored: list[str]
+
+    @property
+    def max_steps(self) -> int:
+        return self.init.loop.max_steps or self.init.loop.num_steps
+
+    @property
+    def sparse_lora(self) -> SparseLoRAConfig:
+        return self.init.model.sparse_lora
+
+    @property
+    def val_dataloader(self) -> DataLoaderSection | None:
+        val = self.fit.val_dataloader
+        return val[0] if isinstance(val, list) else val
+
+
+def _format_validation_error(exc: ValidationError, path: str) -> UserError:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return UserError(
+        f"run config: {first['msg']}", where=f"{path}: trainer.{where}", fix="see docs/gpu_reference.md"
+    )
+
+
+def _check_callbacks(callbacks: list[Any] | None, ignored: list[str]) -> None:
+    for entry in callbacks or []:
+        name = next(iter(entry)) if isinstance(entry, dict) and len(entry) == 1 else str(entry)
+        if name in OBSERVING_CALLBACKS:
+            ignored.append(f"callbacks.{name} (observes only)")
+        elif name.startswith("SparseLoRA"):
+            ignored.append(
+                f"callbacks.{name} (this package's CS-side hook; the GPU path applies masks itself)"
+            )
+        else:
+            raise UserError(
+                f"callback {name!r} may change the computation and gpu_reference cannot run it",
+                where="trainer.init.callbacks",
+                fix="remove it from the run config, or run on the Cerebras backend",
+            )
+
+
+def _check_dataloader(dl: DataLoaderSection, where: str) -> None:
+    defaults = {
+        "max_sequence_length": None,
+        "data_subset": None,
+        "mixture": None,
+        "num_samples": None,
+        "use_vsl": False,
+    }
+    for key, default in defaults.items():
+        if getattr(dl, key) != default:
+            raise UserError(
+                f"{key} is not supported by gpu_reference", where=f"{where}.{key}", fix="remove it"
+            )
+    if dl.pad_last and not dl.drop_last:
+        raise UserError(
+            "pad_last is not supported by gpu_reference", where=f"{where}.pad_last", fix="remove it"
+        )
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Parse and check a params YAML; a `UserError` for anything the trainer cannot honour."""
+    path = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise UserError("run config not found", where=path) from exc
+    except yaml.YAMLError as exc:
+        raise UserError(f"run config is not valid YAML ({exc})", where=path) from exc
+    if not isinstance(raw, dict) or "trainer" not in raw:
+        raise UserError("expected a ModelZoo trainer config (top-level key `trainer`)", where=path)
+    unknown_top = set(raw) - {"trainer"}
+    if unknown_top:
+        raise UserError(f"unknown top-level keys {sorted(unknown_top)}", where=path)
+    trainer = raw["trainer"]
+    unknown = set(trainer) - {"init", "fit", "validate", "validate_all"}
+    if unknown:
+        raise UserError(f"unknown trainer keys {sorted(unknown)}", where=f"{path}: trainer")
+    ignored = [k for k in ("validate", "validate_all") if k in trainer]
+    try:
+        init = TrainerInit(**trainer["init"])
+        fit = TrainerFit(**trainer.get("fit") or {})
+    except ValidationError as exc:
+        raise _format_validation_error(exc, path) from exc
+    except KeyError as exc:
+        raise UserError(f"missing trainer.{exc.args[0]}", where=path) from exc
+    if init.sparsity is not None:
+        raise UserError(
+            "a `sparsity:` section is not supported with sparse LoRA",
+            where=f"{path}: trainer.init.sparsity",
+            fix="masks come from sparse_lora.mask_path",
+        )
+    if fit.ckpt_path is not None:  # the CS copy of the base weights; this trainer reads them from --hf-model
+        ignored.append("fit.ckpt_path (the CS checkpoint of the base model; gpu_reference reads --hf-model)")
+    loop = init.loop
+    if (loop.max_steps is None) == (loop.num_steps is None):
+        raise UserError(
+            "set exactly one of loop.max_steps / loop.num_steps", where=f"{path}: trainer.init.loop"
+        )
+    if loop.num_epochs is not None or loop.steps_per_epoch is not None:
+        raise UserError(
+            "num_epochs / steps_per_epoch are not supported by gpu_reference",
+            where=f"{path}: trainer.init.loop",
+            fix="use max_steps",
+        )
+    precision = init.precision or PrecisionSection(enabled=False)
+    if precision.enabled and precision.fp16_type == "float16":
+        raise UserError(
+            "float16 mixed precision is not supported by gpu_reference",
+            where=f"{path}: trainer.init.precision.fp16_type",
+            fix="use bfloat16",
+        )
+    if precision.max_gradient_norm is not None and precision.max_gradient_value is not None:
+        raise UserError(
+            "set max_gradient_norm or max_gradient_value, not both", where=f"{path}: trainer.init.precision"
+        )
+    model = init.model
+    if model.loss_scaling.lower() == "num_tokens" and model.loss_weight != 1.0:
+        raise UserError(
+            "loss_scaling num_tokens requires loss_weight 1.0",
+            where=f"{path}: trainer.init.model.loss_weight",
+        )
+    for key in ZERO_DROPOUT_KEYS:
+        if float(model.architecture.get(key, 0.0) or 0.0) != 0.0:
+            raise UserError(
+                f"{key} must be 0 (the HF model runs without this dropout)",
+                where=f"{path}: trainer.init.model.{key}",
+            )
+    _check_callbacks(init.callbacks, ignored)
+    _check_dataloader(fit.train_dataloader, f"{path}: trainer.fit.train_dataloader")
+    for key in ("backend", "logging", "loggers"):
+        if getattr(init, key) is not None:
+            ignored.append(key)
+    if init.precision is not None and init.precision.precision_opt_level is not None:
+        ignored.append("precision.precision_opt_level (CS only)")
+    return RunConfig(init=init, fit=fit, path=path, ignored=ignored)

@@ -1,0 +1,138 @@
+"""Entries for ModelZoo's checkpoint-converter registry: `sparse_lora_llama`, `sparse_lora_mistral`.
+
+After `register_converters()`, `cszoo checkpoint convert --model sparse_lora_llama ...` converts
+between `hf` and `cs-2.6` ... `cs-2.10` (the stock llama/mistral lists stop at cs-2.9 in
+ModelZoo 2.10, so `cs-auto` fails on a 2.10 checkpoint). Every tensor goes through the one rule
+table (`mask_converters.rules`): base weights, LoRA `lora_A`/`lora_B` and `<param>_mask` buffers
+are renamed (and q/k rows permuted) instead of being rejected ("Unable to match all keys") or
+dropped by `--drop-unmatched-keys`; a key no rule maps still fails the conversion, naming it.
+
+This is a name-and-layout conversion: a CS -> HF result keeps `lora_*` and `*_mask` tensors
+under HF names. For a model transformers loads (LoRA folded in, masks checked) or a PEFT
+adapter, use `sparse-lora convert cs-to-hf`.
+
+The config converters are ModelZoo's own (`llama`/`mistral`, hf <-> cs-2.1+) with the format
+list extended and the two keys 2.10's config rejects (`norm_first`, `use_ff_layer1_dropout`)
+removed from CS configs.
+
+ModelZoo is imported only inside `register_converters()`; the ModelZoo model names themselves
+are registered by `modelzoo_ext.cerebras.registration` (which calls this function).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+CS_FORMATS = ("cs-2.6", "cs-2.7", "cs-2.8", "cs-2.9", "cs-2.10")
+MODEL_FAMILIES = {"sparse_lora_llama": "llama", "sparse_lora_mistral": "mistral"}
+REJECTED_BY_2_10 = ("norm_first", "use_ff_layer1_dropout")
+
+
+@cache
+def converter_classes() -> dict[str, type]:
+    """Registry name -> checkpoint converter class (built on first use; imports ModelZoo)."""
+    from cerebras.modelzoo.tools.checkpoint_converters.base_converter import (
+        BaseCheckpointConverter_HF_CS,
+        ConversionRule,
+        FormatVersions,
+    )
+    from cerebras.modelzoo.tools.checkpoint_converters.llama import ConfigConverter_LLaMa_HF_CS21
+    from cerebras.modelzoo.tools.checkpoint_converters.mistral import ConfigConverter_Mistral_HF_CS21
+
+    from mask_converters.rules import (
+        CS_PREFIX,
+        HF_RECOMPUTED,
+        RopeLayout,
+        cs_aliases,
+        split_name,
+        to_cs,
+        to_hf,
+    )
+
+    def formats():
+        return (FormatVersions("hf"), FormatVersions(*CS_FORMATS))
+
+    def strip_rejected(config_converter):
+        class Config(config_converter):
+            def __init__(self):
+                super().__init__()
+                for key in REJECTED_BY_2_10:  # the stock converter adds them as CS defaults
+                    self.post_convert_defaults[1].pop(key, None)
+
+            @staticmethod
+            def formats():
+                return formats()
+
+            def post_config_convert(self, model, original_config, old_config, new_config, indices, drop):
+                new_config = super().post_config_convert(
+                    model, original_config, old_config, new_config, indices, drop
+                )
+                if indices.direction == 0:
+                    for key in REJECTED_BY_2_10:
+                        new_config.pop(key, None)
+                return new_config
+
+        return Config
+
+    configs = {
+        "llama": strip_rejected(ConfigConverter_LLaMa_HF_CS21),
+        "mistral": strip_rejected(ConfigConverter_Mistral_HF_CS21),
+    }
+
+    def checkpoint_converter(family: str):
+        class Converter(BaseCheckpointConverter_HF_CS):
+            """Every key through `mask_converters.rules` (weights, LoRA tensors, masks)."""
+
+            def __init__(self):
+                super().__init__()
+                self.rules = [ConversionRule([r".*"], action=self.convert_by_rule_table)]
+
+            def convert_by_rule_table(
+                self, old_key, new_key, old_state_dict, new_state_dict, from_index, action_fn_args
+            ):
+                layout = RopeLayout.from_cs_config(action_fn_args["configs"][1]["model"])
+                if from_index == 0:
+                    if HF_RECOMPUTED.fullmatch(old_key):
+                        return
+                    name, tensor = to_cs(old_key, old_state_dict[old_key], family, layout)
+                    new_state_dict[name] = tensor
+                    module, suffix = split_name(name)
+                    for alias, original in cs_aliases(family).items():
+                        if module == original:  # ModelZoo also stores the legacy duplicate (ln_f)
+                            new_state_dict[f"{alias}.{suffix}"] = tensor
+                    return
+                cs_name = old_key if old_key.startswith(CS_PREFIX) else CS_PREFIX + old_key
+                if split_name(cs_name)[0] in cs_aliases(family):
+                    return  # the duplicate of a tensor converted under its own name
+                name, tensor = to_hf(cs_name, old_state_dict[old_key], family, layout)
+                new_state_dict[name] = tensor
+
+            @staticmethod
+            def formats():
+                return formats()
+
+            @staticmethod
+            def get_config_converter_class():
+                return configs[family]
+
+            @classmethod
+            def converter_note(cls) -> str:
+                return (
+                    f"HF {family} <-> CS sparse_lora_{family}: base weights, LoRA tensors and masks "
+                    "through the modelzoo-sparse-lora rule table"
+                )
+
+        Converter.__name__ = Converter.__qualname__ = f"Converter_SparseLoRA_{family.title()}_HF_CS"
+        return Converter
+
+    return {name: checkpoint_converter(family) for name, family in MODEL_FAMILIES.items()}
+
+
+def register_converters() -> None:
+    """Add our converters to ModelZoo's registry (idempotent; imports ModelZoo)."""
+    from cerebras.modelzoo.tools.checkpoint_converters import registry
+
+    for name, converter in converter_classes().items():
+        entries = registry.converters.setdefault(name, [])
+        if converter not in entries:
+            entries.append(converter)

@@ -1,0 +1,100 @@
+"""Trainer callbacks of the sparse-LoRA runs: apply the masks, record the losses.
+
+Both are named in a run YAML under `trainer.init.callbacks`:
+
+    callbacks:
+    - SparseLoRAMasks: {}                 # required by sparse_lora_llama / sparse_lora_mistral
+    - SparseLoRALossLog: {}               # optional: <model_dir>/sparse_lora_losses.jsonl
+
+ModelZoo's validation finds callbacks by lower-cased class name among the subclasses imported
+before it runs; `modelzoo_ext.cerebras.registration` imports this module for that.
+Importing this module imports ModelZoo's trainer and cerebras-pytorch, not ModelZoo's models:
+it runs right after `cerebras.modelzoo.trainer` loads, which may be in the middle of importing a
+model module (the model module is imported inside `setup`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cerebras.pytorch as cstorch
+import torch
+from cerebras.modelzoo.trainer.callbacks import Callback
+
+from modelzoo_ext.cerebras.sparsity import MaskFileSparsity
+from modelzoo_ext.errors import UserError
+from modelzoo_ext.sparse_lora import sparse_lora_layers
+
+LOSS_LOG_NAME = "sparse_lora_losses.jsonl"
+
+
+class SparseLoRAMasks(Callback):
+    """Make the mask file's masks cstorch sparse parameters of the model (model only, at setup).
+
+    At `setup` (after the model is built, before any compile or appliance job) it applies a
+    `MaskFileSparsity` to the model, checks that it masks exactly the sparse-LoRA weights and
+    uses every mask in the file (a UserError lists the offending names otherwise), then lets the
+    model run. Applying it to the model only is deliberate: the YAML `sparsity:` section would
+    also apply it to the optimizer, which fails at the first step when the weights are frozen.
+    """
+
+    def __init__(self):
+        self.sparsity: MaskFileSparsity | None = None
+
+    def setup(self, trainer):
+        from modelzoo_ext.cerebras.model import SparseLoRAMixin
+
+        model = trainer.model
+        if not isinstance(model, SparseLoRAMixin):
+            raise UserError(
+                f"SparseLoRAMasks needs a sparse_lora_llama / sparse_lora_mistral model, got {type(model).__name__}",
+                where="trainer.init.model.name",
+                fix="use a model_configs/params_sparse_lora_*.yaml as the template",
+            )
+        config = model.sparse_lora_config
+        if config.dense_baseline:
+            return  # plain LoRA: nothing to mask
+        self.sparsity = MaskFileSparsity(config.mask_path, model.family, model.model_section)
+        self.sparsity.apply(model)
+        weights = [f"{name}.weight" for name in sparse_lora_layers(model)]
+        self.sparsity.check_covers(weights)
+        model.mark_masks_applied()
+        trainer.logger.info(
+            f"SparseLoRAMasks: {len(weights)} weights masked from {config.mask_path} "
+            f"({config.mode}); {model.sparse_lora_summary.trainable_params:,} trainable parameters"
+        )
+
+    def on_save_trainer_state(self, trainer, state_dict):
+        pass  # the masks live in the model state (`<param>_mask`); nothing else to save
+
+    def on_load_trainer_state(self, trainer, state_dict):
+        pass
+
+
+class SparseLoRALossLog(Callback):
+    """Append every training step's loss, at full precision, to `<model_dir>/sparse_lora_losses.jsonl`.
+
+    One JSON object per line: {"step": global step, "loss": float}. The GPU reference trainer
+    writes the same file, so parity checks compare the two directly.
+    """
+
+    def __init__(self):
+        self.path: Path | None = None
+
+    def setup(self, trainer):
+        self.path = Path(trainer.model_dir) / LOSS_LOG_NAME
+
+    def on_train_batch_end(self, trainer, model, outputs, batch, batch_idx):
+        self._write(trainer.global_step, outputs["loss"])
+
+    @cstorch.step_closure
+    def _write(self, step: int, loss: torch.Tensor) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": int(step), "loss": float(loss.item())}) + "\n")
+
+    def on_save_trainer_state(self, trainer, state_dict):
+        pass
+
+    def on_load_trainer_state(self, trainer, state_dict):
+        pass

@@ -1,0 +1,72 @@
+"""What this package registers with ModelZoo, one function per ModelZoo module it needs.
+
+`modelzoo_ext.cerebras.autoregister` calls each function right after the ModelZoo module it
+touches was imported; call `register_all()` to do everything now (it imports ModelZoo).
+Every function is idempotent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# Registry names -> model classes. ModelZoo rejects a duplicate class path, so each variant has its own class.
+MODEL_PATHS = {
+    "sparse_lora_llama": "modelzoo_ext.cerebras.model.SparseLoRALlamaModel",
+    "sparse_lora_mistral": "modelzoo_ext.cerebras.model.SparseLoRAMistralModel",
+}
+
+# Every processor a YAML may name must be listed here, or ModelZoo's validation rejects it.
+DATA_PROCESSOR_PATHS = (
+    "cerebras.modelzoo.data.nlp.gpt.GptHDF5MapDataProcessor.GptHDF5MapDataProcessor",
+    "cerebras.modelzoo.data.nlp.gpt.GptHDF5DataProcessor.GptHDF5DataProcessor",
+)
+
+# Modules defining Callback / SparsityAlgorithm subclasses: validation collects subclasses by
+# lower-cased class name, so they must be imported before a YAML is validated.
+TRAINER_CLASS_MODULES = ("modelzoo_ext.cerebras.callbacks",)
+
+CONVERTER_REGISTRY_MODULE = "mask_converters.modelzoo_registry"
+
+
+def register_models() -> None:
+    """Add `sparse_lora_llama` / `sparse_lora_mistral` to ModelZoo's model registry (once)."""
+    module = sys.modules.get("cerebras.modelzoo.registry.registry")
+    if module is None:
+        module = importlib.import_module("cerebras.modelzoo.registry.registry")
+    registry = module.registry
+    known = {entry.name for entry in registry.registry.models}
+    for name, path in MODEL_PATHS.items():
+        if name not in known:
+            registry.register_model(name=name, path=path, data_processor_paths=DATA_PROCESSOR_PATHS)
+
+
+def import_trainer_classes() -> None:
+    """Import our Callback and SparsityAlgorithm subclasses so ModelZoo's validation sees them."""
+    for module_name in TRAINER_CLASS_MODULES:
+        importlib.import_module(module_name)
+
+
+def register_converters() -> None:
+    """Add the checkpoint-converter entries for our model names (from `mask_converters`)."""
+    try:
+        module = importlib.import_module(CONVERTER_REGISTRY_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != CONVERTER_REGISTRY_MODULE:
+            raise
+        return  # the converters package predates its ModelZoo entries: nothing to register
+    module.register_converters()
+
+
+def register_all() -> None:
+    """Register everything now (imports ModelZoo and cerebras-pytorch)."""
+    register_models()
+    import_trainer_classes()
+    register_converters()
+
+
+def registered_model_names() -> list[str]:
+    """The names of ours that ModelZoo's registry currently knows (imports the registry)."""
+    from cerebras.modelzoo.registry import registry
+
+    return sorted(set(registry.get_model_names()) & set(MODEL_PATHS))

@@ -1,0 +1,43 @@
+"""Command-line arguments of `sparse-lora data prepare` (no heavy imports: `--help` stays fast)."""
+
+from __future__ import annotations
+
+import argparse
+
+from modelzoo_ext.data.split import DEFAULT_HELD_OUT_FRACTION
+from modelzoo_ext.data.templates import TASKS
+
+
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `sparse-lora data prepare`."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--input",
+        metavar="JSONL",
+        help="prompt/completion JSONL (keys 'prompt', 'completion', optional 'id')",
+    )
+    src.add_argument("--task", choices=TASKS, help="a task rendered through its versioned template")
+    p.add_argument(
+        "--source",
+        default="bundled",
+        help="for --task: 'bundled' (offline copy of the validation/test split), 'hub', or a local PATH "
+        "(save_to_disk folder or .jsonl/.json/.parquet) [default: bundled]",
+    )
+    p.add_argument("--tokenizer", required=True, metavar="HF_DIR", help="a Hugging Face tokenizer directory")
+    p.add_argument(
+        "--max-seq-length", type=int, required=True, metavar="N", help="sequence length of the samples"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument(
+        "--split",
+        choices=("train", "heldout", "all"),
+        default="train",
+        help="which part of the deterministic split to write [default: train]",
+    )
+    p.add_argument(
+        "--held-out-fraction",
+        type=float,
+        default=DEFAULT_HELD_OUT_FRACTION,
+        metavar="F",
+        help=f"fraction of examples held out for evaluation [default: {DEFAULT_HELD_OUT_FRACTION}]",
+    )

@@ -1,0 +1,129 @@
+"""`masks apply`: write the pruned Hugging Face checkpoint (zeros at pruned positions).
+
+Shard by shard: each output shard has the same file name, tensors and header metadata as its
+input shard; the index (if any) and every other file of the model directory (config,
+tokenizer, generation config) are copied unchanged. Before the directory appears under its
+final name, the result is read back and checked: every masked position is zero and every
+other value is bit-identical to the input. A `sparse_lora_pruning.json` records which mask
+file (and its metadata checksum) produced the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from modelzoo_ext.atomic import atomic_dir
+from modelzoo_ext.errors import UserError
+from modelzoo_ext.hf_checkpoint import HFCheckpoint
+from modelzoo_ext.masks.format import MaskFile, tensor_sha256
+
+PRUNING_RECORD = "sparse_lora_pruning.json"
+# Weights in other formats are never copied next to the pruned safetensors.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """Reinterpret as integers of the same width (compares -0.0, nan payloads bit for bit)."""
+    return tensor.contiguous().view(_BITS[tensor.element_size()])
+
+
+def check_masks_fit(mask_file: MaskFile, checkpoint: HFCheckpoint) -> None:
+    """Refuse masks in Cerebras naming, or naming tensors the model lacks, or with other shapes."""
+    if mask_file.naming != "hf":
+        raise UserError(
+            "this mask file uses Cerebras parameter names",
+            where=str(mask_file.path),
+            fix="convert it with `sparse-lora masks cs-to-hf` first",
+        )
+    present = set(checkpoint.keys())
+    for name in mask_file.keys():  # noqa: SIM118 (MaskFile is not a dict)
+        if name not in present:
+            raise UserError(
+                f"the mask file has a mask for {name!r}, which the model lacks",
+                where=f"{mask_file.path} vs {checkpoint.directory}",
+                fix="use masks computed for this model (same architecture and parameter names)",
+            )
+        if checkpoint.shape(name) != mask_file.shape(name):
+            raise UserError(
+                f"mask shape {list(mask_file.shape(name))} != weight shape {list(checkpoint.shape(name))} for {name!r}",
+                where=f"{mask_file.path} vs {checkpoint.directory}",
+                fix="use masks computed for this model",
+            )
+
+
+def _prune(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return weight.masked_fill(~mask, 0)
+
+
+def _verify_shard(written: Path, original: Path, mask_file: MaskFile) -> None:
+    with safe_open(str(written), framework="pt") as out, safe_open(str(original), framework="pt") as src:
+        if set(out.keys()) != set(src.keys()):
+            raise UserError("pruned shard lost tensors", where=str(written))
+        for name in src.keys():  # noqa: SIM118 (safe_open is not a dict)
+            before, after = _as_bits(src.get_tensor(name)), _as_bits(out.get_tensor(name))
+            expected = before.masked_fill(~mask_file.get(name), 0) if name in mask_file else before
+            if not torch.equal(after, expected):
+                raise UserError(
+                    f"pruned weight {name!r} is not the masked original (masked positions zero, rest identical)",
+                    where=str(written),
+                    fix="report this as a bug",
+                )
+
+
+def apply_masks(model_dir: str | Path, mask_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Write `out_dir`: the model with masked weights zeroed; returns the pruning record."""
+    checkpoint = HFCheckpoint(model_dir)
+    mask_file = MaskFile(mask_path)
+    check_masks_fit(mask_file, checkpoint)
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == checkpoint.directory.resolve():
+        raise UserError(
+            "--out is the input model directory", where=str(out_dir), fix="choose a new directory"
+        )
+    zeroed = 0
+    with atomic_dir(out_dir) as tmp:
+        for shard, names in tqdm(checkpoint.shards().items(), desc="apply masks", unit="shard", leave=False):
+            with safe_open(str(shard), framework="pt") as f:
+                header = f.metadata()
+                tensors = {}
+                for name in names:
+                    weight = f.get_tensor(name)
+                    if name in mask_file:
+                        expected = mask_file.info(name).get("source_sha256")
+                        if expected and tensor_sha256(weight) != expected:
+                            raise UserError(
+                                f"weight {name!r} differs from the one the masks were computed for",
+                                where=f"{shard} vs {mask_file.path}",
+                                fix="recompute the masks for this checkpoint",
+                            )
+                        mask = mask_file.get(name)
+                        zeroed += mask.numel() - int(torch.count_nonzero(mask))
+                        weight = _prune(weight, mask)
+                    tensors[name] = weight
+            save_file(tensors, str(tmp / shard.name), metadata=header)
+            del tensors
+            _verify_shard(tmp / shard.name, shard, mask_file)
+        for item in checkpoint.directory.iterdir():
+            if item.is_file() and item.suffix not in WEIGHT_SUFFIXES and item.name != PRUNING_RECORD:
+                shutil.copy2(item, tmp / item.name)
+        record = {
+            "source_model": str(checkpoint.directory.resolve()),
+            "mask_file": str(Path(mask_path).resolve()),
+            "mask_metadata_sha256": mask_file.metadata.get("metadata_sha256"),
+            "method": mask_file.metadata.get("method"),
+            "structure": mask_file.metadata.get("structure"),
+            "achieved_sparsity": mask_file.metadata.get("achieved_sparsity"),
+            "masked_tensors": len(mask_file),
+            "zeroed_positions": zeroed,
+        }
+        (tmp / PRUNING_RECORD).write_text(json.dumps(record, indent=2))
+    return record

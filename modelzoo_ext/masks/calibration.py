@@ -1,0 +1,165 @@
+"""Calibration statistics for the data-driven methods, gathered through transformers with hooks.
+
+- wanda: for each targeted Linear, the L2 norm of each input channel over all calibration
+  tokens (a forward pre-hook adds x_j^2; nothing of size [tokens, hidden] is kept).
+- gradient / taylor: dL/dW of the language-modelling loss, accumulated over calibration batches
+  (one sequence per backward, so activation memory stays that of one sequence).
+
+The text is a user file (`--calibration-text`) or, by default, BoolQ validation passages bundled
+offline (`asset_path("boolq_validation")`), shuffled by the seed. Text source, token count,
+sequence length and seed are recorded in the mask file.
+
+Limit: the model is loaded whole (in its checkpoint dtype) on `device`; the gradient methods also
+hold one gradient per targeted weight. Magnitude and random never load the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from modelzoo_ext.errors import UserError
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Where calibration text comes from and how much of it to use."""
+
+    text_file: str | None = None
+    tokens: int = 2048
+    seq_len: int = 256
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1 or self.seq_len < 1:
+            raise UserError(
+                "calibration tokens and sequence length must be positive", where="--calibration-tokens"
+            )
+
+
+def _texts(config: CalibrationConfig) -> tuple[list[str], dict[str, Any]]:
+    if config.text_file:
+        path = Path(config.text_file)
+        if not path.is_file():
+            raise UserError("calibration text file not found", where=str(path), fix="check the path")
+        data = path.read_bytes()
+        source = {"source": "file", "path": str(path.resolve()), "sha256": hashlib.sha256(data).hexdigest()}
+        return [data.decode("utf-8", errors="replace")], source
+    from datasets import load_from_disk
+
+    from modelzoo_ext.offline_assets import asset_path
+
+    passages = list(load_from_disk(str(asset_path("boolq_validation")))["passage"])
+    random.Random(config.seed).shuffle(passages)
+    return passages, {"source": "boolq_validation passages (bundled, shuffled by seed)"}
+
+
+def calibration_batches(tokenizer, config: CalibrationConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Token ids [n_seq, seq_len] (n_seq = tokens // seq_len) and the record stored in the file."""
+    seq_len = min(config.seq_len, config.tokens)
+    needed = (config.tokens // seq_len) * seq_len
+    texts, record = _texts(config)
+    ids: list[int] = []
+    for text in texts:  # tokenize only as many passages as needed
+        ids.extend(tokenizer(text + "\n\n")["input_ids"])
+        if len(ids) >= needed:
+            break
+    if len(ids) < needed:
+        raise UserError(
+            f"calibration text has {len(ids)} tokens, {needed} requested",
+            where=record.get("path", record["source"]),
+            fix="lower --calibration-tokens or give a longer --calibration-text",
+        )
+    batches = torch.tensor(ids[:needed], dtype=torch.long).reshape(-1, seq_len)
+    record.update(tokens=needed, seq_len=seq_len, sequences=batches.shape[0], seed=config.seed)
+    return batches, record
+
+
+def load_model(model_dir: str | Path, device: str):
+    """The HF causal LM (checkpoint dtype) and its tokenizer, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:
+        raise UserError(
+            f"cannot load a tokenizer for calibration ({exc})",
+            where=str(model_dir),
+            fix="put the tokenizer files in the model directory",
+        ) from exc
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype="auto").to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _target_modules(model, names: list[str]) -> dict[str, torch.nn.Module]:
+    modules = dict(model.named_modules())
+    found = {}
+    for name in names:
+        module = modules.get(name.removesuffix(".weight"))
+        if not isinstance(module, torch.nn.Linear) or not name.endswith(".weight"):
+            raise UserError(
+                f"{name!r} is not the weight of an nn.Linear in the loaded model",
+                where="calibration",
+                fix="data-driven methods score Linear weights only; narrow --include",
+            )
+        found[name] = module
+    return found
+
+
+def input_channel_norms(model, names: list[str], batches: torch.Tensor) -> dict[str, torch.Tensor]:
+    """name -> fp32 [in]: ||X_j||_2 over every calibration token reaching that Linear."""
+    modules = _target_modules(model, names)
+    sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in modules.items()}
+
+    def hook_for(name):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            sums[name] += x.double().pow(2).sum(dim=0).cpu()
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in modules.items()]
+    try:
+        with torch.no_grad():
+            for seq in tqdm(batches, desc="calibration (activations)", unit="seq", leave=False):
+                model(seq[None].to(model.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: total.sqrt().float() for name, total in sums.items()}
+
+
+def accumulated_gradients(model, names: list[str], batches: torch.Tensor) -> dict[str, torch.Tensor]:
+    """name -> fp32 [out, in]: dL/dW of the mean LM loss, summed over calibration sequences."""
+    modules = _target_modules(model, names)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in modules.values():
+        module.weight.requires_grad_(True)
+        module.weight.grad = None
+    for seq in tqdm(batches, desc="calibration (gradients)", unit="seq", leave=False):
+        seq = seq[None].to(model.device)
+        model(input_ids=seq, labels=seq).loss.backward()
+    return {name: m.weight.grad.detach().float().cpu() for name, m in modules.items()}
+
+
+def calibration_statistics(
+    model_dir: str | Path, method: str, names: list[str], config: CalibrationConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Per-tensor statistics for `method` ('wanda': input norms; else gradients) and the record."""
+    model, tokenizer = load_model(model_dir, config.device)
+    batches, record = calibration_batches(tokenizer, config)
+    if method == "wanda":
+        stats = input_channel_norms(model, names, batches)
+    else:
+        stats = accumulated_gradients(model, names, batches)
+    del model
+    return stats, record

@@ -1,0 +1,165 @@
+"""Per-level statistics next to each mask file: `<stem>.stats.json` and a `<stem>.png` figure.
+
+The figure has per-tensor sparsity bars and a histogram of weight magnitudes with the magnitude
+threshold(s). The histogram is exact and cheap: |W| is counted in bf16 bit space (32,768 bins,
+the same counts magnitude scoring computes anyway), then drawn on log-spaced bins.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics as pystats
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from modelzoo_ext.atomic import atomic_file
+from modelzoo_ext.masks.select import HIGH_BINS, high_histogram
+
+
+class MagnitudeHistogram:
+    """Histogram of |W| in bf16 bit space (int64 [32768]) over a 1-in-`stride` sample of each weight.
+
+    For the figure only (exact counts live in the stats); sampling keeps it off the hot path.
+    """
+
+    def __init__(self, enabled: bool = True, stride: int = 16) -> None:
+        self.enabled = enabled
+        self.stride = stride
+        self.counts = torch.zeros(HIGH_BINS, dtype=torch.int64)
+
+    def add(self, weight: torch.Tensor, magnitude_keys: torch.Tensor | None = None) -> None:
+        """Count one weight (reuses its magnitude keys when they are bf16 or fp32 keys)."""
+        if not self.enabled:
+            return
+        if magnitude_keys is not None and weight.dtype in (torch.bfloat16, torch.float32):
+            sample = magnitude_keys.reshape(-1)[:: self.stride].contiguous()
+        else:
+            sample = weight.reshape(-1)[:: self.stride].to(torch.bfloat16).view(torch.int16) & 0x7FFF
+        self.counts += high_histogram(sample) * self.stride
+
+    def values_and_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(|w| value of each non-empty bin, its count)."""
+        keys = torch.nonzero(self.counts).reshape(-1)
+        values = keys.to(torch.int16).view(torch.bfloat16).float().numpy()
+        return values, self.counts[keys].numpy()
+
+
+def key_to_value(key: int, dtype: torch.dtype) -> float:
+    """A magnitude key back to |w| in the weight's dtype."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return float(torch.tensor(key, dtype=torch.int16).view(dtype))
+    return float(torch.tensor(key, dtype=torch.int32).view(torch.float32))
+
+
+def _short(name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `3.q_proj` (figure labels)."""
+    match = re.search(r"layers\.(\d+)\.(.*)\.weight$", name)
+    if not match:
+        return name.removesuffix(".weight")
+    return f"{match.group(1)}.{match.group(2).split('.')[-1]}"
+
+
+class LevelReport:
+    """Stats of one written mask file, rendered as JSON (and a PNG)."""
+
+    def __init__(
+        self,
+        path: Path,
+        metadata: dict[str, Any],
+        thresholds: dict[str, int | None],
+        dtypes: dict[str, torch.dtype],
+        histogram: MagnitudeHistogram,
+    ) -> None:
+        self.path = Path(path)
+        self.metadata = metadata
+        self.thresholds = thresholds
+        self.dtypes = dtypes
+        self.histogram = histogram
+
+    def _threshold_values(self) -> dict[str, float]:
+        if self.metadata["method"] != "magnitude":
+            return {}
+        return {n: key_to_value(k, self.dtypes[n]) for n, k in self.thresholds.items() if k is not None}
+
+    def as_dict(self, seconds: float) -> dict[str, Any]:
+        """JSON-able stats: requested/achieved sparsity, counts, per-tensor sparsity and thresholds."""
+        meta = self.metadata
+        values = self._threshold_values()
+        tensors = {
+            name: {
+                "shape": info["shape"],
+                "kept": info["kept"],
+                "sparsity": info["sparsity"],
+                "magnitude_threshold": values.get(name),
+            }
+            for name, info in sorted(meta["tensors"].items())
+        }
+        numel = sum(info["numel"] for info in meta["tensors"].values())
+        return {
+            "mask_file": str(self.path),
+            "file_bytes": self.path.stat().st_size,
+            "method": meta["method"],
+            "structure": meta["structure"],
+            "scope": meta["scope"],
+            "requested_sparsity": meta["requested_sparsity"],
+            "achieved_sparsity": meta["achieved_sparsity"],
+            "numel": numel,
+            "kept": sum(info["kept"] for info in meta["tensors"].values()),
+            "tensors": tensors,
+            "seconds_since_start": round(seconds, 3),
+        }
+
+    def write(self, *, plot: bool, seconds: float) -> dict[str, Any]:
+        """Write `<stem>.stats.json` (and `<stem>.png` when `plot`); returns the stats."""
+        stats = self.as_dict(seconds)
+        with atomic_file(self.path.with_name(self.path.stem + ".stats.json")) as tmp:
+            tmp.write_text(json.dumps(stats, indent=2))
+        if plot:
+            self._plot(stats)
+        return stats
+
+    def _plot(self, stats: dict[str, Any]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(stats["tensors"])
+        fig, (bars, hist) = plt.subplots(2, 1, figsize=(max(8, 0.18 * len(names)), 8))
+        bars.bar(range(len(names)), [stats["tensors"][n]["sparsity"] for n in names], color="tab:blue")
+        bars.axhline(stats["requested_sparsity"], color="tab:red", linestyle="--", label="requested")
+        bars.set_xticks(range(len(names)), [_short(n) for n in names], rotation=90, fontsize=6)
+        bars.set_ylabel("sparsity")
+        bars.set_ylim(0, 1)
+        bars.set_title(
+            f"{stats['method']} {stats['structure']} {stats['scope']}: achieved {stats['achieved_sparsity']:.4f}"
+        )
+        bars.legend(loc="lower right")
+
+        values, counts = self.histogram.values_and_counts()
+        positive = values > 0
+        if positive.any():
+            low, high = values[positive].min(), values[positive].max()
+            edges = np.logspace(np.log10(low), np.log10(high) + 1e-6, 120)
+            hist.hist(values[positive], bins=edges, weights=counts[positive], color="tab:gray")
+            hist.set_xscale("log")
+        thresholds = [v for v in self._threshold_values().values() if v > 0]
+        if thresholds and stats["scope"] == "global":
+            hist.axvline(thresholds[0], color="tab:red", label=f"global threshold {thresholds[0]:.3g}")
+        elif thresholds:
+            hist.axvline(pystats.median(thresholds), color="tab:red", label="median per-tensor threshold")
+            hist.axvspan(
+                min(thresholds), max(thresholds), color="tab:red", alpha=0.15, label="threshold range"
+            )
+        hist.set_xlabel(f"|w| (targeted weights, 1 in {self.histogram.stride} sampled)")
+        hist.set_ylabel("count")
+        if thresholds:
+            hist.legend()
+        fig.tight_layout()
+        with atomic_file(self.path.with_name(self.path.stem + ".png")) as tmp:
+            fig.savefig(tmp, format="png", dpi=90)
+        plt.close(fig)

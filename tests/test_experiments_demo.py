@@ -1,0 +1,70 @@
+"""The demo's pieces: its run config and sweep are accepted as they are; the SmolLM2 export is faithful."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import yaml
+
+from experiments.demo import add_demo_arguments, build_smollm2, demo_params, demo_sweep
+from experiments.sweep_spec import grid, load_sweep
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_demo_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_demo_config_is_accepted_by_the_trainer_and_matches_the_model(tmp_path, tiny_llama_dir):
+    from transformers import AutoConfig
+
+    from gpu_reference.run_config import load_run_config
+    from gpu_reference.train import _check_architecture
+
+    args = _args("--steps", "3", "--rank", "4", "--lr", "1e-3")
+    params = demo_params(tiny_llama_dir, args)
+    params["trainer"]["init"]["model"]["sparse_lora"]["mask_path"] = "masks.safetensors"  # the sweep fills it
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    config = load_run_config(path)
+    assert config.max_steps == 3 and config.sparse_lora.r == 4 and config.sparse_lora.scaling == 2.0
+    assert config.init.optimizer == {"AdamW": {"lr": 1e-3, "weight_decay": 0.0}}
+    assert config.init.model.name == "sparse_lora_llama"  # not the stock family name
+    _check_architecture(config.init.model.architecture, AutoConfig.from_pretrained(tiny_llama_dir), "demo")
+
+
+def test_demo_sweep_is_the_issue_s_job(tmp_path, tiny_llama_dir):
+    args = _args()
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(demo_params(tiny_llama_dir, args)))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(demo_sweep(tiny_llama_dir, params, args)))
+    runs = {(r["mode"], r["sparsity"], r["backend"]) for r in grid(load_sweep(sweep))}
+    # s2s and s2d fine-tunes on CPU, and the dense and pruned models without fine-tuning.
+    assert runs == {("s2s", 0.5, "cpu"), ("s2d", 0.5, "cpu"), ("none", 0.5, "eval"), ("none", 0.0, "eval")}
+    spec = load_sweep(sweep)
+    assert spec.tasks == ["boolq"] and spec.methods == ["magnitude"] and spec.eval.limit == 40
+
+
+@pytest.mark.slow
+def test_smollm2_export_reproduces_the_gguf_model(tmp_path):
+    """The saved HF directory gives the GGUF-loaded model's logits bit for bit (about a minute)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modelzoo_ext.offline_assets import asset_path
+
+    out = build_smollm2(tmp_path / "smollm2")
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_hidden_layers"] == 30
+    gguf = asset_path("smollm2_gguf")
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    saved = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    tokens = AutoTokenizer.from_pretrained(str(out))("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(reference(**tokens).logits, saved(**tokens).logits)

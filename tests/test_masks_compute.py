@@ -1,0 +1,243 @@
+"""`masks compute` on tiny random Llamas saved with transformers: targets, exactness, metadata, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modelzoo_ext.errors import UserError
+from modelzoo_ext.hf_checkpoint import HFCheckpoint
+from modelzoo_ext.masks import MaskFile, TargetRule, load_masks, tensor_sha256
+from modelzoo_ext.masks.calibration import CalibrationConfig
+from modelzoo_ext.masks.compute import MaskRequest, compute_masks, level_paths
+
+PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+SMALL_CALIBRATION = CalibrationConfig(tokens=128, seq_len=64, seed=0)
+
+
+def weights(model_dir) -> dict[str, torch.Tensor]:
+    checkpoint = HFCheckpoint(model_dir)
+    return dict(checkpoint.iter_tensors())
+
+
+def stable_keep(values: np.ndarray, kept: int) -> np.ndarray:
+    order = np.argsort(-np.abs(values.astype(np.float64)), kind="stable")
+    keep = np.zeros(values.size, dtype=bool)
+    keep[order[:kept]] = True
+    return keep
+
+
+def test_default_targets_are_the_projections_only(tiny_llama_dir, tmp_path):
+    (stats,) = compute_masks(
+        tiny_llama_dir, MaskRequest(sparsities=(0.5,)), tmp_path / "m.safetensors", plot=False
+    )
+    names = set(stats["tensors"])
+    assert len(names) == 2 * 7
+    assert {n.split(".")[-2] for n in names} == PROJECTIONS
+    all_names = set(HFCheckpoint(tiny_llama_dir).keys())
+    untouched = all_names - names
+    assert any("embed_tokens" in n for n in untouched) and "lm_head.weight" in untouched
+    assert any("norm" in n for n in untouched)
+
+
+def test_mixtral_and_router_names():
+    rule = TargetRule()
+    assert rule.matches("model.layers.3.block_sparse_moe.experts.7.w2.weight")
+    assert not rule.matches("model.layers.3.block_sparse_moe.gate.weight")  # the router
+    assert not rule.matches("model.layers.3.mlp.gate_proj.bias")
+    assert TargetRule(exclude=r"k_proj").matches("model.layers.0.self_attn.q_proj.weight")
+    assert not TargetRule(exclude=r"k_proj").matches("model.layers.0.self_attn.k_proj.weight")
+
+
+def test_layer_scope_magnitude_equals_brute_force_and_metadata(tiny_llama_dir, tmp_path):
+    out = tmp_path / "m.safetensors"
+    compute_masks(tiny_llama_dir, MaskRequest(sparsities=(0.3,)), out, plot=True)
+    masks, meta = load_masks(out)
+    w = weights(tiny_llama_dir)
+    for name, mask in masks.items():
+        kept = mask.numel() - round(0.3 * mask.numel())
+        assert np.array_equal(mask.numpy().reshape(-1), stable_keep(w[name].numpy().reshape(-1), kept))
+        assert meta["tensors"][name]["source_sha256"] == tensor_sha256(w[name])
+    assert meta["method"] == "magnitude" and meta["scope"] == "layer" and meta["requested_sparsity"] == 0.3
+    assert meta["target_rule"]["default"] is True
+    assert meta["source_model"]["directory"] == str(tiny_llama_dir.resolve())
+    stats = json.loads(out.with_name("m.stats.json").read_text())
+    assert stats["achieved_sparsity"] == meta["achieved_sparsity"]
+    assert out.with_name("m.png").stat().st_size > 1000
+
+
+def test_global_scope_equals_brute_force_and_shards_do_not_matter(
+    tiny_llama_dir, tiny_llama_sharded_dir, tmp_path
+):
+    request = MaskRequest(scope="global", sparsities=(0.25, 0.6))
+    single = compute_masks(tiny_llama_dir, request, tmp_path / "a.safetensors", plot=False)
+    sharded = compute_masks(tiny_llama_sharded_dir, request, tmp_path / "b.safetensors", plot=False)
+    w = weights(tiny_llama_dir)
+    for level, s_single, s_sharded in zip((0.25, 0.6), single, sharded, strict=True):
+        a, _ = load_masks(s_single["mask_file"])
+        b, _ = load_masks(s_sharded["mask_file"])
+        names = sorted(a)
+        assert all(torch.equal(a[n], b[n]) for n in names)
+        values = np.concatenate([w[n].numpy().reshape(-1) for n in names])
+        kept = values.size - round(level * values.size)
+        got = np.concatenate([a[n].numpy().reshape(-1) for n in names])
+        assert np.array_equal(got, stable_keep(values, kept))
+    # nested: every weight kept at 60% is kept at 25%
+    low, _ = load_masks(single[0]["mask_file"])
+    high, _ = load_masks(single[1]["mask_file"])
+    assert all(not (high[n] & ~low[n]).any() for n in low)
+
+
+def test_level_file_names(tmp_path):
+    assert level_paths(tmp_path / "m.safetensors", (0.5,)) == [tmp_path / "m.safetensors"]
+    assert level_paths(tmp_path / "m.safetensors", (0.1, 0.9)) == [
+        tmp_path / "m_sparsity0.1.safetensors",
+        tmp_path / "m_sparsity0.9.safetensors",
+    ]
+
+
+def test_bf16_checkpoint_global_scope(tiny_llama_dir, tmp_path):
+    bf16_dir = tmp_path / "bf16"
+    bf16_dir.mkdir()
+    from safetensors.torch import save_file
+
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(tiny_llama_dir / "model.safetensors").items()}
+    save_file(tensors, bf16_dir / "model.safetensors", metadata={"format": "pt"})
+    (stats,) = compute_masks(
+        bf16_dir, MaskRequest(scope="global", sparsities=(0.5,)), tmp_path / "m.safetensors", plot=False
+    )
+    masks, meta = load_masks(stats["mask_file"])
+    names = sorted(masks)
+    values = np.concatenate([tensors[n].float().numpy().reshape(-1) for n in names])
+    got = np.concatenate([masks[n].numpy().reshape(-1) for n in names])
+    assert np.array_equal(got, stable_keep(values, values.size // 2))
+
+
+@pytest.mark.parametrize("structure", ["2:4", "rows", "cols"])
+def test_structures_on_a_model(tiny_llama_dir, tmp_path, structure):
+    sparsities = () if structure == "2:4" else (0.5,)
+    (stats,) = compute_masks(
+        tiny_llama_dir,
+        MaskRequest(structure=structure, sparsities=sparsities),
+        tmp_path / "m.safetensors",
+        plot=False,
+    )
+    masks, meta = load_masks(stats["mask_file"])
+    assert meta["structure"] == structure and meta["achieved_sparsity"] == 0.5
+    for mask in masks.values():
+        if structure == "2:4":
+            assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all()
+        elif structure == "rows":
+            assert (mask.all(dim=1) | ~mask.any(dim=1)).all()
+        else:
+            assert (mask.all(dim=0) | ~mask.any(dim=0)).all()
+
+
+def test_random_is_reproducible_and_seeded(tiny_llama_dir, tiny_llama_sharded_dir, tmp_path):
+    a = compute_masks(
+        tiny_llama_dir, MaskRequest(method="random", seed=5), tmp_path / "a.safetensors", plot=False
+    )
+    b = compute_masks(
+        tiny_llama_sharded_dir, MaskRequest(method="random", seed=5), tmp_path / "b.safetensors", plot=False
+    )
+    c = compute_masks(
+        tiny_llama_dir, MaskRequest(method="random", seed=6), tmp_path / "c.safetensors", plot=False
+    )
+    ma, meta = load_masks(a[0]["mask_file"])
+    mb, _ = load_masks(b[0]["mask_file"])
+    mc, _ = load_masks(c[0]["mask_file"])
+    assert all(torch.equal(ma[n], mb[n]) for n in ma)
+    assert not all(torch.equal(ma[n], mc[n]) for n in ma)
+    assert meta["seed"] == 5 and meta["achieved_sparsity"] == 0.5
+
+
+@pytest.mark.parametrize("method", ["wanda", "gradient", "taylor"])
+def test_data_driven_methods_record_calibration(tiny_llama_dir, tmp_path, method):
+    request = MaskRequest(method=method, sparsities=(0.5,), calibration=SMALL_CALIBRATION)
+    (stats,) = compute_masks(tiny_llama_dir, request, tmp_path / "m.safetensors", plot=False)
+    masks, meta = load_masks(stats["mask_file"])
+    assert meta["calibration"]["tokens"] == 128 and meta["calibration"]["seq_len"] == 64
+    assert meta["calibration"]["seed"] == 0 and "boolq" in meta["calibration"]["source"]
+    for mask in masks.values():
+        if method == "wanda":  # per output row, exactly half of each row
+            assert (mask.sum(dim=1) == mask.shape[1] // 2).all()
+        else:
+            assert int(mask.sum()) == mask.numel() // 2
+    magnitude = compute_masks(tiny_llama_dir, MaskRequest(), tmp_path / "mag.safetensors", plot=False)
+    mag, _ = load_masks(magnitude[0]["mask_file"])
+    assert not all(torch.equal(mag[n], masks[n]) for n in masks)  # the data changed the choice
+
+
+def test_calibration_text_file(tiny_llama_dir, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    config = CalibrationConfig(text_file=str(text), tokens=96, seq_len=32)
+    (stats,) = compute_masks(
+        tiny_llama_dir,
+        MaskRequest(method="wanda", calibration=config),
+        tmp_path / "m.safetensors",
+        plot=False,
+    )
+    meta = MaskFile(stats["mask_file"]).metadata
+    assert meta["calibration"]["source"] == "file" and meta["calibration"]["sequences"] == 3
+    short = CalibrationConfig(text_file=str(text), tokens=100_000, seq_len=32)
+    with pytest.raises(UserError, match="tokens"):
+        compute_masks(
+            tiny_llama_dir, MaskRequest(method="wanda", calibration=short), tmp_path / "x.safetensors"
+        )
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "message"),
+    [
+        ({"sparsities": (1.0,)}, "outside"),
+        ({"sparsities": (-0.1,)}, "outside"),
+        ({"structure": "4:4"}, "N:M"),
+        ({"structure": "2:4", "sparsities": (0.7,)}, "fixes the sparsity"),
+        ({"scope": "global", "structure": "rows", "sparsities": (0.5,)}, "unstructured"),
+        ({"include": r"nothing_matches", "sparsities": (0.5,)}, "matched no tensor"),
+        ({"include": r"norm", "sparsities": (0.5,)}, "2-D"),
+        ({"method": "bogus", "sparsities": (0.5,)}, "unknown method"),
+    ],
+)
+def test_bad_requests_write_nothing(tiny_llama_dir, tmp_path, request_kwargs, message):
+    with pytest.raises(UserError, match=message):
+        compute_masks(tiny_llama_dir, MaskRequest(**request_kwargs), tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_weight_is_refused(tiny_llama_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    tensors = load_file(tiny_llama_dir / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"model.layers.1.mlp.up_proj.weight.*non-finite"):
+        compute_masks(broken, MaskRequest(), tmp_path / "out" / "m.safetensors")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_global_fallback_when_the_bracket_misses(tiny_llama_dir, tmp_path, monkeypatch):
+    from modelzoo_ext.masks.bracket import BracketFinder
+
+    bf16_dir = tmp_path / "bf16"
+    bf16_dir.mkdir()
+    from safetensors.torch import save_file
+
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(tiny_llama_dir / "model.safetensors").items()}
+    save_file(tensors, bf16_dir / "model.safetensors", metadata={"format": "pt"})
+    request = MaskRequest(scope="global", sparsities=(0.3, 0.7))
+    fast = compute_masks(bf16_dir, request, tmp_path / "fast.safetensors", plot=False)
+    monkeypatch.setattr(BracketFinder, "plan", lambda self: None)
+    slow = compute_masks(bf16_dir, request, tmp_path / "slow.safetensors", plot=False)
+    for a, b in zip(fast, slow, strict=True):
+        ma, _ = load_masks(a["mask_file"])
+        mb, _ = load_masks(b["mask_file"])
+        assert all(torch.equal(ma[n], mb[n]) for n in ma)

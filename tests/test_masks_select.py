@@ -1,0 +1,251 @@
+"""Exact selection: hand-computed cases, exact counts, ties by position, global scope vs brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modelzoo_ext.errors import UserError
+from modelzoo_ext.masks.scores import float_keys, magnitude_keys, random_keys, wanda_scores
+from modelzoo_ext.masks.select import (
+    Structure,
+    Threshold,
+    ThresholdFinder,
+    cols_mask,
+    kept_count,
+    n_m_mask,
+    per_row_mask,
+    rows_mask,
+    threshold_mask,
+    top_k_mask,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def brute_force_keep(values: np.ndarray, kept: int) -> np.ndarray:
+    """Reference: keep the `kept` largest |values|, ties to the earlier position (stable sort)."""
+    order = np.argsort(-np.abs(values.astype(np.float64)), kind="stable")
+    keep = np.zeros(values.size, dtype=bool)
+    keep[order[:kept]] = True
+    return keep
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weights_1_to_8_at_half_keep_5_to_8(dtype):
+    weight = torch.tensor([[3.0, -8.0, 1.0, 6.0], [-5.0, 2.0, 7.0, -4.0]], dtype=dtype)
+    mask = top_k_mask(magnitude_keys(weight), kept_count(8, 0.5))
+    assert mask.tolist() == [[False, True, False, True], [True, False, True, False]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_go_to_earlier_positions(dtype):
+    weight = torch.tensor([[1.0, 2.0, 2.0, 2.0], [2.0, 3.0, 0.0, 1.0]], dtype=dtype)
+    # 8 weights, 50% -> keep 4: the 3, then three of the four 2s, first by row-major position.
+    mask = top_k_mask(magnitude_keys(weight), 4)
+    assert mask.tolist() == [[False, True, True, True], [False, True, False, False]]
+
+
+def test_two_four_hand_case():
+    weight = torch.tensor(
+        [[0.1, -0.9, 0.5, 0.2, 4.0, 3.0, -2.0, 1.0], [1.0, 1.0, 1.0, 1.0, 0.0, -0.3, 0.0, 0.0]]
+    )
+    mask = n_m_mask(magnitude_keys(weight), 2, 4)
+    assert mask.tolist() == [
+        [False, True, True, False, True, True, False, False],
+        [True, True, False, False, True, True, False, False],  # ties -> lower index
+    ]
+
+
+def test_n_m_needs_divisible_input():
+    with pytest.raises(UserError, match="divisible"):
+        n_m_mask(torch.zeros(2, 6, dtype=torch.int16), 2, 4, name="w")
+
+
+@pytest.mark.parametrize("text", ["4:4", "5:4", "0:4", "2-4", "dense"])
+def test_bad_structures_are_refused(text):
+    with pytest.raises(UserError):
+        Structure.parse(text)
+
+
+def test_rows_hand_case():
+    weight = torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0], [-2.0, 2.0, -0.5], [0.1, 0.1, 0.1]])
+    # row L1 norms: 3, 4, 4.5, 0.3 -> at 50% keep rows 1 and 2.
+    mask = rows_mask(weight.abs(), 0.5)
+    assert mask.tolist() == [[False] * 3, [True] * 3, [True] * 3, [False] * 3]
+
+
+def test_cols_hand_case():
+    weight = torch.tensor([[1.0, 0.0, 3.0, 0.5], [1.0, 0.1, -3.0, 0.5]])
+    # column sums 2, 0.1, 6, 1 -> at 50% keep columns 0 and 2.
+    mask = cols_mask(weight.abs(), 0.5)
+    assert mask.tolist() == [[True, False, True, False], [True, False, True, False]]
+
+
+def test_wanda_activations_change_the_winner():
+    weight = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
+    norms = torch.tensor([10.0, 1.0, 1.0, 1.0])  # input channel 0 carries large activations
+    scores = wanda_scores(weight, norms)  # [[10, 2, 3, 4], [40, 3, 2, 1]]
+    mask = per_row_mask(float_keys(scores), 0.5)
+    assert mask.tolist() == [[True, False, False, True], [True, True, False, False]]
+    magnitude_only = per_row_mask(magnitude_keys(weight), 0.5)
+    assert magnitude_only[0].tolist() == [False, False, True, True]  # without activations 3, 4 win
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.37, 0.5, 0.9, 0.999])
+def test_exact_counts_and_brute_force(dtype, sparsity):
+    generator = torch.Generator().manual_seed(7)
+    weight = (torch.randn(37, 53, generator=generator) * 3).round().to(dtype)  # many ties
+    kept = kept_count(weight.numel(), sparsity)
+    mask = top_k_mask(magnitude_keys(weight), kept)
+    assert int(mask.sum()) == kept
+    expected = brute_force_keep(weight.float().numpy().reshape(-1), kept)
+    assert np.array_equal(mask.numpy().reshape(-1), expected)
+
+
+def _global_masks(tensors: dict[str, torch.Tensor], levels: list[float], read_order: list[str]):
+    total = sum(t.numel() for t in tensors.values())
+    keys = {name: magnitude_keys(t) for name, t in tensors.items()}
+    bits = 15 if next(iter(keys.values())).dtype == torch.int16 else 31
+    finder = ThresholdFinder([kept_count(total, s) for s in levels], bits)
+    for name in read_order:
+        finder.add_high(name, keys[name])
+    if finder.needs_low_pass():
+        for name in read_order:
+            finder.add_low(name, keys[name])
+    plan = finder.plan()
+    return [{n: threshold_mask(keys[n], *plan[n][i])[0] for n in read_order} for i in range(len(levels))]
+
+
+shapes = st.lists(st.tuples(st.integers(1, 6), st.integers(1, 9)), min_size=1, max_size=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=shapes,
+    dtype=st.sampled_from(DTYPES),
+    levels=st.lists(st.floats(0.0, 0.99), min_size=1, max_size=3, unique=True),
+    spread=st.sampled_from([2.0, 50.0]),
+    seed=st.integers(0, 10_000),
+)
+def test_global_scope_matches_brute_force(shapes, dtype, levels, spread, seed):
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        f"t{i}": (torch.randn(shape, generator=generator) * spread).round().to(dtype) / 4
+        for i, shape in enumerate(shapes)
+    }
+    names = sorted(tensors)
+    read_order = list(reversed(names))  # reading order (shards) must not change the result
+    concatenated = np.concatenate([tensors[n].float().numpy().reshape(-1) for n in names])
+    for level, masks in zip(levels, _global_masks(tensors, levels, read_order), strict=True):
+        kept = kept_count(concatenated.size, level)
+        got = np.concatenate([masks[n].numpy().reshape(-1) for n in names])
+        assert got.sum() == kept
+        assert np.array_equal(got, brute_force_keep(concatenated, kept))
+
+
+def test_levels_are_nested():
+    generator = torch.Generator().manual_seed(3)
+    tensors = {"a": torch.randn(20, 30, generator=generator), "b": torch.randn(10, 7, generator=generator)}
+    levels = [0.2, 0.5, 0.8]
+    masks = _global_masks(tensors, levels, ["a", "b"])
+    for lower, higher in zip(masks, masks[1:], strict=False):
+        for name in tensors:
+            assert not (higher[name] & ~lower[name]).any()
+
+
+def test_random_keys_depend_on_seed_and_name_only():
+    a = random_keys(1, "model.layers.0.mlp.up_proj.weight", (8, 16))
+    assert torch.equal(a, random_keys(1, "model.layers.0.mlp.up_proj.weight", (8, 16)))
+    assert not torch.equal(a, random_keys(2, "model.layers.0.mlp.up_proj.weight", (8, 16)))
+    assert not torch.equal(a, random_keys(1, "model.layers.1.mlp.up_proj.weight", (8, 16)))
+    assert a.dtype == torch.int32 and int(a.min()) >= 0
+
+
+@pytest.mark.parametrize("budget", [1, 2, 500, 1999, 2999, 3000])
+def test_partial_ties_from_either_end(budget):
+    # 3000 ties spread over a large tensor (several scan blocks), everything else below or above.
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randint(0, 3, (600, 1000), generator=generator, dtype=torch.int16) * 10
+    keys.view(-1)[torch.randperm(keys.numel(), generator=generator)[:3000]] = 15
+    threshold = Threshold(15, budget)
+    with_count, used = threshold_mask(keys, threshold, budget, 3000)
+    without_count, _ = threshold_mask(keys, threshold, budget)
+    flat = keys.reshape(-1)
+    ties = torch.nonzero(flat == 15).reshape(-1)
+    expected = flat > 15
+    expected[ties[:budget]] = True
+    assert (
+        used == budget
+        and torch.equal(with_count.reshape(-1), expected)
+        and torch.equal(without_count, with_count)
+    )
+
+
+def _bracket_masks(tensors: dict[str, torch.Tensor], levels: list[float], step: int):
+    from modelzoo_ext.masks.bracket import BracketFinder
+
+    total = sum(t.numel() for t in tensors.values())
+    keys = {name: magnitude_keys(t) for name, t in tensors.items()}
+    finder = BracketFinder([kept_count(total, s) for s in levels], numel=total, step=step)
+    for name in reversed(sorted(keys)):
+        finder.add_sample(keys[name])
+    for name in reversed(sorted(keys)):
+        finder.add_band(name, keys[name])
+    plan = finder.plan()
+    if plan is None:
+        return None
+    return [{n: threshold_mask(keys[n], *plan[n][i])[0] for n in keys} for i in range(len(levels))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=shapes,
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    levels=st.lists(st.floats(0.0, 0.99), min_size=1, max_size=3, unique=True),
+    spread=st.sampled_from([2.0, 50.0, 1000.0]),
+    step=st.integers(1, 7),
+    seed=st.integers(0, 10_000),
+)
+def test_bracket_thresholds_match_brute_force(shapes, dtype, levels, spread, step, seed):
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        f"t{i}": (torch.randn(s, generator=generator) * spread).round().to(dtype)
+        for i, s in enumerate(shapes)
+    }
+    names = sorted(tensors)
+    concatenated = np.concatenate([tensors[n].float().numpy().reshape(-1) for n in names])
+    masks = _bracket_masks(tensors, levels, step)
+    if masks is None:  # a missed bracket is allowed (the caller falls back), never a wrong answer
+        return
+    for level, level_masks in zip(levels, masks, strict=True):
+        kept = kept_count(concatenated.size, level)
+        got = np.concatenate([level_masks[n].numpy().reshape(-1) for n in names])
+        assert np.array_equal(got, brute_force_keep(concatenated, kept))
+
+
+def test_missed_bracket_falls_back_to_exact_histograms(monkeypatch):
+    from modelzoo_ext.masks import compute
+
+    calls = []
+    histogram_plan = compute._histogram_plan
+    monkeypatch.setattr(compute, "sample_step", lambda numel, target=0: 4)
+    monkeypatch.setattr(compute, "_histogram_plan", lambda *a: calls.append(1) or histogram_plan(*a))
+
+    # Every 4th weight (what a step-4 sample sees) is large, the rest tiny: the sample's
+    # bracket misses the true median, so `plan()` must say so and the fallback must be exact.
+    weight = torch.full((64, 64), 0.001).to(torch.bfloat16)
+    weight.view(-1)[::4] = 5.0
+    weight.view(-1)[1::4] = torch.linspace(0.01, 0.02, 1024).to(torch.bfloat16)
+    assert _bracket_masks({"w": weight}, [0.5], step=4) is None
+    keys = magnitude_keys(weight)
+    (cut,) = compute._tensor_plan("w", keys, (0.5,))
+    mask = threshold_mask(keys, *cut)[0]
+    assert calls == [1]
+    assert np.array_equal(
+        mask.numpy().reshape(-1), brute_force_keep(weight.float().numpy().reshape(-1), 2048)
+    )
