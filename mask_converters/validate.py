@@ -24,7 +24,7 @@ from mask_converters.mask_naming import LazyMasks
 from mask_converters.rules import MASK_SUFFIX, RopeLayout
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
-from modelzoo_ext.sparse_lora.check import SparsityReport, check_tensor
+from modelzoo_ext.sparse_lora.check import check_sparsity
 
 HF_FAMILIES = {"llama": "llama", "mistral": "mistral"}
 
@@ -54,6 +54,17 @@ def _open_checkpoint(path: Path, family: str | None, config_path: str | Path | N
     return checkpoint, "cs", infer_family(model, family, str(path)), RopeLayout.from_cs_config(model)
 
 
+def _embedded_mask_mismatches(source: CSCheckpoint, masks: LazyMasks) -> list[str]:
+    """Names of `<param>_mask` entries in a .mdl that differ from the mask file's masks."""
+    names = set(source.keys())
+    return [
+        name + MASK_SUFFIX
+        for name in masks.keys()  # noqa: SIM118 (not a dict)
+        if name + MASK_SUFFIX in names
+        and not torch.equal(source.get(name + MASK_SUFFIX).bool(), masks.get(name))
+    ]
+
+
 def validate_checkpoint(
     checkpoint_path: str | Path,
     masks_path: str | Path,
@@ -71,26 +82,8 @@ def validate_checkpoint(
         )
     source, naming, family, layout = _open_checkpoint(path, family, config_path)
     masks = LazyMasks.from_file(masks_path, family, layout, naming=naming)
-    names = set(source.keys())
-    report = SparsityReport()
-    embedded_mismatches = []
-    for name in masks.keys():  # noqa: SIM118 (not a dict)
-        if name not in names:
-            report.missing.append(name)
-            continue
-        weight, mask = source.get(name), masks.get(name)
-        if tuple(weight.shape) != tuple(mask.shape):
-            report.shape_mismatches.append(
-                f"{name}: weight {tuple(weight.shape)} vs mask {tuple(mask.shape)}"
-            )
-            continue
-        report.tensors.append(check_tensor(name, weight, mask))
-        if (
-            naming == "cs"
-            and name + MASK_SUFFIX in names
-            and not torch.equal(source.get(name + MASK_SUFFIX).bool(), mask)
-        ):
-            embedded_mismatches.append(name + MASK_SUFFIX)
+    report = check_sparsity(source, masks)
+    embedded_mismatches = _embedded_mask_mismatches(source, masks) if naming == "cs" else []
     result = report.to_dict()
     result["ok"] = report.ok and not embedded_mismatches
     result.update(
