@@ -57,7 +57,12 @@ def save_tokenizer(out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(asset_path("mistral_tokenizer_v1"), out_dir / "tokenizer.model")
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True}
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": True,
+    }
     (out_dir / "tokenizer_config.json").write_text(json.dumps({**config, **special}))
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     tokenizer.pad_token = tokenizer.unk_token

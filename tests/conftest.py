@@ -52,6 +52,21 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=reason))
 
 
+def get_cstorch_cpu_backend():
+    """The process's cerebras-pytorch CPU backend: cstorch allows one backend per process, so
+    every test that needs one shares it."""
+    import cerebras.pytorch as cstorch
+    from cerebras.pytorch.backend import current_backend
+
+    return current_backend(raise_exception=False, raise_warning=False) or cstorch.backend("CPU")
+
+
+@pytest.fixture
+def cstorch_cpu_backend():
+    """`get_cstorch_cpu_backend()` as a fixture."""
+    return get_cstorch_cpu_backend()
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The Mistral v1 tokenizer saved once per session."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import get_cstorch_cpu_backend
 
 pytestmark = pytest.mark.modelzoo
 
@@ -109,14 +110,6 @@ def fit_runs(tiny_workdir, pth_hook) -> dict[str, Path]:
     return runs
 
 
-def cpu_backend():
-    """cerebras-pytorch allows one backend per process: reuse it."""
-    import cerebras.pytorch as cstorch
-    from cerebras.pytorch.backend import current_backend
-
-    return current_backend(raise_exception=False, raise_warning=False) or cstorch.backend("CPU")
-
-
 def load_model_state(path: Path) -> dict[str, torch.Tensor]:
     import cerebras.pytorch as cstorch
 
@@ -194,7 +187,7 @@ def test_s2s_merged_export_has_no_violations_and_same_logits(fit_runs, tiny_work
     trained = load_model_state(fit_runs["sparse_to_sparse"] / "checkpoint_4.mdl")
     masks = expected_cs_masks(tiny_workdir)
 
-    cpu_backend()
+    get_cstorch_cpu_backend()
     model = SparseLoRALlamaModel(SparseLoRALlamaModelConfig(**section)).eval()
     missing, unexpected = model.load_state_dict(
         {k: v for k, v in trained.items() if not k.endswith("_mask")}, strict=False

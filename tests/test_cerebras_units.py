@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import get_cstorch_cpu_backend
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,14 +30,6 @@ HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 def python(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-
-
-def cpu_backend():
-    """cerebras-pytorch allows one backend per process: reuse it."""
-    import cerebras.pytorch as cstorch
-    from cerebras.pytorch.backend import current_backend
-
-    return current_backend(raise_exception=False, raise_warning=False) or cstorch.backend("CPU")
 
 
 def random_masks(shapes: dict[str, tuple[int, int]], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -210,7 +203,7 @@ def hf_masks() -> dict[str, torch.Tensor]:
 def build_model(mask_path: Path, family: str = "llama", **sparse_lora):
     from modelzoo_ext.cerebras.model import SparseLoRALlamaModel, SparseLoRAMistralModel
 
-    cpu_backend()
+    get_cstorch_cpu_backend()
     config = model_config(family, mask_path=str(mask_path), **sparse_lora)
     return (SparseLoRALlamaModel if family == "llama" else SparseLoRAMistralModel)(config)
 
@@ -363,7 +356,7 @@ def test_mask_file_sparsity_on_the_cstorch_cpu_backend(tmp_path):
     path = write_hf_masks(tmp_path / "m.safetensors", hf)
     cs_shapes = {hf_to_cs_name(n, "llama"): tuple(m.shape) for n, m in hf.items()}
     model = NestedLinears(cs_shapes)
-    cpu_backend()
+    get_cstorch_cpu_backend()
     algorithm = MaskFileSparsity(str(path), "llama", LLAMA_SECTION)
     algorithm.apply(model)
     algorithm.check_covers(list(cs_shapes))

@@ -67,11 +67,10 @@ def _cstorch_scheduler(cstorch, optimizer, spec):
     return getattr(cstorch.optim.lr_scheduler, name)(optimizer, **args)
 
 
-@pytest.fixture(scope="module")
-def cstorch():
+@pytest.fixture
+def cstorch(cstorch_cpu_backend):
     import cerebras.pytorch as cstorch
 
-    cstorch.backend("CPU")
     return cstorch
 
 

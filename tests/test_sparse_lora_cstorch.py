@@ -43,10 +43,10 @@ def eager_losses(layer: SparseLoRALinear) -> list[float]:
     return losses
 
 
-def test_cstorch_cpu_backend_traces_both_modes_like_eager():
+def test_cstorch_cpu_backend_traces_both_modes_like_eager(cstorch_cpu_backend):
     import cerebras.pytorch as cstorch
 
-    backend = cstorch.backend("CPU")
+    backend = cstorch_cpu_backend
     for mode in ("sparse_to_dense", "sparse_to_sparse"):
         layer = make_layer(mode)
         expected = eager_losses(copy.deepcopy(layer))

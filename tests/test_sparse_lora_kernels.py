@@ -91,6 +91,25 @@ def test_low_precision_close_to_float32_and_finite(mode, dtype):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_bfloat16_autocast_gradients_match_float32(mode):
+    """Mixed precision (`precision.enabled`) trains the same adapters: gradients of x, A, B under
+    bf16 autocast stay within bf16 rounding of float32, including for a leaf input x (autocast's
+    cast cache once dropped x's gradient through the LoRA branch)."""
+    x, w, m, a, b, bias = make_inputs((4, 8), 64, 48, 8, 0.7, torch.float32, bias=True)
+    upstream = torch.randn(4, 8, 48, generator=torch.Generator().manual_seed(3))
+
+    def run():
+        return sparse_lora_linear(x, w, m, a, b, 2.0, mode, bias).float()
+
+    want = outputs_and_grads(run, x, a, b, upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = outputs_and_grads(run, x, a, b, upstream)
+    for name, g, e in zip(("y", "dx", "dA", "dB"), got, want, strict=True):
+        assert torch.isfinite(g).all(), name
+        assert (g - e).abs().max() <= 2e-2 * e.abs().max(), name
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_gradcheck_float64(mode, with_bias):
     x, w, m, a, b, bias = make_inputs((3,), 6, 5, 2, 0.5, torch.float64, bias=with_bias)

@@ -195,12 +195,21 @@ def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    # Inside a custom Function's forward, ops on a leaf that requires grad (an input x, a LoRA
+    # factor) let autocast cache a *graph-less* low-precision copy of it; any later use of that
+    # leaf in the same autocast region then silently gets no gradient. Detached inputs are
+    # never cached.
+    return None if t is None else t.detach()
+
+
 class _MaskedLinear(torch.autograd.Function):
     """y = x (W*M)^T for a frozen W; saves W and M (not W*M) and recomputes W*M for dx."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias) -> torch.Tensor:
         ctx.save_for_backward(weight, mask)
+        x = _detached(x)
         return F.linear(x, masked_weight(weight, mask).to(x.dtype), bias)
 
     @staticmethod
@@ -226,6 +235,7 @@ class _SparseToSparseLinear(torch.autograd.Function):
         ctx.pattern = pattern
         ctx.has_weight = weight is not None
         ctx.save_for_backward(x, weight, mask, lora_a, lora_b)
+        x, lora_a, lora_b = _detached(x), _detached(lora_a), _detached(lora_b)
         w_eff = effective_weight(weight, mask, lora_a, lora_b, scaling, mask_base=mask_base, dtype=x.dtype)
         return F.linear(x, w_eff, bias)
 
@@ -253,7 +263,9 @@ class _SparseToSparseLinear(torch.autograd.Function):
 
 def dense_lora_grads(g2d, x2d, mask, lora_a, lora_b, scaling):
     """The reference: G = g^T x [out, in] masked, then dA = s B^T G_M, dB = s G_M A^T (float32)."""
-    g_full = _float32_if_low_precision(g2d.t() @ x2d)
+    # Under autocast the saved x keeps its float32 while grad_out arrives in bfloat16/float16.
+    common = torch.promote_types(g2d.dtype, x2d.dtype)
+    g_full = _float32_if_low_precision(g2d.to(common).t() @ x2d.to(common))
     if mask is not None:
         g_full = torch.where(mask, g_full, torch.zeros((), dtype=g_full.dtype, device=g_full.device))
     grad_a = (_float32_if_low_precision(lora_b).t() @ g_full) * scaling
