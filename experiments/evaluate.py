@@ -172,6 +172,27 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def lm_eval_runs_with_this_transformers() -> bool:
+    """lm-eval <= 0.4.9.1 (ModelZoo 2.10's pin) uses classes that transformers 5 removed
+    (`AutoModelForVision2Seq`): it fails part-way through a run there."""
+    import transformers
+    from packaging.version import Version
+
+    too_new = Version(transformers.__version__).major >= 5
+    return not (too_new and Version(_dist_version("lm_eval")) <= Version("0.4.9.1"))
+
+
+def _require_runnable_lm_eval() -> None:
+    if not lm_eval_runs_with_this_transformers():
+        import transformers
+
+        raise UserError(
+            f"lm-eval {_dist_version('lm_eval')} cannot run with transformers {transformers.__version__}: "
+            "lm-eval 0.4.9.1 predates transformers 5",
+            fix="evaluate in the ModelZoo 2.10 environment (transformers 4.57.1), e.g. `make test`'s .venv",
+        )
+
+
 def evaluate(
     model_dir: str | Path,
     tasks: list[str],
@@ -196,8 +217,10 @@ def evaluate(
     import tempfile
 
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    _require_runnable_lm_eval()
+    from lm_eval.models.huggingface import HFLM
 
     model = HFLM(
         pretrained=str(model_dir),

@@ -57,6 +57,21 @@ def _rope_scaling_to_cs(rope_scaling: dict | None) -> dict[str, Any]:
     return out
 
 
+def hf_rope(hf_config: dict[str, Any]) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling or None) from a config.json of either transformers generation.
+
+    transformers 4.x writes `rope_theta` and `rope_scaling`; 5.x writes one `rope_parameters`
+    dict (`rope_type` "default" meaning no scaling). Reading only the 4.x keys would silently
+    give a 5.x-saved Llama-3.1 (theta 500000) the default theta of 10000.
+    """
+    params = hf_config.get("rope_parameters")
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        return float(theta), None if scaling.get("rope_type", "default") == "default" else scaling
+    return float(hf_config.get("rope_theta", 10000.0)), hf_config.get("rope_scaling")
+
+
 def hf_to_cs_model_config(hf_config: dict[str, Any], family: str) -> dict[str, Any]:
     """HF config dict -> the ModelZoo `model:` section (name = the stock family name)."""
     if hf_config.get("model_type") != HF_MODEL_TYPES.get(family):
@@ -71,6 +86,7 @@ def hf_to_cs_model_config(hf_config: dict[str, Any], family: str) -> dict[str, A
     kv_heads = int(hf_config.get("num_key_value_heads") or heads)
     hidden = int(hf_config["hidden_size"])
     head_dim = int(hf_config.get("head_dim") or hidden // heads)
+    rope_theta, rope_scaling = hf_rope(hf_config)
     model: dict[str, Any] = {
         "name": family,
         "vocab_size": hf_config["vocab_size"],
@@ -82,8 +98,8 @@ def hf_to_cs_model_config(hf_config: dict[str, Any], family: str) -> dict[str, A
         "nonlinearity": GATED_ACTIVATIONS[act],
         "initializer_range": hf_config.get("initializer_range", 0.02),
         "layer_norm_epsilon": hf_config.get("rms_norm_eps", 1e-6),
-        "rope_theta": hf_config.get("rope_theta", 10000.0),
-        **_rope_scaling_to_cs(hf_config.get("rope_scaling")),
+        "rope_theta": rope_theta,
+        **_rope_scaling_to_cs(rope_scaling),
         "share_embedding_weights": bool(hf_config.get("tie_word_embeddings", False)),
         "rotary_dim": int(head_dim * float(hf_config.get("partial_rotary_factor", 1.0))),
         "use_projection_bias_in_attention": bool(hf_config.get("attention_bias", False)),

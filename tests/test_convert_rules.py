@@ -197,10 +197,11 @@ def test_layouts_agree_between_hf_and_cs_configs(tiny_llama_dir):
         "num_attention_heads",
         "num_key_value_heads",
         "rms_norm_eps",
-        "rope_theta",
         "tie_word_embeddings",
     ):
         assert back[key] == hf[key], key
+    # transformers 5 saves rope_theta inside `rope_parameters`
+    assert back["rope_theta"] == hf.get("rope_theta", hf.get("rope_parameters", {}).get("rope_theta"))
 
 
 @pytest.mark.modelzoo
@@ -228,3 +229,28 @@ def test_equal_to_the_stock_converter(family, tiny_llama_dir, tiny_mistral_dir):
         k: v for k, v in stock_config["model"].items() if k not in ("norm_first", "use_ff_layer1_dropout")
     }
     assert hf_to_cs_model_config(hf_config, family) == expected
+
+
+@pytest.mark.parametrize("generation", ["transformers4", "transformers5"])
+def test_llama31_rope_settings_survive_either_config_generation(tiny_llama_dir, generation):
+    """Llama-3.1's rope (theta 500000, llama3 scaling) must reach the CS config whichever
+    transformers wrote config.json: 4.x keys `rope_theta`/`rope_scaling`, 5.x `rope_parameters`."""
+    import json
+
+    hf = json.loads((tiny_llama_dir / "config.json").read_text())
+    for key in ("rope_theta", "rope_scaling", "rope_parameters"):
+        hf.pop(key, None)
+    scaling = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    if generation == "transformers4":
+        hf.update(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", **scaling})
+    else:
+        hf["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, **scaling}
+    cs = hf_to_cs_model_config(hf, "llama")
+    assert cs["rope_theta"] == 500000.0
+    assert cs["pos_scaling_type"] == "llama3" and cs["pos_scaling_factor"] == 8.0
+    assert cs["pos_scaling_extra_args"]["original_max_position_embeddings"] == 8192
