@@ -30,9 +30,20 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    # cerebras-pytorch 2.10.0 pins torch 2.4.0 and numpy 1.25.0; cp311 wheels only.
-    # pyarrow: ModelZoo 2.10's pin; the newest (26.0.1) refuses numpy 1.25, breaking `datasets` and lm-eval.
-    "cs": ["cerebras-pytorch==2.10.0", "numpy==1.25.0", "pyarrow==17.0.0"],
+    # The ModelZoo 2.10 stack (cp311 wheels only): cerebras-pytorch pins torch 2.4.0 and numpy
+    # 1.25.0; the rest are ModelZoo's own pins, so the package is tested on what `cszoo` runs with
+    # (pyarrow: the newest refuses numpy 1.25, which breaks `datasets` and lm-eval).
+    "cs": [
+        "cerebras-pytorch==2.10.0",
+        "numpy==1.25.0",
+        "transformers==4.57.1",
+        "tokenizers==0.22.1",
+        "datasets==3.6.0",
+        "pydantic==2.8.2",
+        "h5py==3.13.0",
+        "safetensors==0.4.5",
+        "pyarrow==17.0.0",
+    ],
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff==0.8.4"],
 }
 
