@@ -38,6 +38,7 @@ EXTRAS_REQUIRE = {
         "numpy==1.25.0",
         "transformers==4.57.1",
         "tokenizers==0.22.1",
+        "sentencepiece==0.2.1",  # 0.2.3 needs a protobuf newer than cerebras' 4.21.12
         "datasets==3.6.0",
         "pydantic==2.8.2",
         "h5py==3.13.0",

@@ -80,6 +80,9 @@ def build_smollm2(out_dir: Path) -> Path:
     config.pop("_name_or_path", None)
     fresh = LlamaForCausalLM(LlamaConfig(**config))
     fresh.load_state_dict(loaded.state_dict())
+    # The GGUF tokenizer prepends <|im_start|> as BOS; SmolLM2 was trained without it (its own HF
+    # tokenizer adds none). With it, the dense model's loss on plain text rose from 1.32 to 2.09.
+    tokenizer.add_bos_token = False
     with atomic_dir(out_dir) as tmp:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
