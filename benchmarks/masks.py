@@ -201,6 +201,8 @@ def main() -> None:
         print(json.dumps(run_config(args.worker, Path(args.dir), Path(args.out), args.sparsity)))
         return
 
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench_masks_") as tmp:
         directory = Path(tmp) / "model"
         directory.mkdir()

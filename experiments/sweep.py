@@ -43,6 +43,7 @@ import yaml
 from experiments.registry import Registry, RunRecord
 from experiments.steps import StepFailed, SweepStopped, run_with_retries
 from experiments.sweep_spec import SweepSpec, grid, load_sweep, sparsity_tag
+from experiments.throughput import cs_throughput, mean_throughput
 from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.errors import UserError
 
@@ -90,6 +91,10 @@ def _params_for(spec: SweepSpec, run: dict[str, Any], assets: dict, run_dir: Pat
         fit["ckpt_path"] = model.cs_checkpoint
     elif run["backend"] != "cs3":
         fit.pop("ckpt_path", None)
+    if run["backend"] == "cs3":  # per-step losses and times: parity and throughput read them
+        callbacks = init.setdefault("callbacks", [])
+        if not any("SparseLoRALossLog" in c for c in callbacks):
+            callbacks.append({"SparseLoRALossLog": {}})
     return params
 
 
@@ -339,7 +344,7 @@ class _RunExecutor:
                 command = self._cli("data", "prepare", "--task", run["task"], "--source", self.spec.data.source,
                                     "--tokenizer", model.hf_dir, "--max-seq-length", str(self.spec.data.max_seq_length),
                                     "--split", "train", "--held-out-fraction", str(self.spec.data.held_out_fraction),
-                                    "--out", data)  # fmt: skip
+                                    "--split-salt", self.spec.data.split_salt, "--out", data)  # fmt: skip
                 self._build(data, command, logs)
 
     def _build(self, path: str, command: list[str], logs: Path, needs: str | None = None) -> None:
@@ -402,7 +407,8 @@ class _RunExecutor:
                 command = cs_export_command(self.spec, run, run_dir)
                 command[command.index("LAST_CHECKPOINT")] = str(latest_cs_checkpoint(train_dir))
                 self._step(command, run_dir / "train.log")
-            return {"train_dir": str(train_dir)}, None  # ModelZoo's own logs hold the CS-3 rate
+            params = yaml.safe_load((run_dir / "params.yaml").read_text())
+            return {"train_dir": str(train_dir)}, cs_throughput(train_dir, params)
         if not _train_complete(train_dir):
             self._step(run["train_command"], run_dir / "train.log")
         if not _train_complete(train_dir):
@@ -449,7 +455,7 @@ class _RunExecutor:
             ev, data = self.spec.eval, self.spec.data
             command = self._cli("eval", "--model", model_dir, "--tasks", ",".join(ev.tasks or [run["task"]]),
                                 "--data", data.source, "--held-out-fraction", str(data.held_out_fraction),
-                                "--batch-size", str(ev.batch_size), "--device", ev.device, "--out", str(out))  # fmt: skip
+                                "--split-salt", data.split_salt, "--batch-size", str(ev.batch_size), "--device", ev.device, "--out", str(out))  # fmt: skip
             command += ["--adapter", adapter_dir] if adapter_dir else []
             command += ["--limit", str(ev.limit)] if ev.limit else []
             command += ["--max-gen-toks", str(ev.max_gen_toks)] if ev.max_gen_toks else []
@@ -477,16 +483,6 @@ def _step_name(command: list[str]) -> str:
 def _train_complete(train_dir: Path) -> bool:
     record = train_dir / "run.json"
     return record.is_file() and bool(json.loads(record.read_text()).get("complete"))
-
-
-def mean_throughput(metrics_path: Path) -> float | None:
-    """Mean non-padding tokens/s over training steps, leaving out the first (warm-up) when there are more."""
-    if not metrics_path.is_file():
-        return None
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    values = [r["tokens_per_s"] for r in rows if r.get("split") != "eval" and "tokens_per_s" in r]
-    values = values[1:] if len(values) > 1 else values
-    return sum(values) / len(values) if values else None
 
 
 def _file_sha256(path: Path) -> str:

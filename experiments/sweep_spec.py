@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from modelzoo_ext.data.split import DEFAULT_SALT
 from modelzoo_ext.errors import UserError
 
 
@@ -29,9 +30,10 @@ class ModelSpec(_Strict):
 
 class DataSpec(_Strict):
     # The bundled evaluation sets, split by `data prepare` (training) and `eval` (held-out) with the
-    # data layer's default salt, so both sides agree by construction.
+    # same fraction and salt, so both sides agree by construction.
     source: Literal["bundled"] = "bundled"
     held_out_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    split_salt: str = DEFAULT_SALT
     max_seq_length: int = Field(256, gt=1)
 
 

@@ -18,9 +18,10 @@ import json
 from pathlib import Path
 
 from modelzoo_ext.atomic import atomic_file
+from modelzoo_ext.cerebras import LOSS_LOG_NAME
 from modelzoo_ext.errors import UserError
 
-CS_LOSS_LOG = "sparse_lora_losses.jsonl"
+CS_LOSS_LOG = LOSS_LOG_NAME
 TINY = 1e-12
 
 
@@ -110,13 +111,14 @@ def plot(rows: list[tuple[int, float, float, float]], path: Path) -> None:
 
 def run_parity(args: argparse.Namespace) -> int:
     """Handler of `sparse-lora parity`."""
-    rows = compare(cs_losses(args.cs_run), gpu_losses(args.gpu_run))
-    only_cs = len(cs_losses(args.cs_run)) - len(rows)
+    cs, gpu = cs_losses(args.cs_run), gpu_losses(args.gpu_run)
+    rows = compare(cs, gpu)
     print(f"{'step':>6} {'cs_loss':>14} {'gpu_loss':>14} {'rel_diff':>10}")
     for step, a, b, rel in rows:
         print(f"{step:>6} {a:>14.8f} {b:>14.8f} {rel:>10.2e}")
-    if only_cs:
-        print(f"({only_cs} CS steps have no GPU counterpart and were not compared)")
+    for run, losses in (("CS", cs), ("GPU", gpu)):
+        if len(losses) > len(rows):
+            print(f"({len(losses) - len(rows)} {run} steps have no counterpart and were not compared)")
     plot_path = Path(args.plot) if args.plot else Path(args.gpu_run) / "parity.png"
     plot(rows, plot_path)
     print(f"plot: {plot_path}")

@@ -173,6 +173,28 @@ def test_loss_falls_over_repeated_batches(fit_runs, mode):
     assert sorted(losses) == [1, 2, 3, 4]
     # 8 samples, batch 4, no shuffle: steps 1 and 3 see batch 0, steps 2 and 4 batch 1.
     assert losses[3] < losses[1] and losses[4] < losses[2], losses
+    assert all(r["time_s"] > 0 for r in records)
+
+
+def test_cs_throughput_counts_each_steps_tokens_over_its_time(fit_runs, tiny_workdir):
+    """The sweep's CS-3 tokens/s: each step's non-padding tokens (from ModelZoo's data order) over
+    the step time the loss log recorded, averaged over steps 2..4."""
+    from experiments.throughput import cs_throughput
+    from modelzoo_ext.cerebras.callbacks import LOSS_LOG_NAME
+    from modelzoo_ext.data.hdf5 import SampleDataset
+
+    run = fit_runs["sparse_to_sparse"]
+    params = yaml.safe_load((tiny_workdir / "model_configs" / TINY_CONFIGS["sparse_to_sparse"]).read_text())
+    loader = params["trainer"]["fit"]["train_dataloader"]
+    assert loader["batch_size"] == 4 and not loader.get("shuffle")  # steps 1, 3: samples 0-3; 2, 4: 4-7
+    data = SampleDataset(tiny_workdir / loader["data_dir"])
+    tokens = [
+        sum(int(data[i][1].nonzero()[0].max()) + 1 for i in range(start, start + 4)) for start in (0, 4)
+    ]
+    times = {r["step"]: r["time_s"] for r in map(json.loads, (run / LOSS_LOG_NAME).read_text().splitlines())}
+    expected = (tokens[1] / times[2] + tokens[0] / times[3] + tokens[1] / times[4]) / 3
+    params["trainer"]["fit"]["train_dataloader"]["data_dir"] = str(tiny_workdir / loader["data_dir"])
+    assert cs_throughput(run, params) == pytest.approx(expected, rel=1e-12)
 
 
 def test_s2s_merged_export_has_no_violations_and_same_logits(fit_runs, tiny_workdir):

@@ -6,7 +6,6 @@ Templates are checked against lm-eval's own task definitions (installed), the en
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -174,18 +173,23 @@ def test_train_and_heldout_never_overlap(tmp_path, jsonl, tokenizer_dir):
     assert not rows(tmp_path / "train") & rows(tmp_path / "held")
 
 
-def test_prepare_bundled_boolq_heldout(tmp_path, tokenizer_dir):
-    """A real task through the CLI handler: BoolQ's bundled validation rows, held-out part."""
-    from modelzoo_ext.data.prepare import run_prepare
+@pytest.mark.parametrize("salt", [None, "another-salt"])
+def test_prepare_bundled_boolq_heldout(tmp_path, tokenizer_dir, salt):
+    """A real task through the CLI: BoolQ's bundled validation rows, held-out part of the salted split."""
+    from modelzoo_ext.cli import main
+    from modelzoo_ext.data.prepare import task_rows
+    from modelzoo_ext.data.split import DEFAULT_SALT
 
-    args = argparse.Namespace(
-        input=None, task="boolq", source="bundled", tokenizer=str(tokenizer_dir), max_seq_length=64,
-        out=str(tmp_path / "boolq"), split="heldout", held_out_fraction=0.02,
-    )  # fmt: skip
-    assert run_prepare(args) == 0
-    params = json.loads((tmp_path / "boolq" / "data_params.json").read_text())
+    out = tmp_path / "boolq"
+    argv = ["data", "prepare", "--task", "boolq", "--tokenizer", str(tokenizer_dir), "--max-seq-length", "64",
+            "--out", str(out), "--split", "heldout", "--held-out-fraction", "0.02"]  # fmt: skip
+    assert main(argv + (["--split-salt", salt] if salt else [])) == 0
+    params = json.loads((out / "data_params.json").read_text())
     assert params["task"] == "boolq" and params["counts"]["rows"] == 3270
-    assert params["counts"]["written"] > 0
+    assert params["split_salt"] == (salt or DEFAULT_SALT)
+    expected = [row for row in task_rows("boolq", "bundled")
+                if split_of(example_key("boolq", row), 0.02, salt or DEFAULT_SALT) == "heldout"]  # fmt: skip
+    assert params["counts"]["in_split"] == len(expected) > 0
 
 
 def test_cli_errors_exit_2_without_output(tmp_path, tokenizer_dir):

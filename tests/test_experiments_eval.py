@@ -6,7 +6,12 @@ import json
 
 import pytest
 
-from experiments.evaluate import HeldOutSplit, lm_eval_runs_with_this_transformers, write_local_task_files
+from experiments.evaluate import (
+    HeldOutSplit,
+    builtin_task_manager,
+    lm_eval_runs_with_this_transformers,
+    write_local_task_files,
+)
 from modelzoo_ext.cli import main
 from modelzoo_ext.data.prepare import task_rows
 from modelzoo_ext.data.split import split_of
@@ -63,13 +68,22 @@ def test_local_files_hold_exactly_the_held_out_part(tmp_path, task):
         assert not {r["question"] for r in shots} & {r["question"] for r in evaluated}
 
 
-@pytest.mark.parametrize("task", ["boolq", "hellaswag", "gsm8k"])
-def test_protocol_is_lm_evals_builtin(tmp_path, task):
-    """The task lm-eval builds from our overrides has the built-in prompts, metrics and shots."""
+@pytest.fixture(scope="module")
+def full_task_manager():
+    """lm-eval's default index of every built-in task (slow to build: once per module)."""
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager()
-    builtin = manager._get_config(task)
+    return TaskManager()
+
+
+@pytest.mark.parametrize("task", ["boolq", "hellaswag", "gsm8k"])
+def test_protocol_is_lm_evals_builtin(tmp_path, task, full_task_manager):
+    """The task lm-eval builds from our overrides has the built-in prompts, metrics and shots."""
+    builtin = full_task_manager._get_config(task)
+    manager = builtin_task_manager([task])
+    # the narrow index reads the very same YAML file
+    assert manager._task_index[task]["yaml_path"] == full_task_manager._task_index[task]["yaml_path"]
+    assert manager.all_tasks != full_task_manager.all_tasks  # ...and only a few folders of it
     overrides = write_local_task_files(task, "bundled", SPLIT, tmp_path, limit=5)
     overrides.pop("_provenance")
     task_obj = manager.load_task_or_group([overrides])[task]

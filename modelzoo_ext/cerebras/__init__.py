@@ -12,3 +12,7 @@
 
 See docs/modelzoo.md.
 """
+
+# The per-step loss/time log `SparseLoRALossLog` writes in a run's model_dir (stdlib-only home, so
+# `sparse-lora parity` and the sweep read it without importing cerebras-pytorch).
+LOSS_LOG_NAME = "sparse_lora_losses.jsonl"

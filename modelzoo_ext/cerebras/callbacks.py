@@ -16,17 +16,17 @@ model module (the model module is imported inside `setup`).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import cerebras.pytorch as cstorch
 import torch
 from cerebras.modelzoo.trainer.callbacks import Callback
 
+from modelzoo_ext.cerebras import LOSS_LOG_NAME
 from modelzoo_ext.cerebras.sparsity import MaskFileSparsity
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.sparse_lora import sparse_lora_layers
-
-LOSS_LOG_NAME = "sparse_lora_losses.jsonl"
 
 
 class SparseLoRAMasks(Callback):
@@ -75,23 +75,30 @@ class SparseLoRAMasks(Callback):
 class SparseLoRALossLog(Callback):
     """Append every training step's loss, at full precision, to `<model_dir>/sparse_lora_losses.jsonl`.
 
-    One JSON object per line: {"step": global step, "loss": float}. The GPU reference trainer
-    writes the same file, so parity checks compare the two directly.
+    One JSON object per line: {"step": global step, "loss": float, "time_s": float}. `time_s` is
+    the host time since the previous step's loss arrived (for the first step, since setup, so it
+    includes compilation): the step time the sweep turns into tokens/s
+    (`experiments.throughput`). `sparse-lora parity` compares the losses with gpu_reference's.
     """
 
     def __init__(self):
         self.path: Path | None = None
+        self._last_time = 0.0
 
     def setup(self, trainer):
         self.path = Path(trainer.model_dir) / LOSS_LOG_NAME
+        self._last_time = time.perf_counter()
 
     def on_train_batch_end(self, trainer, model, outputs, batch, batch_idx):
         self._write(trainer.global_step, outputs["loss"])
 
     @cstorch.step_closure
     def _write(self, step: int, loss: torch.Tensor) -> None:
+        now = time.perf_counter()
+        row = {"step": int(step), "loss": float(loss.item()), "time_s": now - self._last_time}
+        self._last_time = now
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": int(step), "loss": float(loss.item())}) + "\n")
+            f.write(json.dumps(row) + "\n")
 
     def on_save_trainer_state(self, trainer, state_dict):
         pass

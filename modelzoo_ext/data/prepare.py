@@ -187,6 +187,7 @@ def run_prepare(args) -> int:
         out_dir=args.out,
         split=args.split,
         held_out_fraction=args.held_out_fraction,
+        salt=args.split_salt,
         provenance=provenance,
     )
     c = params["counts"]

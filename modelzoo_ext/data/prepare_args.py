@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from modelzoo_ext.data.split import DEFAULT_HELD_OUT_FRACTION
+from modelzoo_ext.data.split import DEFAULT_HELD_OUT_FRACTION, DEFAULT_SALT
 from modelzoo_ext.data.templates import TASKS
 
 
@@ -40,4 +40,11 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_HELD_OUT_FRACTION,
         metavar="F",
         help=f"fraction of examples held out for evaluation [default: {DEFAULT_HELD_OUT_FRACTION}]",
+    )
+    p.add_argument(
+        "--split-salt",
+        default=DEFAULT_SALT,
+        metavar="SALT",
+        help="salt of the split's hash: another salt gives another, equally deterministic split; "
+        f"evaluate with the same `sparse-lora eval --split-salt` [default: {DEFAULT_SALT}]",
     )
