@@ -1,7 +1,7 @@
 """The reference sparse-LoRA trainer: one flat recipe, setup -> loop -> save.
 
     python -m gpu_reference.train PARAMS_YAML --hf-model HF_DIR [--out RUN_DIR] [--device cuda|cpu]
-    torchrun --nproc-per-node N -m gpu_reference.train PARAMS_YAML --hf-model HF_DIR ...
+    torchrun --nproc-per-node N -m gpu_reference.train PARAMS_YAML --hf-model HF_DIR ... [--fsdp]
     sparse-lora train PARAMS_YAML --hf-model HF_DIR ...            (the same command)
 
 It reads the run config the Cerebras run reads (`params_sparse_lora*.yaml`) and computes what
@@ -14,7 +14,10 @@ batches `GptHDF5MapDataProcessor` yields for the same seed (`gpu_reference.data`
 
 Under torchrun each rank takes a slice of every global batch; the loss of a slice is its summed
 token loss divided by the *global* token count and gradients are summed over ranks, so N
-processes compute what one process computes on the whole batch.
+processes compute what one process computes on the whole batch. With `--fsdp` the frozen base is
+sharded across the ranks (`gpu_reference.distributed`); the LoRA factors, the optimizer and
+everything below stay as they are, and rank 0 builds the exports from the base on disk plus the
+trained factors.
 
 RUN_DIR (rank 0 writes it):
     metrics.jsonl           one row per step (see gpu_reference.metrics)
@@ -54,6 +57,12 @@ from gpu_reference.checkpoint import (
     set_rng_state,
 )
 from gpu_reference.data import collate, global_batches, rank_slice
+from gpu_reference.distributed import (
+    check_fsdp_request,
+    load_lora_factors_,
+    lora_factors,
+    shard_frozen_base,
+)
 from gpu_reference.metrics import MetricsWriter, non_padding_tokens, peak_memory_bytes
 from gpu_reference.optim import build_optimizer
 from gpu_reference.run_config import RunConfig, load_run_config
@@ -159,12 +168,18 @@ def _loss_sums(
 
     The model attends causally only (ModelZoo's `attention_mask` is a loss mask, not a padding
     mask); logits at position i are scored against labels[i] (the data is already shifted).
+    Causality also makes two savings exact for the loss: positions after the batch's last
+    loss-bearing one are dropped (fine-tuning samples are mostly padding), and the LM head runs
+    only at loss-bearing positions (`logits_to_keep`; completions are a few tokens of a long prompt).
     """
-    input_ids = batch["input_ids"].to(device).long()
-    labels = batch["labels"].to(device).long()
     loss_mask = batch["attention_mask"].to(device)
+    keep = loss_mask.any(dim=0).nonzero().squeeze(1)  # [P] positions with a loss in some row
+    length = int(keep[-1]) + 1 if keep.numel() else 1
+    input_ids = batch["input_ids"][:, :length].to(device).long()
+    labels = batch["labels"].to(device).long()[:, keep]
+    loss_mask = loss_mask[:, keep]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=input_ids).logits
+        logits = model(input_ids=input_ids, logits_to_keep=keep).logits  # [B, P, vocab]
         token_loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
         )
@@ -232,16 +247,19 @@ def train(
     device: str | None = None,
     masks_path: str | Path | None = None,
     progress: bool = True,
+    fsdp: bool = False,
 ) -> Path:
     """Run (or resume) a training run; returns RUN_DIR. See the module docstring."""
     from tqdm import tqdm
 
-    from modelzoo_ext.sparse_lora import apply_sparse_lora_, load_lora_state_dict_, lora_state_dict
+    from modelzoo_ext.sparse_lora import apply_sparse_lora_
 
     # ---- setup: config, processes, model, masks, optimizer, data, resume
     cfg = load_run_config(params_yaml)
     config_sha256 = hashlib.sha256(Path(params_yaml).read_bytes()).hexdigest()
     rank, world_size, device = _distributed(device)
+    if fsdp:
+        check_fsdp_request(world_size)
     run_dir = Path(out or Path(cfg.init.model_dir or "model_dir") / "gpu_reference")
     if (run_dir / "run.json").exists() and json.loads((run_dir / "run.json").read_text()).get("complete"):
         raise UserError("this run directory holds a finished run", where=str(run_dir), fix="pass a new --out")
@@ -261,7 +279,8 @@ def train(
     masks_file = str(masks_path or sl.mask_path) if (masks_path or sl.mask_path) else None
     masks, mask_metadata = _load_masks(masks_file, str(params_yaml))
     summary = apply_sparse_lora_(model, sl, masks)
-    model.to(device).train()
+    model = shard_frozen_base(model, device) if fsdp else model.to(device)
+    model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     optimizer = build_optimizer(model, cfg.init.optimizer)
@@ -287,7 +306,7 @@ def train(
     resume_from = latest_checkpoint(run_dir)
     if resume_from is not None:
         state = load_checkpoint(resume_from, config_sha256)
-        load_lora_state_dict_(model, {k: v.to(device) for k, v in state["lora"].items()})
+        load_lora_factors_(model, {k: v.to(device) for k, v in state["lora"].items()})
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step = int(state["step"])
@@ -373,7 +392,7 @@ def train(
                 checkpoint_path(run_dir, step + 1),
                 {
                     "step": step + 1,
-                    "lora": {k: v.cpu() for k, v in lora_state_dict(model).items()},
+                    "lora": {k: v.cpu() for k, v in lora_factors(model).items()},
                     "optimizer": optimizer.state_dict(),
                     "rng": rng_state(),
                     "config_sha256": config_sha256,
@@ -383,6 +402,11 @@ def train(
 
     # ---- save: LoRA factors, mode-specific export, masks, sparsity report, provenance
     if rank == 0:
+        if fsdp:  # rank 0 holds only a shard of the base: rebuild the whole model on the CPU
+            trained = lora_factors(model)
+            model = _load_hf_model(hf_model)
+            apply_sparse_lora_(model, sl, masks)
+            load_lora_factors_(model, trained)
         _export(model, cfg, run_dir, hf_model, masks, masks_file)
         record = {
             "complete": True,
@@ -396,6 +420,7 @@ def train(
             "data_params": read_params(train_dl.data_dir),
             "max_steps": max_steps,
             "world_size": world_size,
+            "fsdp": fsdp,
             "device": str(device),
             "final_loss": last_loss,
             "trainable_params": summary.trainable_params,
@@ -416,11 +441,11 @@ def _export(
     """Write lora.safetensors, the mask file copy, and adapter/ (s2d) or merged/ + sparsity_report.json (s2s)."""
     from safetensors.torch import save_file
 
-    from modelzoo_ext.sparse_lora import check_sparsity, lora_state_dict, merge_sparse_lora_, save_adapter
+    from modelzoo_ext.sparse_lora import check_sparsity, merge_sparse_lora_, save_adapter
 
     sl = cfg.sparse_lora
     with atomic_file(run_dir / "lora.safetensors") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}, str(tmp))
+        save_file({k: v.detach().contiguous().cpu() for k, v in lora_factors(model).items()}, str(tmp))
     if masks_file:
         with atomic_file(run_dir / "masks.safetensors") as tmp:
             shutil.copyfile(masks_file, tmp)
@@ -449,7 +474,13 @@ def _export(
 def run_train(args: argparse.Namespace) -> int:
     """Handler shared by both entry points."""
     run_dir = train(
-        args.params, args.hf_model, args.out, args.device, args.masks, progress=not args.no_progress
+        args.params,
+        args.hf_model,
+        args.out,
+        args.device,
+        args.masks,
+        progress=not args.no_progress,
+        fsdp=args.fsdp,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run complete: {run_dir}")

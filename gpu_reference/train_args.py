@@ -17,3 +17,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--masks", metavar="MASK_FILE", help="an HF-named mask file overriding sparse_lora.mask_path"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun (2+ processes): shard the frozen base weights across the ranks with "
+        "FSDP, one unit per decoder layer, for bases that do not fit one device; LoRA factors "
+        "stay whole on every rank (see docs/gpu_reference.md)",
+    )
