@@ -92,7 +92,8 @@ def add_lora(model, args):
     mode = "sparse_to_dense" if args.method == "s2d" else "sparse_to_sparse"
     config = SparseLoRAConfig(mode=mode, r=16, alpha=32.0, mask_path="random")
     sampled = "never" if args.method == "s2s-dense" else "auto"
-    apply_sparse_lora_(model, config, masks, sampled_product=sampled)
+    # The weights are pruned above, as `masks apply` writes them and gpu_reference loads them.
+    apply_sparse_lora_(model, config, masks, sampled_product=sampled, mask_base_in_forward="auto")
     return model
 
 

@@ -61,9 +61,8 @@ def build(variant: str, shape: str, sparsity: float, rank: int, device):
         from modelzoo_ext.sparse_lora import SparseLoRAConfig, apply_sparse_lora_
 
         mode = {"s2d": "sparse_to_dense", "s2s": "sparse_to_sparse"}[variant]
-        apply_sparse_lora_(
-            model, SparseLoRAConfig(mode=mode, r=rank, alpha=2 * rank, mask_path="bench"), masks
-        )
+        config = SparseLoRAConfig(mode=mode, r=rank, alpha=2 * rank, mask_path="bench")
+        apply_sparse_lora_(model, config, masks, mask_base_in_forward="auto")  # as gpu_reference.train
     model.to(device).train()
     return model, [p for p in model.parameters() if p.requires_grad]
 

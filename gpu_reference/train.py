@@ -278,7 +278,8 @@ def train(
     )
     masks_file = str(masks_path or sl.mask_path) if (masks_path or sl.mask_path) else None
     masks, mask_metadata = _load_masks(masks_file, str(params_yaml))
-    summary = apply_sparse_lora_(model, sl, masks)
+    # "auto": a pruned base (zero off the mask, as `masks apply` writes it) is not re-masked per step.
+    summary = apply_sparse_lora_(model, sl, masks, mask_base_in_forward="auto")
     model = shard_frozen_base(model, device) if fsdp else model.to(device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -68,3 +68,20 @@ def test_smollm2_export_reproduces_the_gguf_model(tmp_path):
     tokens = AutoTokenizer.from_pretrained(str(out))("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(reference(**tokens).logits, saved(**tokens).logits)
+
+
+def test_modelzoo_stage_names_what_is_missing(monkeypatch):
+    """The demo's ModelZoo stage runs where ModelZoo and its `bigcode_eval` import; otherwise it is
+    skipped with the reason (never silently)."""
+    import importlib.util
+
+    from experiments import demo
+
+    real = importlib.util.find_spec
+    for missing, what in (("cerebras.modelzoo", "Cerebras ModelZoo"), ("bigcode_eval", "bigcode_eval")):
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, m=missing: None if name == m else real(name)
+        )
+        assert demo.modelzoo_missing() == f"{what} is not installed (see docs/modelzoo.md)"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert demo.modelzoo_missing() is None

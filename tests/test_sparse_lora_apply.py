@@ -216,6 +216,33 @@ def test_mask_base_in_forward_false_is_the_same_math_on_a_premasked_weight(mode)
     assert "mode=" + mode in repr(inner) and "r=4" in repr(inner) and "density=" in repr(inner)
 
 
+@pytest.mark.parametrize("mode", ["sparse_to_dense", "sparse_to_sparse"])
+def test_mask_base_auto_skips_masking_only_on_a_premasked_weight(mode):
+    """ "auto" masks a dense W in forward and skips it on a pruned W: outputs and gradients of
+    x, A and B bit-identical to always masking."""
+    torch.manual_seed(0)
+    mask = torch.rand(10, 12) >= 0.6
+    for premask in (False, True):
+        linear = nn.Linear(12, 10)
+        with torch.no_grad():
+            linear.weight.mul_(mask if premask else 1)
+        layers = {
+            flag: SparseLoRALinear.from_linear(linear, mask, config(mode), mask_base_in_forward=flag)
+            for flag in (True, "auto")
+        }
+        assert layers["auto"].mask_base_in_forward is (not premask)
+        results = []
+        for layer in layers.values():
+            with torch.no_grad():
+                layer.lora_A.weight.copy_(torch.arange(48.0).reshape(4, 12).sin())
+                layer.lora_B.weight.copy_(torch.arange(40.0).reshape(10, 4).cos())
+            x = torch.arange(36.0).reshape(3, 12).cos().requires_grad_()
+            layer(x).square().sum().backward()
+            results.append([layer(x), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad])
+        for got, expected in zip(results[1], results[0], strict=True):
+            assert torch.equal(got, expected)
+
+
 def test_unmerge_is_exact_for_s2d_and_refused_for_s2s():
     torch.manual_seed(0)
     for mode in ("sparse_to_dense", "sparse_to_sparse"):

@@ -7,7 +7,7 @@ mask file instead of `random`/`topk`, and only the parameters the file names are
 every forward, and on CSX the weight is annotated with its exact sparsity for the compiler.
 
 Lifecycle (llm-compressor style):
-    algorithm = MaskFileSparsity(mask_path, family, model_section)
+    algorithm = MaskFileSparsity(mask_path, family, architecture)
     algorithm.apply(model)        # model only: frozen weights have no optimizer state to prune
     algorithm.check_covers(model, weight_names)   # every mask used, every LoRA weight masked
     ... cstorch initialises each mask lazily at run start (after a checkpoint load; masks already
@@ -39,7 +39,9 @@ class MaskFileSparsity(Static):
     Args:
         mask_path: the mask file (HF or CS naming; HF is converted with the q/k row permutation).
         family: "llama" or "mistral".
-        model_section: the model config as a dict (attention layout for the q/k permutation).
+        architecture: the `model:` config as a dict (attention layout for the q/k permutation; not
+            named `model_*`: ModelZoo turns these arguments into pydantic fields, and pydantic
+            reserves that prefix).
         kwargs: passed to `Static` (cstorch builds algorithms with extra keywords).
     """
 
@@ -47,12 +49,12 @@ class MaskFileSparsity(Static):
         self,
         mask_path: str,
         family: Literal["llama", "mistral"],
-        model_section: dict,
+        architecture: dict,
         **kwargs: Any,
     ):
         kwargs.pop("sparsity", None)  # the sparsity of each parameter is its mask's, not a knob
         super().__init__(sparsity=None, **kwargs)
-        self.source = CSMaskSource(mask_path, family, model_section)
+        self.source = CSMaskSource(mask_path, family, architecture)
         self._unused = set(self.source.names())
 
     def sparsify_parameter(self, module: torch.nn.Module, name: str, param: torch.Tensor) -> None:

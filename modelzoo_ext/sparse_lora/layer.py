@@ -49,7 +49,10 @@ class SparseLoRALinear(nn.Module):
         mode, r, alpha, dropout: as in `SparseLoRAConfig`.
         mask_base_in_forward: multiply W by the mask in forward (default True). Set False when an
             external mechanism (cerebras.pytorch.sparse's `weight_mask` hook) already zeroes W
-            off the mask before forward; the math is identical then.
+            off the mask before forward; the math is identical then. "auto": False when W is
+            already exactly zero off the mask here (a pruned checkpoint; W is frozen, and W*M
+            then equals W bit for bit), True otherwise; only for callers that never load other
+            base weights into the layer afterwards (gpu_reference).
         preserve_sparsity_on_merge: s2d only, re-apply the mask after merging.
         sampled_product: "auto" (use the sampled s2s weight-gradient product where it pays:
             eager CPU/CUDA, see `kernels.use_sampled_product`), "never" (dense path only; use
@@ -66,7 +69,7 @@ class SparseLoRALinear(nn.Module):
         r: int,
         alpha: float,
         dropout: float = 0.0,
-        mask_base_in_forward: bool = True,
+        mask_base_in_forward: bool | str = True,
         preserve_sparsity_on_merge: bool = False,
         sampled_product: str = "auto",
     ) -> None:
@@ -90,7 +93,9 @@ class SparseLoRALinear(nn.Module):
         self.mode, self.r, self.alpha = mode, r, float(alpha)
         self.scaling = self.alpha / r
         self.dropout_p = float(dropout)
-        self.mask_base_in_forward = mask_base_in_forward
+        if mask_base_in_forward == "auto":
+            mask_base_in_forward = mask is not None and bool(weight.detach()[~mask.to(weight.device)].any())
+        self.mask_base_in_forward = bool(mask_base_in_forward)
         self.preserve_sparsity_on_merge = preserve_sparsity_on_merge
         self.sampled_product = sampled_product
         self.weight = weight
