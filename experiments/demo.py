@@ -141,7 +141,11 @@ def demo_sweep(hf_dir: Path, params_path: Path, args: argparse.Namespace) -> dic
 def modelzoo_missing() -> str | None:
     """Why the ModelZoo stage cannot run here (None when it can)."""
     for module, what in (("cerebras.modelzoo", "Cerebras ModelZoo"), ("bigcode_eval", "bigcode_eval")):
-        if importlib.util.find_spec(module) is None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a dotted name whose parent (`cerebras`) is absent
+            found = False
+        if not found:
             return f"{what} is not installed (see docs/modelzoo.md)"
     return None
 

@@ -72,16 +72,20 @@ def test_smollm2_export_reproduces_the_gguf_model(tmp_path):
 
 def test_modelzoo_stage_names_what_is_missing(monkeypatch):
     """The demo's ModelZoo stage runs where ModelZoo and its `bigcode_eval` import; otherwise it is
-    skipped with the reason (never silently)."""
+    skipped with the reason (never silently), also where not even `cerebras` exists."""
     import importlib.util
 
     from experiments import demo
 
-    real = importlib.util.find_spec
-    for missing, what in (("cerebras.modelzoo", "Cerebras ModelZoo"), ("bigcode_eval", "bigcode_eval")):
-        monkeypatch.setattr(
-            importlib.util, "find_spec", lambda name, m=missing: None if name == m else real(name)
-        )
+    def absent(name):
+        raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
+
+    finders = {  # what find_spec does for a missing top-level module, a missing dotted one, ...
+        "bigcode_eval": lambda name: None if name == "bigcode_eval" else object(),
+        "cerebras.modelzoo": lambda name: absent(name) if name == "cerebras.modelzoo" else object(),
+    }
+    for missing, what in (("bigcode_eval", "bigcode_eval"), ("cerebras.modelzoo", "Cerebras ModelZoo")):
+        monkeypatch.setattr(importlib.util, "find_spec", finders[missing])
         assert demo.modelzoo_missing() == f"{what} is not installed (see docs/modelzoo.md)"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
     assert demo.modelzoo_missing() is None
