@@ -84,6 +84,10 @@ def build_smollm2(out_dir: Path) -> Path:
     # The GGUF tokenizer prepends <|im_start|> as BOS; SmolLM2 was trained without it (its own HF
     # tokenizer adds none). With it, the dense model's loss on plain text rose from 1.32 to 2.09.
     tokenizer.add_bos_token = False
+    # transformers' GGUF tokenizer also takes <|im_start|> as EOS; the file (and so the model config)
+    # says <|im_end|>. Fine-tuning data ends every completion with the tokenizer's EOS: it must be right.
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(fresh.config.eos_token_id)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(fresh.config.pad_token_id)
     with atomic_dir(out_dir) as tmp:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -65,9 +65,18 @@ def test_smollm2_export_reproduces_the_gguf_model(tmp_path):
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
     saved = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
-    tokens = AutoTokenizer.from_pretrained(str(out))("The capital of France is", return_tensors="pt")
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    tokens = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(reference(**tokens).logits, saved(**tokens).logits)
+    # Special tokens as the GGUF file states them (completions end with EOS in the training data).
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    gguf_id = {k: int(fields[f"tokenizer.ggml.{k}_token_id"].parts[-1][0]) for k in ("eos", "padding")}
+    assert tokenizer.eos_token_id == config["eos_token_id"] == gguf_id["eos"]
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id == gguf_id["padding"]
+    assert tokens.input_ids[0, 0] != tokenizer.bos_token_id  # SmolLM2 was trained without a BOS
 
 
 def test_modelzoo_stage_names_what_is_missing(monkeypatch):
