@@ -23,6 +23,7 @@ $(VENV)/.installed-cs: setup.py
 # where cerebras_modelzoo is installed in $(VENV) and are skipped, with the reason, elsewhere.
 test: $(VENV)/.installed-cs
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.installed-cs
@@ -41,13 +42,14 @@ test-latest: $(VENV_LATEST)/.installed
 	$(VENV_LATEST)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed-cs
-	$(PY) -m experiments.demo --out demo_out
+	$(PY) -m modelzoo_ext.study.demo --out demo_out
 
 tiny-assets: $(VENV)/.installed-cs
-	$(PY) -m modelzoo_ext.cerebras.tiny_assets --out build/tiny
+	$(PY) -m modelzoo_ext.study.tiny_assets --out build/tiny
 
 lint: $(VENV)/.installed-cs
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m ruff format --check .
 
 format: $(VENV)/.installed-cs

@@ -45,7 +45,7 @@ EXTRAS_REQUIRE = {
         "safetensors==0.4.5",
         "pyarrow==17.0.0",
     ],
-    "dev": ["pytest>=8", "hypothesis>=6.100", "ruff==0.8.4"],
+    "dev": ["pytest>=8", "hypothesis>=6.100", "ruff==0.8.4", "import-linter==2.17"],
 }
 
 setup(
@@ -53,8 +53,8 @@ setup(
     version="0.1.0",
     description="Sparse-to-dense and sparse-to-sparse LoRA for pruned LLMs on Cerebras ModelZoo and GPUs",
     python_requires=">=3.11",
-    packages=find_packages(include=["modelzoo_ext*", "mask_converters*", "gpu_reference*", "experiments*"]),
-    package_data={"experiments": ["tasks/*.yaml", "examples/*.yaml"]},
+    packages=find_packages(include=["modelzoo_ext*", "mask_converters*", "gpu_reference*"]),
+    package_data={"modelzoo_ext.study": ["examples/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={

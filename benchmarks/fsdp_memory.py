@@ -5,8 +5,8 @@
 
 Each variant runs under its own `torchrun --standalone --nproc-per-node N` on a random Llama
 (seeded, identical on every rank, no download) pruned by 50% random masks, with sparse LoRA
-(r 16) on all 7 projections, and trains `--steps` steps of the trainer's loss
-(`gpu_reference.train._loss_sums`) and optimizer (`gpu_reference.optim.AdamW`):
+(r 16) on all 7 projections, and trains `--steps` steps of the trainer's own step
+(`gpu_reference.step.train_step`: loss, gradient sum over ranks, `gpu_reference.optim.AdamW`):
 
     ddp                the plain torchrun path: whole model on every rank, LoRA grads all-reduced
     fsdp               `--fsdp` (gpu_reference.distributed.shard_frozen_base): frozen base sharded,
@@ -102,7 +102,16 @@ def worker(args) -> dict:
 
     from gpu_reference.distributed import local_parameter_bytes
     from gpu_reference.optim import AdamW
-    from gpu_reference.train import _loss_sums
+    from gpu_reference.step import StepConfig, train_step
+
+    class MeasuringAdamW(AdamW):
+        """AdamW that records the gradient bytes held when it steps (after the ranks' sum)."""
+
+        grad_bytes = 0
+
+        def step(self, closure=None):
+            self.grad_bytes = grad_bytes(model)
+            return super().step(closure)
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -111,25 +120,20 @@ def worker(args) -> dict:
     rss_after_wrap = _status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS high-water mark
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = AdamW(trainable, lr=1e-4)
+    optimizer = MeasuringAdamW(trainable, lr=1e-4)
+    config = StepConfig(batch_size=args.batch, world_size=world)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g, dtype=torch.int32)
     mine = slice(rank * args.batch // world, (rank + 1) * args.batch // world)
     loss_mask = torch.zeros(args.batch, args.seq, dtype=torch.int32)
     loss_mask[:, -16:] = 1
     batch = {"input_ids": ids[mine, :-1], "labels": ids[mine, 1:], "attention_mask": loss_mask[mine]}
-    times, grads = [], 0
+    times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        loss_sum, count = _loss_sums(model, batch, False, torch.device("cpu"))
-        (loss_sum / (count * world)).backward()
-        for p in trainable:  # whole on every rank in both variants: summed as the trainer does
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-        grads = grad_bytes(model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, trainable, [batch], config)
         times.append(time.perf_counter() - t0)
+    grads = optimizer.grad_bytes
     dist.barrier()
     dist.destroy_process_group()
     return {"rank": rank, "frozen": held["frozen"], "trainable": held["trainable"], "grads": grads,

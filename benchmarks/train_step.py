@@ -4,8 +4,9 @@
     python benchmarks/train_step.py --device cuda        # ~1B Llama shape (Llama-3.2-1B), bf16 autocast
 
 Every variant trains the same randomly initialised Llama (no download), pruned by the same
-random masks, on the same batch, with the same loss (`gpu_reference.train._loss_sums`) and
-optimizer (`gpu_reference.optim.AdamW`); only the LoRA layer differs:
+random masks, on the same batch, with the reference trainer's own step
+(`gpu_reference.step.train_step`: loss, backward, `gpu_reference.optim.AdamW`); only the LoRA
+layer differs:
 
     peft_lora  PEFT's LoRA on the pruned weights (no mask in the layer: the baseline)
     s2d        SparseLoRALinear sparse_to_dense   y = x (W*M)^T + s x A^T B^T
@@ -75,7 +76,7 @@ def measure(
 
     from gpu_reference.metrics import peak_memory_bytes
     from gpu_reference.optim import AdamW
-    from gpu_reference.train import _loss_sums
+    from gpu_reference.step import StepConfig, train_step
 
     device = torch.device(device_name)
     model, trainable = build(variant, shape, sparsity, rank, device)
@@ -88,7 +89,7 @@ def measure(
         "labels": ids[:, 1:],
         "attention_mask": torch.ones(batch, seq, dtype=torch.int32),
     }
-    autocast = device.type == "cuda"
+    config = StepConfig(batch_size=batch, autocast=device.type == "cuda", device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -96,10 +97,7 @@ def measure(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        loss_sum, count = _loss_sums(model, data, autocast, device)
-        (loss_sum / count).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, trainable, [data], config)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= warmup:

@@ -1,4 +1,4 @@
-"""`sparse-lora train`, `sparse-lora data prepare` and `sparse-lora parity`.
+"""`sparse-lora train` and `sparse-lora parity`.
 
 Heavy imports (torch, transformers, h5py) happen inside the handlers so `--help` stays fast.
 """
@@ -12,12 +12,6 @@ def _train(args: argparse.Namespace) -> int:
     from gpu_reference.train import run_train
 
     return run_train(args)
-
-
-def _prepare(args: argparse.Namespace) -> int:
-    from modelzoo_ext.data.prepare import run_prepare
-
-    return run_prepare(args)
 
 
 def _parity(args: argparse.Namespace) -> int:
@@ -38,21 +32,6 @@ def register(subparsers: argparse._SubParsersAction, groups: dict[str, argparse.
     )
     add_train_arguments(train)
     train.set_defaults(func=_train)
-
-    if "data" not in groups:
-        data = subparsers.add_parser("data", help="prepare fine-tuning data (ModelZoo's HDF5 layout)")
-        groups["data"] = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
-    from modelzoo_ext.data.prepare_args import add_prepare_arguments
-
-    prepare = groups["data"].add_parser(
-        "prepare",
-        help="tokenize prompt/completion JSONL or BoolQ/HellaSwag/GSM8K into ModelZoo's fine-tuning HDF5",
-        description="Write the HDF5 layout GptHDF5MapDataProcessor reads (data: [N, 3, msl] int32 = "
-        "input_ids, loss mask, labels), with lm-eval's prompt templates and a deterministic "
-        "train/held-out split by sha256 of each example's key.",
-    )
-    add_prepare_arguments(prepare)
-    prepare.set_defaults(func=_prepare)
 
     parity = subparsers.add_parser(
         "parity",

@@ -1,11 +1,13 @@
 """The per-step metrics file of a run: `metrics.jsonl`, one JSON object per optimizer step.
 
-    {"step": 1, "loss": 10.37, "lr": 1e-4, "grad_norm": 0.8, "loss_tokens": 52,
-     "tokens_per_s": 812.0, "samples_per_s": 25.1, "peak_memory_bytes": 123456789, "time_s": 0.06}
+    {"step": 1, "loss": 10.37, "lr": 1e-4, "grad_norm": 0.8, "loss_tokens": 52, "tokens": 49,
+     "samples": 4, "tokens_per_s": 812.0, "samples_per_s": 25.1, "peak_memory_bytes": 123456789,
+     "time_s": 0.06}
 
 `step` counts optimizer steps from 1 (as ModelZoo's global step after the update); `loss` is
 the training loss of that step (ModelZoo's `loss_scaling`, averaged over the global batch);
-`tokens_per_s` counts non-padding tokens (each sample up to its last loss token). Evaluation
+`tokens` counts the step's non-padding tokens (each sample up to its last loss token), `samples`
+its samples, over all ranks; `time_s` is the step's wall time. Evaluation
 rows carry `"split": "eval"`. On resume, rows after the checkpointed step are dropped first, so
 the file never holds a step twice.
 """

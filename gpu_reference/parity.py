@@ -1,6 +1,6 @@
 """`sparse-lora parity`: do a Cerebras run and a gpu_reference run compute the same losses?
 
-Losses of the CS run come from `<cs-run>/sparse_lora_losses.jsonl` (written by this package's
+Losses of the CS run come from its loss log (`modelzoo_ext.loss_log`, written by this package's
 `SparseLoRALossLog` callback, full precision) or, without it, from ModelZoo's TensorBoard
 events (`loss` scalars of the training writer); the GPU run's from `<gpu-run>/metrics.jsonl`.
 Both are keyed by optimizer step; the steps both runs have are compared:
@@ -14,14 +14,12 @@ difference. Exit status 0 when it is <= rtol, 1 above, 2 for unusable input.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from modelzoo_ext.atomic import atomic_file
-from modelzoo_ext.cerebras import LOSS_LOG_NAME
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.loss_log import LOSS_LOG_NAME, loss_log_path, read_loss_log
 
-CS_LOSS_LOG = LOSS_LOG_NAME
 TINY = 1e-12
 
 
@@ -30,10 +28,9 @@ def cs_losses(run_dir: str | Path) -> dict[int, float]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError("CS run directory not found", where=str(run_dir))
-    log = run_dir / CS_LOSS_LOG
-    if log.exists():
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        return {int(r["step"]): float(r["loss"]) for r in rows}
+    rows = read_loss_log(loss_log_path(run_dir))
+    if rows:
+        return {step: row.loss for step, row in rows.items()}
     return _tensorboard_losses(run_dir)
 
 
@@ -42,7 +39,7 @@ def _tensorboard_losses(run_dir: Path) -> dict[int, float]:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError as exc:
         raise UserError(
-            f"no {CS_LOSS_LOG} in the CS run and tensorboard is not installed to read its events",
+            f"no {LOSS_LOG_NAME} in the CS run and tensorboard is not installed to read its events",
             where=str(run_dir),
             fix="pip install tensorboard, or add the SparseLoRALossLog callback to the run config",
         ) from exc
@@ -59,7 +56,7 @@ def _tensorboard_losses(run_dir: Path) -> dict[int, float]:
         raise UserError(
             "no training losses found in the CS run",
             where=str(run_dir),
-            fix=f"add the SparseLoRALossLog callback ({CS_LOSS_LOG})",
+            fix=f"add the SparseLoRALossLog callback ({LOSS_LOG_NAME})",
         )
     return losses
 

@@ -5,12 +5,15 @@
     sparse-lora train PARAMS_YAML --hf-model HF_DIR ...            (the same command)
 
 It reads the run config the Cerebras run reads (`params_sparse_lora*.yaml`) and computes what
-ModelZoo's Trainer computes on it: the transformers Llama/Mistral model from HF_DIR with the
-shared sparse-LoRA layers (`modelzoo_ext.sparse_lora`), ModelZoo's GPT loss (the data's loss
-mask, `loss_scaling`), cerebras-pytorch's AdamW/SGD and per-step LR formulas
-(`gpu_reference.optim`, `gpu_reference.schedulers`), gradient clipping by
-`max_gradient_norm`, bf16 autocast when `precision.enabled`, gradient accumulation, and the
-batches `GptHDF5MapDataProcessor` yields for the same seed (`gpu_reference.data`).
+ModelZoo's Trainer computes on it: the transformers model from HF_DIR with the shared sparse-LoRA
+layers (`modelzoo_ext.sparse_lora`), ModelZoo's GPT loss (`gpu_reference.loss`),
+cerebras-pytorch's AdamW/SGD and per-step LR formulas (`gpu_reference.optim`,
+`gpu_reference.schedulers`), gradient clipping, bf16 autocast when `precision.enabled`, gradient
+accumulation (`gpu_reference.step`), and the batches `GptHDF5MapDataProcessor` yields for the
+same seed (`gpu_reference.data`).
+
+Before any weight is read, the HF directory's config.json is checked against the run config and
+the mask file's provenance against the directory (`gpu_reference.model`).
 
 Under torchrun each rank takes a slice of every global batch; the loss of a slice is its summed
 token loss divided by the *global* token count and gradients are summed over ranks, so N
@@ -23,11 +26,8 @@ RUN_DIR (rank 0 writes it):
     metrics.jsonl           one row per step (see gpu_reference.metrics)
     checkpoints/step_N.pt   LoRA factors + optimizer + RNG, every `checkpoint.steps` and at the end;
                             rerunning the same command resumes from the latest one
-    lora.safetensors        the trained LoRA factors (HF module names)
-    adapter/                sparse_to_dense: a PEFT adapter (for the base pruned with the masks)
-    merged/                 sparse_to_sparse: the merged sparse HF model (zero violations)
-    masks.safetensors       the mask file the run used
-    sparsity_report.json    check_sparsity of the merged model against the masks
+    lora.safetensors, masks.safetensors, adapter/ or merged/, sparsity_report.json
+                            the exports (`gpu_reference.export`)
     run.json                provenance: config sha256, model, masks, data, versions, ignored keys
 """
 
@@ -38,15 +38,14 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from gpu_reference.checkpoint import (
     checkpoint_path,
@@ -57,36 +56,50 @@ from gpu_reference.checkpoint import (
     set_rng_state,
 )
 from gpu_reference.data import collate, global_batches, rank_slice
-from gpu_reference.distributed import (
-    check_fsdp_request,
-    load_lora_factors_,
-    lora_factors,
-    shard_frozen_base,
-)
-from gpu_reference.metrics import MetricsWriter, non_padding_tokens, peak_memory_bytes
+from gpu_reference.distributed import check_fsdp_request, load_lora_factors_, lora_factors, shard_frozen_base
+from gpu_reference.export import export_run, whole_model
+from gpu_reference.loss import validation_loss
+from gpu_reference.metrics import MetricsWriter, peak_memory_bytes
+from gpu_reference.model import BaseModel, load_hf_model, load_masks, open_base
 from gpu_reference.optim import build_optimizer
-from gpu_reference.run_config import RunConfig, load_run_config
 from gpu_reference.schedulers import build_lr_schedule
+from gpu_reference.step import StepConfig, train_step
 from gpu_reference.train_args import add_train_arguments
-from modelzoo_ext.atomic import atomic_dir, atomic_file
+from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.data.hdf5 import SampleDataset, read_params
 from modelzoo_ext.errors import UserError
-
-# ModelZoo model keys -> transformers config attributes; the HF model must agree where both are set.
-ARCHITECTURE_KEYS = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "num_hidden_layers": "num_hidden_layers",
-    "num_heads": "num_attention_heads",
-    "filter_size": "intermediate_size",
-    "max_position_embeddings": "max_position_embeddings",
-    "layer_norm_epsilon": "rms_norm_eps",
-    "rope_theta": "rope_theta",
-    "share_embedding_weights": "tie_word_embeddings",
-}
+from modelzoo_ext.run_config import RunConfig, load_run_config
 
 
-# ----------------------------------------------------------------------------- setup helpers
+@dataclass
+class Run:
+    """Everything the loop and the save need, built by `setup`."""
+
+    cfg: RunConfig
+    params_yaml: Path
+    config_sha256: str
+    hf_model: Path
+    run_dir: Path
+    rank: int
+    world_size: int
+    device: torch.device
+    fsdp: bool
+    base: BaseModel
+    model: torch.nn.Module
+    summary: Any
+    masks: dict[str, torch.Tensor]
+    masks_file: str | None
+    mask_metadata: dict[str, Any]
+    mask_provenance: str | None
+    optimizer: torch.optim.Optimizer
+    lr_at: Any
+    step_config: StepConfig
+    dataset: SampleDataset
+    batches: Any
+    start_step: int = 0
+
+
+# ----------------------------------------------------------------------------- setup
 def _distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     """(rank, world_size, device); initialises the process group under torchrun (gloo on CPU, NCCL on CUDA)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -104,117 +117,86 @@ def _distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def _all_reduce_(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+def _step_config(cfg: RunConfig, world_size: int, device: torch.device) -> StepConfig:
+    precision = cfg.init.precision
+    return StepConfig(
+        batch_size=cfg.fit.train_dataloader.batch_size,
+        loss_scaling=cfg.init.model.loss_scaling,
+        loss_weight=cfg.init.model.loss_weight,
+        autocast=bool(precision and precision.enabled),
+        max_norm=precision.max_gradient_norm if precision else None,
+        max_value=precision.max_gradient_value if precision else None,
+        world_size=world_size,
+        device=device,
+    )
 
 
-def _check_architecture(architecture: dict[str, Any], hf_config, where: str) -> list[str]:
-    """Compare the YAML's model keys with the HF config; return the keys taken from the HF model."""
-    mismatches = []
-    for key, attr in ARCHITECTURE_KEYS.items():
-        if key in architecture and getattr(hf_config, attr, None) is not None:
-            yaml_value, hf_value = architecture[key], getattr(hf_config, attr)
-            if (
-                isinstance(hf_value, float) and not math.isclose(float(yaml_value), hf_value, rel_tol=1e-9)
-            ) or (not isinstance(hf_value, float) and yaml_value != hf_value):
-                mismatches.append(f"{key}: yaml {yaml_value!r} vs HF {attr} {hf_value!r}")
-    kv = (architecture.get("extra_attention_params") or {}).get("num_kv_groups")
-    if kv is not None and kv != getattr(hf_config, "num_key_value_heads", kv):
-        mismatches.append(
-            f"extra_attention_params.num_kv_groups: yaml {kv} vs HF {hf_config.num_key_value_heads}"
-        )
-    if mismatches:
+def setup(
+    params_yaml: str | Path, hf_model: str | Path, out: str | Path | None, device_arg: str | None,
+    masks_path: str | Path | None, fsdp: bool, skip_provenance_check: bool,
+) -> Run:  # fmt: skip
+    """Config, processes, checks (before any weight is read), model, masks, optimizer, data, resume."""
+    from modelzoo_ext.sparse_lora import apply_sparse_lora_
+
+    cfg = load_run_config(params_yaml)
+    rank, world_size, device = _distributed(device_arg)
+    if fsdp:
+        check_fsdp_request(world_size)
+    run_dir = Path(out or Path(cfg.init.model_dir or "model_dir") / "gpu_reference")
+    if (run_dir / "run.json").exists() and json.loads((run_dir / "run.json").read_text()).get("complete"):
+        raise UserError("this run directory holds a finished run", where=str(run_dir), fix="pass a new --out")
+    train_dl = cfg.fit.train_dataloader
+    if train_dl.batch_size % world_size:
         raise UserError(
-            f"the run config and the HF model disagree: {mismatches}",
-            where=where,
-            fix="pass the --hf-model the run config describes",
+            f"batch_size {train_dl.batch_size} does not divide over {world_size} processes",
+            where="trainer.fit.train_dataloader.batch_size",
         )
-    return sorted(set(architecture) - set(ARCHITECTURE_KEYS) - {"extra_attention_params"})
-
-
-def _load_hf_model(hf_model: str | Path):
-    """The HF causal LM in float32 (ModelZoo keeps float32 weights; bf16 is autocast only)."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
-    dtype_key = "dtype" if major_minor >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
-    if not Path(hf_model).is_dir():
-        raise UserError("HF model directory not found", where=str(hf_model))
-    return AutoModelForCausalLM.from_pretrained(str(hf_model), **{dtype_key: torch.float32})
-
-
-def _load_masks(path: str | None, config_path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from modelzoo_ext.masks.format import load_masks
-
-    if path is None:
-        return {}, {}
-    masks, metadata = load_masks(path)
-    if metadata.get("naming") != "hf":
-        raise UserError(
-            f"the mask file uses {metadata.get('naming')!r} parameter names; gpu_reference needs HF names",
-            where=str(path),
-            fix=f"convert it with `sparse-lora masks cs-to-hf` and pass it with --masks (run config {config_path})",
-        )
-    return masks, metadata
-
-
-def _loss_sums(
-    model, batch: dict[str, torch.Tensor], autocast: bool, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed token loss over the loss mask, number of loss tokens) of one batch, ModelZoo's GPT loss.
-
-    The model attends causally only (ModelZoo's `attention_mask` is a loss mask, not a padding
-    mask); logits at position i are scored against labels[i] (the data is already shifted).
-    Causality also makes two savings exact for the loss: positions after the batch's last
-    loss-bearing one are dropped (fine-tuning samples are mostly padding), and the LM head runs
-    only at loss-bearing positions (`logits_to_keep`; completions are a few tokens of a long prompt).
-    """
-    loss_mask = batch["attention_mask"].to(device)
-    keep = loss_mask.any(dim=0).nonzero().squeeze(1)  # [P] positions with a loss in some row
-    length = int(keep[-1]) + 1 if keep.numel() else 1
-    input_ids = batch["input_ids"][:, :length].to(device).long()
-    labels = batch["labels"].to(device).long()[:, keep]
-    loss_mask = loss_mask[:, keep]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=input_ids, logits_to_keep=keep).logits  # [B, P, vocab]
-        token_loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
-        )
-        weights = loss_mask.to(dtype=logits.dtype).reshape(-1)
-        return (token_loss * weights).sum(), weights.sum()
-
-
-def _normalise(loss_sum, count, scaling: str, batch_size: int, loss_weight: float):
-    if scaling == "num_tokens":
-        return loss_sum / count
-    return loss_sum / batch_size * loss_weight
-
-
-@torch.no_grad()
-def _evaluate(model, dataset, cfg: RunConfig, autocast: bool, device, rank: int, world_size: int) -> float:
-    """Mean loss over `eval_steps` batches of the validation data (all of it when unset)."""
-    val = cfg.val_dataloader
-    num_batches = len(dataset) // val.batch_size
-    if cfg.init.loop.eval_steps:
-        num_batches = min(num_batches, cfg.init.loop.eval_steps)
-    model.eval()
-    losses = []
-    batches = global_batches(len(dataset), val.batch_size, val.shuffle, val.shuffle_seed, val.drop_last)
-    for _ in range(num_batches):
-        batch = collate(dataset, rank_slice(next(batches), rank, world_size))
-        loss_sum, count = _loss_sums(model, batch, autocast, device)
-        totals = _all_reduce_(torch.stack([loss_sum.float(), count.float()]), world_size)
-        scaling = cfg.init.model.loss_scaling.lower()
-        losses.append(
-            float(_normalise(totals[0], totals[1], scaling, val.batch_size, cfg.init.model.loss_weight))
-        )
+    base = open_base(hf_model, cfg)
+    sl = cfg.sparse_lora
+    masks_file = str(masks_path or sl.mask_path) if (masks_path or sl.mask_path) else None
+    skip = skip_provenance_check or sl.skip_provenance_check
+    masks, mask_metadata, provenance = load_masks(masks_file, base, skip_provenance_check=skip)
+    torch.manual_seed(cfg.init.seed if cfg.init.seed is not None else 0)
+    model = load_hf_model(hf_model)
+    # "auto": a pruned base (zero off the mask, as `masks apply` writes it) is not re-masked per step.
+    summary = apply_sparse_lora_(model, sl, masks, mask_base_in_forward="auto")
+    model = shard_frozen_base(model, device) if fsdp else model.to(device)
     model.train()
-    return sum(losses) / max(1, len(losses))
+    optimizer = build_optimizer(model, cfg.init.optimizer)
+    dataset = SampleDataset(train_dl.data_dir)
+    run = Run(
+        cfg=cfg, params_yaml=Path(params_yaml), config_sha256=hashlib.sha256(Path(params_yaml).read_bytes()).hexdigest(),
+        hf_model=Path(hf_model), run_dir=run_dir, rank=rank, world_size=world_size, device=device, fsdp=fsdp,
+        base=base, model=model, summary=summary, masks=masks, masks_file=masks_file, mask_metadata=mask_metadata,
+        mask_provenance=provenance, optimizer=optimizer,
+        lr_at=build_lr_schedule(cfg.init.schedulers, optimizer.param_groups[0]["lr"]),
+        step_config=_step_config(cfg, world_size, device), dataset=dataset,
+        batches=global_batches(len(dataset), train_dl.batch_size, train_dl.shuffle, train_dl.shuffle_seed, train_dl.drop_last),
+    )  # fmt: skip
+    _resume(run)
+    return run
 
 
+def _resume(run: Run) -> None:
+    """Continue from the run directory's latest checkpoint, if any (factors, optimizer, RNG, data)."""
+    resume_from = latest_checkpoint(run.run_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, run.config_sha256)
+        load_lora_factors_(run.model, {k: v.to(run.device) for k, v in state["lora"].items()})
+        run.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        run.start_step = int(state["step"])
+        for _ in range(run.start_step * run.cfg.init.loop.grad_accum_steps):  # the batches already consumed
+            next(run.batches)
+    if run.rank == 0:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        print(
+            run.summary if resume_from is None else f"resuming from {resume_from} (step {run.start_step})",
+            flush=True,
+        )
+
+
+# ----------------------------------------------------------------------------- loop
 def _eval_every(cfg: RunConfig) -> int:
     """Steps between evaluations (0 = never): an int is a step count, a float in (0, 1] a fraction of the run."""
     frequency = cfg.init.loop.eval_frequency
@@ -229,6 +211,83 @@ def _eval_every(cfg: RunConfig) -> int:
     return int(frequency)
 
 
+def _evaluate(run: Run, dataset: SampleDataset) -> float:
+    c = run.step_config
+    return validation_loss(
+        run.model, dataset, run.cfg.val_dataloader, eval_steps=run.cfg.init.loop.eval_steps, scaling=c.loss_scaling,
+        loss_weight=c.loss_weight, autocast=c.autocast, device=run.device, rank=run.rank, world_size=run.world_size,
+    )  # fmt: skip
+
+
+def _micro_batches(run: Run) -> list[dict[str, torch.Tensor]]:
+    """This rank's slices of the step's `grad_accum_steps` global batches."""
+    return [
+        collate(run.dataset, rank_slice(next(run.batches), run.rank, run.world_size))
+        for _ in range(run.cfg.init.loop.grad_accum_steps)
+    ]
+
+
+def _save_checkpoint(run: Run, step: int) -> None:
+    state = {
+        "step": step,
+        "lora": {k: v.cpu() for k, v in lora_factors(run.model).items()},
+        "optimizer": run.optimizer.state_dict(),
+        "rng": rng_state(),
+        "config_sha256": run.config_sha256,
+    }
+    save_checkpoint(checkpoint_path(run.run_dir, step), state)
+
+
+def run_loop(run: Run, progress: bool = True) -> float:
+    """Train from `run.start_step` to `max_steps`; returns the last step's loss."""
+    from tqdm import tqdm
+
+    cfg, max_steps = run.cfg, run.cfg.max_steps
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    checkpoint_every = cfg.init.checkpoint.steps if cfg.init.checkpoint and cfg.init.checkpoint.steps else 0
+    eval_every = _eval_every(cfg)
+    val_dataset = SampleDataset(cfg.val_dataloader.data_dir) if eval_every else None
+    metrics = MetricsWriter(run.run_dir, resume_step=run.start_step, enabled=run.rank == 0)
+    bar = tqdm(
+        total=max_steps,
+        initial=run.start_step,
+        desc="train",
+        unit="step",
+        disable=not progress or run.rank != 0,
+    )
+    loss = float("nan")
+    for step in range(run.start_step, max_steps):
+        t0 = time.perf_counter()
+        lr = run.lr_at(step)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        result = train_step(run.model, run.optimizer, trainable, _micro_batches(run), run.step_config)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        elapsed, loss = time.perf_counter() - t0, result.loss
+        if not math.isfinite(loss):
+            raise UserError(
+                f"the loss became {loss} at step {step + 1}", fix="lower the learning rate or check the data"
+            )
+        metrics.write({
+            "step": step + 1, "loss": loss, "lr": float(lr), "grad_norm": result.grad_norm,
+            "loss_tokens": result.loss_tokens, "tokens": result.tokens, "samples": result.samples,
+            "tokens_per_s": result.tokens / elapsed, "samples_per_s": result.samples / elapsed,
+            "peak_memory_bytes": peak_memory_bytes(run.device), "time_s": elapsed,
+        })  # fmt: skip
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(lr):.2e}")
+        if eval_every and (step + 1) % eval_every == 0:
+            metrics.write({"step": step + 1, "split": "eval", "loss": _evaluate(run, val_dataset)})
+        if run.rank == 0 and (
+            (checkpoint_every and (step + 1) % checkpoint_every == 0) or step + 1 == max_steps
+        ):
+            _save_checkpoint(run, step + 1)
+    bar.close()
+    return loss
+
+
+# ----------------------------------------------------------------------------- save
 def _versions() -> dict[str, str]:
     import transformers
 
@@ -239,7 +298,27 @@ def _versions() -> dict[str, str]:
     }
 
 
-# ----------------------------------------------------------------------------- the recipe
+def finish(run: Run, last_loss: float) -> None:
+    """Rank 0: the exports, then `run.json` (its `complete: true` marks the run finished)."""
+    if run.rank != 0:
+        return
+    sl = run.cfg.sparse_lora
+    model = whole_model(run.model, run.hf_model, sl, run.masks, run.fsdp)
+    export = export_run(model, sl, run.run_dir, run.hf_model, run.masks, run.masks_file)
+    train_dl = run.cfg.fit.train_dataloader
+    record = {
+        "complete": True, "config": str(run.params_yaml), "config_sha256": run.config_sha256,
+        "hf_model": str(run.hf_model), "mode": run.summary.mode, "export": export, "masks": run.masks_file,
+        "masks_metadata_sha256": run.mask_metadata.get("metadata_sha256"), "masks_provenance": run.mask_provenance,
+        "data_dir": train_dl.data_dir, "data_params": read_params(train_dl.data_dir), "max_steps": run.cfg.max_steps,
+        "world_size": run.world_size, "fsdp": run.fsdp, "device": str(run.device), "final_loss": last_loss,
+        "trainable_params": run.summary.trainable_params, "ignored_config_keys": run.cfg.ignored,
+        "architecture_check": run.base.architecture.as_record(), "versions": _versions(),
+    }  # fmt: skip
+    with atomic_file(run.run_dir / "run.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
 def train(
     params_yaml: str | Path,
     hf_model: str | Path,
@@ -248,241 +327,24 @@ def train(
     masks_path: str | Path | None = None,
     progress: bool = True,
     fsdp: bool = False,
+    skip_provenance_check: bool = False,
 ) -> Path:
     """Run (or resume) a training run; returns RUN_DIR. See the module docstring."""
-    from tqdm import tqdm
-
-    from modelzoo_ext.sparse_lora import apply_sparse_lora_
-
-    # ---- setup: config, processes, model, masks, optimizer, data, resume
-    cfg = load_run_config(params_yaml)
-    config_sha256 = hashlib.sha256(Path(params_yaml).read_bytes()).hexdigest()
-    rank, world_size, device = _distributed(device)
-    if fsdp:
-        check_fsdp_request(world_size)
-    run_dir = Path(out or Path(cfg.init.model_dir or "model_dir") / "gpu_reference")
-    if (run_dir / "run.json").exists() and json.loads((run_dir / "run.json").read_text()).get("complete"):
-        raise UserError("this run directory holds a finished run", where=str(run_dir), fix="pass a new --out")
-    sl = cfg.sparse_lora
-    train_dl = cfg.fit.train_dataloader
-    if train_dl.batch_size % world_size:
-        raise UserError(
-            f"batch_size {train_dl.batch_size} does not divide over {world_size} processes",
-            where="trainer.fit.train_dataloader.batch_size",
-        )
-    torch.manual_seed(cfg.init.seed if cfg.init.seed is not None else 0)
-
-    model = _load_hf_model(hf_model)
-    taken_from_hf = _check_architecture(
-        cfg.init.model.architecture, model.config, f"{params_yaml} vs {hf_model}"
-    )
-    masks_file = str(masks_path or sl.mask_path) if (masks_path or sl.mask_path) else None
-    masks, mask_metadata = _load_masks(masks_file, str(params_yaml))
-    # "auto": a pruned base (zero off the mask, as `masks apply` writes it) is not re-masked per step.
-    summary = apply_sparse_lora_(model, sl, masks, mask_base_in_forward="auto")
-    model = shard_frozen_base(model, device) if fsdp else model.to(device)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    optimizer = build_optimizer(model, cfg.init.optimizer)
-    base_lr = optimizer.param_groups[0]["lr"]
-    lr_at = build_lr_schedule(cfg.init.schedulers, base_lr)
-    precision = cfg.init.precision
-    autocast = bool(precision and precision.enabled)
-    max_norm = precision.max_gradient_norm if precision else None
-    max_value = precision.max_gradient_value if precision else None
-    scaling = cfg.init.model.loss_scaling.lower()
-    grad_accum = cfg.init.loop.grad_accum_steps
-    max_steps = cfg.max_steps
-    checkpoint_every = cfg.init.checkpoint.steps if cfg.init.checkpoint and cfg.init.checkpoint.steps else 0
-    eval_every = _eval_every(cfg)
-
-    dataset = SampleDataset(train_dl.data_dir)
-    val_dataset = SampleDataset(cfg.val_dataloader.data_dir) if eval_every else None
-    batches = global_batches(
-        len(dataset), train_dl.batch_size, train_dl.shuffle, train_dl.shuffle_seed, train_dl.drop_last
-    )
-
-    start_step = 0
-    resume_from = latest_checkpoint(run_dir)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, config_sha256)
-        load_lora_factors_(model, {k: v.to(device) for k, v in state["lora"].items()})
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_step = int(state["step"])
-        for _ in range(start_step * grad_accum):  # the batches the finished steps consumed
-            next(batches)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        print(
-            summary if resume_from is None else f"resuming from {resume_from} (step {start_step})", flush=True
-        )
-    metrics = MetricsWriter(run_dir, resume_step=start_step, enabled=rank == 0)
-
-    # ---- loop: one optimizer step per `grad_accum` global batches
-    bar = tqdm(
-        total=max_steps, initial=start_step, desc="train", unit="step", disable=not progress or rank != 0
-    )
-    last_loss = float("nan")
-    for step in range(start_step, max_steps):
-        t0 = time.perf_counter()
-        lr = lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        tokens = loss_tokens = samples = 0
-        for _ in range(grad_accum):
-            global_batch = next(batches)
-            batch = collate(dataset, rank_slice(global_batch, rank, world_size))
-            loss_sum, count = _loss_sums(model, batch, autocast, device)
-            global_count = _all_reduce_(count.detach().float().clone(), world_size)
-            loss = (
-                _normalise(loss_sum, global_count, scaling, train_dl.batch_size, cfg.init.model.loss_weight)
-                / grad_accum
-            )
-            loss.backward()
-            step_loss += loss.detach().float()
-            tokens += non_padding_tokens(batch["attention_mask"])
-            loss_tokens += int(global_count)
-            samples += len(global_batch)
-        for p in trainable:  # sum the slices' gradients: the gradient of the global batch's loss
-            if p.grad is not None:
-                _all_reduce_(p.grad, world_size)
-        _all_reduce_(step_loss, world_size)
-        if max_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-        else:
-            if max_value is not None:
-                torch.nn.utils.clip_grad_value_(trainable, max_value)
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in trainable if p.grad is not None])
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        tokens = int(_all_reduce_(torch.tensor(tokens, device=device), world_size))
-        last_loss = float(step_loss)
-        if not math.isfinite(last_loss):
-            raise UserError(
-                f"the loss became {last_loss} at step {step + 1}",
-                fix="lower the learning rate or check the data",
-            )
-        metrics.write(
-            {
-                "step": step + 1,
-                "loss": last_loss,
-                "lr": float(lr),
-                "grad_norm": float(grad_norm),
-                "loss_tokens": loss_tokens,
-                "tokens_per_s": tokens / elapsed,
-                "samples_per_s": samples / elapsed,
-                "peak_memory_bytes": peak_memory_bytes(device),
-                "time_s": elapsed,
-            }
-        )
-        bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{float(lr):.2e}")
-        if eval_every and (step + 1) % eval_every == 0:
-            eval_loss = _evaluate(model, val_dataset, cfg, autocast, device, rank, world_size)
-            metrics.write({"step": step + 1, "split": "eval", "loss": eval_loss})
-        if rank == 0 and ((checkpoint_every and (step + 1) % checkpoint_every == 0) or step + 1 == max_steps):
-            save_checkpoint(
-                checkpoint_path(run_dir, step + 1),
-                {
-                    "step": step + 1,
-                    "lora": {k: v.cpu() for k, v in lora_factors(model).items()},
-                    "optimizer": optimizer.state_dict(),
-                    "rng": rng_state(),
-                    "config_sha256": config_sha256,
-                },
-            )
-    bar.close()
-
-    # ---- save: LoRA factors, mode-specific export, masks, sparsity report, provenance
-    if rank == 0:
-        if fsdp:  # rank 0 holds only a shard of the base: rebuild the whole model on the CPU
-            trained = lora_factors(model)
-            model = _load_hf_model(hf_model)
-            apply_sparse_lora_(model, sl, masks)
-            load_lora_factors_(model, trained)
-        _export(model, cfg, run_dir, hf_model, masks, masks_file)
-        record = {
-            "complete": True,
-            "config": str(params_yaml),
-            "config_sha256": config_sha256,
-            "hf_model": str(hf_model),
-            "mode": summary.mode,
-            "masks": masks_file,
-            "masks_metadata_sha256": mask_metadata.get("metadata_sha256"),
-            "data_dir": train_dl.data_dir,
-            "data_params": read_params(train_dl.data_dir),
-            "max_steps": max_steps,
-            "world_size": world_size,
-            "fsdp": fsdp,
-            "device": str(device),
-            "final_loss": last_loss,
-            "trainable_params": summary.trainable_params,
-            "ignored_config_keys": cfg.ignored,
-            "model_keys_taken_from_hf_model": taken_from_hf,
-            "versions": _versions(),
-        }
-        with atomic_file(run_dir / "run.json") as tmp:
-            tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    if world_size > 1:
+    run = setup(params_yaml, hf_model, out, device, masks_path, fsdp, skip_provenance_check)
+    last_loss = run_loop(run, progress)
+    finish(run, last_loss)
+    if run.world_size > 1:
         dist.barrier()
-    return run_dir
-
-
-def _export(
-    model, cfg: RunConfig, run_dir: Path, hf_model, masks: dict[str, torch.Tensor], masks_file: str | None
-) -> None:
-    """Write lora.safetensors, the mask file copy, and adapter/ (s2d) or merged/ + sparsity_report.json (s2s)."""
-    from safetensors.torch import save_file
-
-    from modelzoo_ext.sparse_lora import check_sparsity, merge_sparse_lora_, save_adapter
-
-    sl = cfg.sparse_lora
-    with atomic_file(run_dir / "lora.safetensors") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in lora_factors(model).items()}, str(tmp))
-    if masks_file:
-        with atomic_file(run_dir / "masks.safetensors") as tmp:
-            shutil.copyfile(masks_file, tmp)
-    if sl.mode == "sparse_to_dense" and not sl.preserve_sparsity_on_merge:
-        save_adapter(model, run_dir / "adapter", base_model_name_or_path=str(hf_model))
-        return
-    model = model.cpu()
-    merge_sparse_lora_(model)
-    with atomic_dir(run_dir / "merged") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        for item in Path(hf_model).iterdir():
-            if item.is_file() and ("token" in item.name or item.name == "special_tokens_map.json"):
-                shutil.copy(item, tmp / item.name)
-    if masks:
-        report = check_sparsity(model, masks)
-        with atomic_file(run_dir / "sparsity_report.json") as tmp:
-            tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        if not report.ok:
-            raise UserError(
-                f"the merged model violates its masks ({report.total_violations} weights)",
-                where=str(run_dir / "sparsity_report.json"),
-            )
+    return run.run_dir
 
 
 # ----------------------------------------------------------------------------- command line
 def run_train(args: argparse.Namespace) -> int:
     """Handler shared by both entry points."""
     run_dir = train(
-        args.params,
-        args.hf_model,
-        args.out,
-        args.device,
-        args.masks,
-        progress=not args.no_progress,
-        fsdp=args.fsdp,
-    )
+        args.params, args.hf_model, args.out, args.device, args.masks,
+        progress=not args.no_progress, fsdp=args.fsdp, skip_provenance_check=args.skip_provenance_check,
+    )  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run complete: {run_dir}")
     return 0

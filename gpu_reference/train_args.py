@@ -18,6 +18,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--skip-provenance-check",
+        action="store_true",
+        help="use the masks even when --hf-model is neither their source checkpoint nor its pruned output "
+        "(logged; same as sparse_lora.skip_provenance_check: true)",
+    )
+    parser.add_argument(
         "--fsdp",
         action="store_true",
         help="under torchrun (2+ processes): shard the frozen base weights across the ranks with "

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-FAMILY_CHOICES = ("llama", "mistral")
+from modelzoo_ext.families import FAMILY_NAMES as FAMILY_CHOICES
 
 
 def _print_json(data: dict) -> None:
@@ -19,7 +19,9 @@ def _print_json(data: dict) -> None:
 def _hf_to_cs(args: argparse.Namespace) -> int:
     from mask_converters.hf_to_cs import convert_hf_to_cs
 
-    summary = convert_hf_to_cs(args.model, args.out, args.family, args.masks)
+    summary = convert_hf_to_cs(
+        args.model, args.out, args.family, args.masks, skip_provenance_check=args.skip_provenance_check
+    )
     summary.pop("model")
     _print_json(summary)
     return 0
@@ -52,9 +54,9 @@ def _cs_to_hf(args: argparse.Namespace) -> int:
 
 def _layout_from(config: str, family: str):
     """RopeLayout from a HF directory / config.json, or from a trainer YAML."""
-    from mask_converters.cs_config import find_model_section, load_yaml
-    from mask_converters.rules import RopeLayout
     from modelzoo_ext.errors import UserError
+    from modelzoo_ext.name_map import RopeLayout
+    from modelzoo_ext.run_config import find_model_section, load_yaml
 
     path = Path(config)
     if path.is_dir():
@@ -68,7 +70,7 @@ def _layout_from(config: str, family: str):
 
 def _masks_convert(to_naming: str):
     def handler(args: argparse.Namespace) -> int:
-        from mask_converters.mask_naming import convert_mask_file
+        from mask_converters.mask_files import convert_mask_file
 
         layout = _layout_from(args.config, args.family)
         metadata = convert_mask_file(args.masks, args.out, args.family, layout, to_naming=to_naming)
@@ -115,6 +117,12 @@ def _register_convert(subparsers: argparse._SubParsersAction) -> None:
     to_cs.add_argument("--masks", metavar="MASK_FILE", help="mask file in HF naming")
     to_cs.add_argument("--family", choices=FAMILY_CHOICES, required=True)
     to_cs.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
+    to_cs.add_argument(
+        "--skip-provenance-check",
+        action="store_true",
+        help="accept masks that were computed neither on --model nor for it (logged); by default such "
+        "masks are refused (see docs/masks.md, 'Provenance')",
+    )
     to_cs.set_defaults(func=_hf_to_cs)
 
     to_hf = sub.add_parser(

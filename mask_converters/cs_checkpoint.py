@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from mask_converters.rules import canonical_cs_names
 from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.name_map import canonical_cs_names
 
 
 def _cstorch():

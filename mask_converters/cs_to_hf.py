@@ -28,10 +28,14 @@ from torch import nn
 from tqdm import tqdm
 
 from mask_converters.cs_checkpoint import CSCheckpoint
-from mask_converters.cs_config import cs_to_hf_config, find_model_section, load_yaml
 from mask_converters.hf_writer import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter
-from mask_converters.mask_naming import LazyMasks, provenance
-from mask_converters.rules import (
+from mask_converters.mask_files import write_view
+from modelzoo_ext.atomic import atomic_dir
+from modelzoo_ext.errors import UserError
+from modelzoo_ext.families import resolve_family
+from modelzoo_ext.masks.format import MaskWriter
+from modelzoo_ext.masks.view import MaskView
+from modelzoo_ext.name_map import (
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     MASK_SUFFIX,
@@ -42,21 +46,19 @@ from mask_converters.rules import (
     split_name,
     to_hf,
 )
-from modelzoo_ext.atomic import atomic_dir
-from modelzoo_ext.errors import UserError
-from modelzoo_ext.masks.format import MaskWriter
-from modelzoo_ext.sparse_lora import (
+from modelzoo_ext.run_config import (
     SPARSE_TO_DENSE,
     SparseLoRAConfig,
-    SparseLoRALinear,
-    check_tensor,
-    save_adapter,
+    cs_to_hf_config,
+    find_model_section,
+    load_yaml,
 )
+from modelzoo_ext.run_config.modes import EXPORT_KINDS
+from modelzoo_ext.sparse_lora import SparseLoRALinear, check_tensor, save_adapter
 from modelzoo_ext.sparse_lora.check import SparsityReport
 from modelzoo_ext.sparse_lora.kernels import masked_weight
 
 HF_MASKS_NAME = "sparse_lora_masks.safetensors"
-EXPORT_KINDS = ("merged", "adapter")
 # Files of a HF base directory carried into a merged export (the tokenizer and generation defaults).
 BASE_FILES = (
     "tokenizer.model",
@@ -65,38 +67,34 @@ BASE_FILES = (
     "special_tokens_map.json",
     "generation_config.json",
 )
-MODEL_NAME_TO_FAMILY = {
-    "llama": "llama",
-    "LlamaModel": "llama",
-    "sparse_lora_llama": "llama",
-    "mistral": "mistral",
-    "sparse_lora_mistral": "mistral",
-}
 
 
-def infer_family(model_section: dict[str, Any], family: str | None, where: str) -> str:
-    """`family` when given, else from the model name (`llama`, `sparse_lora_mistral`, ...)."""
-    if family:
-        return family
-    name = model_section.get("name")
-    if name not in MODEL_NAME_TO_FAMILY:
-        raise UserError(
-            f"cannot tell the model family from model name {name!r}", where=where, fix="pass --family"
-        )
-    return MODEL_NAME_TO_FAMILY[name]
+class CheckpointMasks:
+    """The `<param>_mask` entries of a CS checkpoint, seen in HF naming and row order (read on `get`)."""
+
+    def __init__(
+        self, checkpoint: CSCheckpoint, mask_keys: list[str], family: str, layout: RopeLayout
+    ) -> None:
+        self.origin = str(checkpoint.path)
+        self._checkpoint, self._family, self._layout = checkpoint, family, layout
+        self._key = {cs_to_hf_name(k[: -len(MASK_SUFFIX)], family): k for k in mask_keys}
+
+    def keys(self) -> list[str]:
+        return sorted(self._key)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._key
+
+    def __len__(self) -> int:
+        return len(self._key)
+
+    def get(self, name: str) -> torch.Tensor:
+        key = self._key[name]
+        mask = self._checkpoint.get(key).bool()
+        return to_hf(key[: -len(MASK_SUFFIX)], mask, self._family, self._layout)[1]
 
 
-def _checkpoint_masks(
-    checkpoint: CSCheckpoint, mask_keys: list[str], family: str, layout: RopeLayout
-) -> LazyMasks:
-    """The checkpoint's `<param>_mask` entries in HF naming and row order."""
-    out = LazyMasks(str(checkpoint.path))
-    for key in mask_keys:
-        param = key[: -len(MASK_SUFFIX)]
-        out.producers[cs_to_hf_name(param, family)] = lambda k=key, p=param: to_hf(
-            p, checkpoint.get(k).bool(), family, layout
-        )[1]
-    return out
+Masks = MaskView | CheckpointMasks
 
 
 class _Classified:
@@ -167,16 +165,16 @@ def _resolve_masks(
     config_path: Path,
     family: str,
     layout: RopeLayout,
-) -> tuple[LazyMasks, LazyMasks | None]:
-    """(masks to use, checkpoint masks to compare against or None)."""
-    embedded = _checkpoint_masks(checkpoint, classified.masks, family, layout) if classified.masks else None
+) -> tuple[Masks | None, CheckpointMasks | None]:
+    """(masks to use or None, checkpoint masks to compare against or None)."""
+    embedded = CheckpointMasks(checkpoint, classified.masks, family, layout) if classified.masks else None
     if masks_path is None and embedded is None and config is not None and config.mask_path:
         candidate = Path(config.mask_path)
         if not candidate.is_absolute() and not candidate.exists():
             candidate = config_path.parent / candidate
         masks_path = candidate
     if masks_path is not None:
-        return LazyMasks.from_file(masks_path, family, layout, naming="hf"), embedded
+        return MaskView(masks_path, "hf", family, layout), embedded
     if embedded is not None:
         return embedded, None
     if config is not None and not config.dense_baseline:
@@ -185,11 +183,11 @@ def _resolve_masks(
             where=str(checkpoint.path),
             fix="pass --masks (the run's mask file)",
         )
-    return LazyMasks("none"), None
+    return None, None
 
 
-def _mask(masks: LazyMasks, embedded: LazyMasks | None, hf_name: str) -> torch.Tensor | None:
-    if hf_name not in masks:
+def _mask(masks: Masks | None, embedded: CheckpointMasks | None, hf_name: str) -> torch.Tensor | None:
+    if masks is None or hf_name not in masks:
         return None
     mask = masks.get(hf_name)
     if embedded is not None and hf_name in embedded and not torch.equal(embedded.get(hf_name), mask):
@@ -233,11 +231,18 @@ def _lora_layer(
 
 
 def _must_stay_sparse(config: SparseLoRAConfig | None) -> bool:
-    return config is None or config.mode != SPARSE_TO_DENSE or config.preserve_sparsity_on_merge
+    """A merged export must have zero violations unless it is an s2d run meant to become an adapter."""
+    return config is None or config.export_kind == "merged"
 
 
-def _write_masks(out_dir: Path, masks: LazyMasks, metadata: dict[str, Any]) -> None:
-    writer = MaskWriter(out_dir / HF_MASKS_NAME, naming="hf", metadata=metadata)
+def _write_masks(out_dir: Path, masks: Masks, checkpoint_path: Path) -> None:
+    """The masks in HF naming beside the export (with the source file's provenance when there is one)."""
+    if isinstance(masks, MaskView):
+        write_view(masks, out_dir / HF_MASKS_NAME)
+        return
+    writer = MaskWriter(
+        out_dir / HF_MASKS_NAME, naming="hf", metadata={"converted_from": {"path": str(checkpoint_path)}}
+    )
     for name in masks.keys():  # noqa: SIM118 (not a dict)
         writer.add(name, masks.get(name))
     writer.write()
@@ -308,7 +313,7 @@ def _export_adapter(ctx: _Export, tmp: Path) -> dict[str, Any]:
         b = to_hf(parts[LORA_B_SUFFIX], ctx.checkpoint.get(parts[LORA_B_SUFFIX]), ctx.family, ctx.layout)[1]
         meta_weight = torch.empty(b.shape[0], a.shape[1], dtype=a.dtype, device="meta")
         layer = _lora_layer(module, meta_weight, None, a, b, config)
-        layer.mask = _mask(ctx.masks, ctx.embedded, f"{hf_module}.weight")
+        layer.set_mask(_mask(ctx.masks, ctx.embedded, f"{hf_module}.weight"))
         _set_submodule(skeleton, hf_module, layer)
     base = str(ctx.base_model) if ctx.base_model else None
     save_adapter(skeleton, tmp, base_model_name_or_path=base)
@@ -334,8 +339,8 @@ class _Export:
     layout: RopeLayout
     classified: _Classified
     config: SparseLoRAConfig | None
-    masks: LazyMasks
-    embedded: LazyMasks | None
+    masks: Masks | None
+    embedded: CheckpointMasks | None
     model_section: dict[str, Any]
     base_model: Path | None
     dtype: torch.dtype | None
@@ -364,7 +369,7 @@ def export_cs_to_hf(
         raise UserError(f"unknown export kind {kind!r}", fix=f"use one of {EXPORT_KINDS}")
     config_path = Path(config_path)
     model_section = find_model_section(load_yaml(config_path), str(config_path))
-    family = infer_family(model_section, family, str(config_path))
+    family = resolve_family(family, model_name=model_section.get("name"), where=str(config_path)).name
     layout = RopeLayout.from_cs_config(model_section)
     checkpoint = CSCheckpoint(checkpoint_path)
     classified = _Classified(checkpoint, family)
@@ -391,13 +396,13 @@ def export_cs_to_hf(
         progress=progress,
     )
     weights_hf = {cs_to_hf_name(w, family) for w in classified.weights}
-    stray = [name for name in masks.keys() if name not in weights_hf]  # noqa: SIM118 (not a dict)
+    stray = [name for name in (masks.keys() if masks else []) if name not in weights_hf]
     if stray:
         raise UserError(
             f"masks name no weight of the checkpoint: {stray[:10]}", where=str(masks_path or checkpoint.path)
         )
     if config is not None and not config.dense_baseline:
-        unmasked = [m for m in classified.lora if cs_to_hf_name(f"{m}.weight", family) not in masks]
+        unmasked = [m for m in classified.lora if cs_to_hf_name(f"{m}.weight", family) not in (masks or ())]
         if unmasked:
             raise UserError(
                 f"{len(unmasked)} LoRA layers have no mask: {unmasked[:5]}",
@@ -407,16 +412,10 @@ def export_cs_to_hf(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         summary = _export_merged(ctx, tmp) if kind == "merged" else _export_adapter(ctx, tmp)
-        if len(masks):
-            source = masks.file
-            metadata = (
-                provenance(source)
-                if source is not None
-                else {"converted_from": {"path": str(checkpoint.path)}}
-            )
-            _write_masks(tmp, masks, metadata)
+        if masks:
+            _write_masks(tmp, masks, checkpoint.path)
         if kind == "merged" and base is not None:
             for name in BASE_FILES:
                 if (base / name).is_file():
                     shutil.copy(base / name, tmp / name)
-    return {"out": str(out_dir), "kind": kind, "family": family, "masks": len(masks), **summary}
+    return {"out": str(out_dir), "kind": kind, "family": family, "masks": len(masks or ()), **summary}

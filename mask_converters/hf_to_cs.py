@@ -5,7 +5,12 @@ Output directory:
   interleaved), plus `<param>_mask` (bool) for every masked weight, permuted like its weight;
 - `model_config.yaml`: the `trainer.init.model` section to paste into a trainer YAML (without
   the keys ModelZoo 2.10 rejects);
-- `masks_cs.safetensors`: the masks in CS naming (when `--masks` was given).
+- `masks_cs.safetensors`: the masks in CS naming (when `--masks` was given);
+- `sparse_lora_provenance.json`: the fingerprints of the `.mdl` and of its HF source, and which
+  masks it embeds, for the provenance check of every run that starts from it.
+
+Masks must belong to the checkpoint (`modelzoo_ext.masks.provenance`): its source, or its pruned
+output; anything else is refused unless `--skip-provenance-check`.
 
 Streaming: tensors are read from the safetensors shards, converted and written one at a time
 (see `cs_checkpoint.save_cs_checkpoint`); nothing holds the whole model.
@@ -13,15 +18,21 @@ Streaming: tensors are read from the safetensors shards, converted and written o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mask_converters.cs_checkpoint import LazyTensor, save_cs_checkpoint
-from mask_converters.cs_config import hf_to_cs_model_config, trainer_yaml_model_section
-from mask_converters.mask_naming import converted_masks, provenance
-from mask_converters.rules import (
+from mask_converters.mask_files import write_view
+from modelzoo_ext.atomic import atomic_dir
+from modelzoo_ext.errors import UserError
+from modelzoo_ext.hf_checkpoint import HFCheckpoint
+from modelzoo_ext.masks.format import MaskFile
+from modelzoo_ext.masks.provenance import CS_PROVENANCE, check_hf_checkpoint, cs_provenance_record
+from modelzoo_ext.masks.view import MaskView
+from modelzoo_ext.name_map import (
     HF_RECOMPUTED,
     MASK_SUFFIX,
     RopeLayout,
@@ -30,25 +41,11 @@ from mask_converters.rules import (
     map_names,
     to_cs,
 )
-from modelzoo_ext.atomic import atomic_dir
-from modelzoo_ext.errors import UserError
-from modelzoo_ext.hf_checkpoint import HFCheckpoint
-from modelzoo_ext.masks.format import MaskFile, MaskWriter
+from modelzoo_ext.run_config import hf_to_cs_model_config, trainer_yaml_model_section
 
 CHECKPOINT_NAME = "model.mdl"
 CONFIG_NAME = "model_config.yaml"
 CS_MASKS_NAME = "masks_cs.safetensors"
-
-
-def _hf_masks(masks_path: str | Path, family: str, layout: RopeLayout) -> MaskFile:
-    masks = MaskFile(masks_path)
-    if masks.naming != "hf":
-        raise UserError(
-            f"hf-to-cs needs masks in HF naming; this file is in {masks.naming!r} naming",
-            where=str(masks_path),
-            fix="convert it with `sparse-lora masks cs-to-hf` first",
-        )
-    return masks
 
 
 def _check_masks_fit(masks: MaskFile, checkpoint: HFCheckpoint) -> None:
@@ -79,10 +76,7 @@ def _weight_entries(checkpoint: HFCheckpoint, family: str, layout: RopeLayout) -
 
 
 def _lazy_hf(checkpoint: HFCheckpoint, hf_name: str, family: str, layout: RopeLayout) -> LazyTensor:
-    from safetensors import safe_open
-
-    with safe_open(str(checkpoint.key_to_shard[hf_name]), framework="pt") as f:
-        dtype = f.get_slice(hf_name).get_dtype()
+    dtype = checkpoint.dtype_name(hf_name)
     return LazyTensor(
         checkpoint.shape(hf_name),
         _safetensors_dtype(dtype),
@@ -128,54 +122,61 @@ def _add_derived_entries(
         state[lm_head] = state[hf_to_cs_name("model.embed_tokens.weight", family)]
 
 
-def _mask_entries(masks: MaskFile, family: str, layout: RopeLayout) -> dict[str, LazyTensor]:
+def _mask_entries(view: MaskView) -> dict[str, LazyTensor]:
+    """`<param>_mask` entries (bool, CS row order) for every mask of the view (CS naming)."""
     import torch
 
-    entries = {}
-    for hf_name in masks.keys():  # noqa: SIM118 (not a dict)
-        cs_name = hf_to_cs_name(hf_name, family)
-        entries[cs_name + MASK_SUFFIX] = LazyTensor(
-            masks.shape(hf_name), torch.bool, lambda n=hf_name: to_cs(n, masks.get(n), family, layout)[1]
+    return {
+        name + MASK_SUFFIX: LazyTensor(
+            tuple(view.info(name)["shape"]), torch.bool, lambda n=name: view.get(n)
         )
-    return entries
+        for name in view.keys()  # noqa: SIM118 (not a dict)
+    }
 
 
 def convert_hf_to_cs(
-    model_dir: str | Path, out_dir: str | Path, family: str, masks_path: str | Path | None = None
+    model_dir: str | Path,
+    out_dir: str | Path,
+    family: str,
+    masks_path: str | Path | None = None,
+    *,
+    skip_provenance_check: bool = False,
 ) -> dict[str, Any]:
     """Convert a HF model directory (and its masks) into `out_dir` (see module docstring).
 
-    Returns a summary: paths written, tensor and mask counts, the model section.
+    The masks must belong to the checkpoint (`modelzoo_ext.masks.provenance`: its source or its
+    pruned output) unless `skip_provenance_check`. Returns a summary: paths written, tensor and
+    mask counts, how the masks' provenance was accepted, the model section.
     """
     checkpoint = HFCheckpoint(model_dir)
-    config = checkpoint.config
-    if not config:
-        raise UserError("config.json is missing", where=str(model_dir), fix="pass a HF model directory")
+    config = checkpoint.require_config()
     layout = RopeLayout.from_hf_config(config)
     model_section = hf_to_cs_model_config(config, family)
     state = _weight_entries(checkpoint, family, layout)
     _add_derived_entries(state, checkpoint, family, config)
-    masks = None
+    masks = view = provenance = None
     if masks_path is not None:
-        masks = _hf_masks(masks_path, family, layout)
+        masks = MaskFile(masks_path).require_naming("hf", "convert hf-to-cs")
         _check_masks_fit(masks, checkpoint)
-        state.update(_mask_entries(masks, family, layout))
+        provenance = check_hf_checkpoint(masks, checkpoint, skip=skip_provenance_check)
+        view = MaskView(masks, "cs", family, layout)
+        state.update(_mask_entries(view))
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         save_cs_checkpoint(tmp / CHECKPOINT_NAME, state, model_section)
         (tmp / CONFIG_NAME).write_text(
             yaml.safe_dump(trainer_yaml_model_section(model_section), sort_keys=False)
         )
-        if masks is not None:
-            writer = MaskWriter(tmp / CS_MASKS_NAME, naming="cs", metadata=provenance(masks))
-            for name, mask, source in converted_masks(masks, family, layout, to_naming="cs"):
-                writer.add(name, mask, source_sha256=source)
-            writer.write()
+        if view is not None:
+            write_view(view, tmp / CS_MASKS_NAME)
+        record = cs_provenance_record(tmp / CHECKPOINT_NAME, checkpoint, masks)
+        (tmp / CS_PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
     return {
         "checkpoint": str(out_dir / CHECKPOINT_NAME),
         "config": str(out_dir / CONFIG_NAME),
         "masks": str(out_dir / CS_MASKS_NAME) if masks is not None else None,
         "tensors": len(state),
         "masked_tensors": len(masks) if masks is not None else 0,
+        "masks_provenance": provenance,
         "model": model_section,
     }

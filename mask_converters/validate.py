@@ -18,15 +18,13 @@ from typing import Any
 import torch
 
 from mask_converters.cs_checkpoint import CSCheckpoint
-from mask_converters.cs_config import find_model_section, load_yaml
-from mask_converters.cs_to_hf import infer_family
-from mask_converters.mask_naming import LazyMasks
-from mask_converters.rules import MASK_SUFFIX, RopeLayout
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.families import resolve_family
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
+from modelzoo_ext.masks.view import MaskView
+from modelzoo_ext.name_map import MASK_SUFFIX, RopeLayout
+from modelzoo_ext.run_config import find_model_section, load_yaml
 from modelzoo_ext.sparse_lora.check import check_sparsity
-
-HF_FAMILIES = {"llama": "llama", "mistral": "mistral"}
 
 
 def _open_checkpoint(path: Path, family: str | None, config_path: str | Path | None):
@@ -34,11 +32,7 @@ def _open_checkpoint(path: Path, family: str | None, config_path: str | Path | N
     if path.is_dir():
         checkpoint = HFCheckpoint(path)
         config = checkpoint.config
-        family = family or HF_FAMILIES.get(config.get("model_type", ""))
-        if family is None:
-            raise UserError(
-                f"unknown model_type {config.get('model_type')!r}", where=str(path), fix="pass --family"
-            )
+        family = resolve_family(family, hf_config=config, where=str(path)).name
         return checkpoint, "hf", family, RopeLayout.from_hf_config(config)
     checkpoint = CSCheckpoint(path)
     if config_path is not None:
@@ -51,10 +45,11 @@ def _open_checkpoint(path: Path, family: str | None, config_path: str | Path | N
             where=str(path),
             fix="pass --config (the run's trainer YAML)",
         )
-    return checkpoint, "cs", infer_family(model, family, str(path)), RopeLayout.from_cs_config(model)
+    family = resolve_family(family, model_name=model.get("name"), where=str(path)).name
+    return checkpoint, "cs", family, RopeLayout.from_cs_config(model)
 
 
-def _embedded_mask_mismatches(source: CSCheckpoint, masks: LazyMasks) -> list[str]:
+def _embedded_mask_mismatches(source: CSCheckpoint, masks: MaskView) -> list[str]:
     """Names of `<param>_mask` entries in a .mdl that differ from the mask file's masks."""
     names = set(source.keys())
     return [
@@ -81,7 +76,7 @@ def validate_checkpoint(
             "checkpoint not found", where=str(path), fix="pass a HF model directory or a .mdl file"
         )
     source, naming, family, layout = _open_checkpoint(path, family, config_path)
-    masks = LazyMasks.from_file(masks_path, family, layout, naming=naming)
+    masks = MaskView(masks_path, naming, family, layout)
     report = check_sparsity(source, masks)
     embedded_mismatches = _embedded_mask_mismatches(source, masks) if naming == "cs" else []
     result = report.to_dict()

@@ -1,14 +1,12 @@
 """modelzoo-sparse-lora: sparse-to-dense and sparse-to-sparse LoRA for pruned LLMs.
 
-The pure-PyTorch core (masks, mask file format, sparse-LoRA layers and kernels) lives here and
-imports nothing from `cerebras`; the Cerebras-facing modules are in `modelzoo_ext.cerebras` and
-import ModelZoo and cerebras-pytorch lazily.
+The package is layered (docs/layers.md; `make test` enforces it with import-linter):
+1. the pure-PyTorch core (masks and the mask file, sparse-LoRA kernels, data, the HF <-> CS name
+   map, the run config, the loss log): never imports `cerebras`, nor anything above it;
+2. three faces on the core, none importing another: `modelzoo_ext.cerebras` (what ModelZoo sees;
+   imports ModelZoo and cerebras-pytorch lazily), `mask_converters`, `gpu_reference`;
+3. `modelzoo_ext.study`: evaluation, sweeps, the registry, the report and the demo;
+4. `modelzoo_ext.cli`: the `sparse-lora` command.
 """
 
 __version__ = "0.1.0"
-
-# ModelZoo registration (model names, callbacks, converters) runs only when ModelZoo itself is
-# imported in this process; until then this costs one small finder on sys.meta_path.
-from modelzoo_ext.cerebras import autoregister as _autoregister  # noqa: E402
-
-_autoregister.install()

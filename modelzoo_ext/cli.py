@@ -1,27 +1,34 @@
 """`sparse-lora`: the one console command, with a subcommand per pipeline stage.
 
-Each stage's module exposes `register(subparsers, groups)`; it adds its subcommands and sets
-`func` on each parser. `groups` lets a module add subcommands to a group another module created
-(e.g. `masks hf-to-cs` lives with the converters). Command modules import heavy libraries
-inside their handlers, so `sparse-lora --help` stays fast.
+The top layer of the package (docs/layers.md): it imports each stage's command module, and
+nothing imports it. Each command module exposes `register(subparsers, groups)`; it adds its
+subcommands and sets `func` on each parser. `groups` lets a module add subcommands to a group
+another module created (e.g. `masks hf-to-cs` lives with the converters). Command modules import
+heavy libraries inside their handlers, so `sparse-lora --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from gpu_reference import cli as reference_trainer_cli
+from mask_converters import cli as converters_cli
 from modelzoo_ext import __version__
+from modelzoo_ext.cerebras import cli as modelzoo_cli
+from modelzoo_ext.data import cli as data_cli
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.masks import cli as masks_cli
+from modelzoo_ext.study import cli as study_cli
 
 # Order matters: a module may extend a group registered by an earlier one.
 COMMAND_MODULES = (
-    "modelzoo_ext.masks.cli",  # masks compute|validate|apply|import
-    "mask_converters.cli",  # convert hf-to-cs|cs-to-hf, masks hf-to-cs|cs-to-hf, validate
-    "modelzoo_ext.cerebras.cli",  # install-hook, modelzoo status
-    "gpu_reference.cli",  # train, data prepare, parity
-    "experiments.cli",  # eval, sweep plan|run|status, report, demo
+    masks_cli,  # masks compute|validate|apply|import
+    converters_cli,  # convert hf-to-cs|cs-to-hf, masks hf-to-cs|cs-to-hf, validate
+    modelzoo_cli,  # install-hook, modelzoo status
+    data_cli,  # data prepare
+    reference_trainer_cli,  # train, parity
+    study_cli,  # eval, sweep plan|run|status, report, demo
 )
 
 
@@ -35,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers, groups)
+    for module in COMMAND_MODULES:
+        module.register(subparsers, groups)
     return parser
 
 

@@ -1,12 +1,18 @@
-"""Tensor-by-tensor, read-only access to a Hugging Face model directory.
+"""Tensor-by-tensor, read-only access to a Hugging Face model directory: the one reader of HF weights.
 
 A 7B checkpoint is ~15 GB in bf16: nothing in this package loads a whole model to look at its
 weights. `HFCheckpoint` opens shards with `safetensors.safe_open` (memory-mapped) and hands out
 one tensor at a time, grouped by shard so each shard is opened once per pass.
+
+Every shard is opened through `open_shard`, the one guarded open: a truncated or corrupt file
+(safetensors checks that its header and data fit the file) becomes a UserError naming the file,
+and every shard is opened once when the checkpoint is constructed, so a bad file stops a command
+before it has computed or written anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -15,10 +21,40 @@ import torch
 from safetensors import safe_open
 
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.fingerprint import fingerprint_files
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+CONFIG_FILE = "config.json"
+
+
+@contextlib.contextmanager
+def open_shard(path: str | Path) -> Iterator:
+    """`safe_open(path)` with unreadable files (truncated, corrupt, not safetensors) as one UserError."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises SafetensorError, OSError, ... for bad files
+        raise UserError(
+            f"cannot read the weights file (truncated or corrupt: {exc})",
+            where=str(path),
+            fix="re-download or re-save the checkpoint (safetensors), and check the disk is not full",
+        ) from exc
+    with handle as f:
+        yield f
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON file of the model directory, as a dict (UserError when it is not valid JSON)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"cannot read {what} ({exc})", where=str(path), fix="re-download or re-save the checkpoint"
+        ) from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{what} is not a JSON object", where=str(path))
+    return data
 
 
 class HFCheckpoint:
@@ -38,7 +74,7 @@ class HFCheckpoint:
         index = self.directory / INDEX_FILE
         single = self.directory / SINGLE_FILE
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, INDEX_FILE).get("weight_map") or {}
             layout = {key: self.directory / shard for key, shard in weight_map.items()}
             missing = sorted({str(p) for p in layout.values() if not p.exists()})
             if missing:
@@ -47,9 +83,11 @@ class HFCheckpoint:
                     where=str(index),
                     fix="re-download or re-save the checkpoint",
                 )
+            for shard in sorted(set(layout.values())):
+                self._check_shard(shard, [k for k, s in layout.items() if s == shard])
             return layout
         if single.exists():
-            with safe_open(str(single), framework="pt") as f:
+            with open_shard(single) as f:
                 return {key: single for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         if any((self.directory / name).exists() for name in PICKLE_FILES):
             raise UserError(
@@ -59,20 +97,60 @@ class HFCheckpoint:
                 ".save_pretrained(out, safe_serialization=True)",
             )
         raise UserError(
-            f"no {SINGLE_FILE} or {INDEX_FILE}",
+            f"no weights: neither {SINGLE_FILE} nor {INDEX_FILE}",
             where=str(self.directory),
-            fix="pass a Hugging Face model directory saved with safetensors",
+            fix="pass a Hugging Face model directory saved with safetensors (config.json alone is not a model)",
         )
+
+    @staticmethod
+    def _check_shard(shard: Path, indexed: list[str]) -> None:
+        """The shard opens, and holds every tensor the index places in it."""
+        with open_shard(shard) as f:
+            absent = sorted(set(indexed) - set(f.keys()))
+        if absent:
+            raise UserError(
+                f"{len(absent)} tensors the index places in this shard are not in it: {absent[:5]}",
+                where=str(shard),
+                fix="re-download or re-save the checkpoint",
+            )
 
     @property
     def config(self) -> dict:
         """The model's config.json as a dict (empty when the file is absent)."""
-        path = self.directory / "config.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        path = self.directory / CONFIG_FILE
+        return read_json(path, CONFIG_FILE) if path.exists() else {}
+
+    def require_config(self) -> dict:
+        """The model's config.json as a dict (UserError when absent)."""
+        if not (self.directory / CONFIG_FILE).is_file():
+            raise UserError(
+                f"{CONFIG_FILE} is missing", where=str(self.directory), fix="pass a HF model directory"
+            )
+        return self.config
 
     def keys(self) -> list[str]:
         """All tensor names, sorted."""
         return sorted(self.key_to_shard)
+
+    def weight_files(self) -> list[Path]:
+        """The safetensors files holding the weights."""
+        return sorted(set(self.key_to_shard.values()))
+
+    def fingerprint(self) -> str:
+        """The cheap fingerprint of the weight files (`modelzoo_ext.fingerprint`)."""
+        return fingerprint_files(self.weight_files())
+
+    def describe(self) -> dict:
+        """What files derived from this checkpoint record about it: the name and revision its
+        config.json gives, its directory, and the fingerprint the provenance checks compare."""
+        config = self.config
+        return {
+            "name": config.get("_name_or_path") or self.directory.name,
+            "revision": config.get("_commit_hash") or config.get("transformers_version"),
+            "directory": str(self.directory.resolve()),
+            "model_type": config.get("model_type"),
+            "fingerprint": self.fingerprint(),
+        }
 
     def shards(self) -> dict[Path, list[str]]:
         """Shard file -> the tensor names it holds (in file order of first appearance)."""
@@ -92,12 +170,26 @@ class HFCheckpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of one tensor, read from the shard header (no data loaded)."""
-        with safe_open(str(self._require(key)), framework="pt") as f:
+        with open_shard(self._require(key)) as f:
             return tuple(f.get_slice(key).get_shape())
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """name -> shape for every tensor, reading each shard's header once."""
+        shapes = {}
+        for shard, keys in self.shards().items():
+            with open_shard(shard) as f:
+                for key in keys:
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        return shapes
+
+    def dtype_name(self, key: str) -> str:
+        """The safetensors dtype of one tensor ("BF16", "F32", ...), from the header."""
+        with open_shard(self._require(key)) as f:
+            return f.get_slice(key).get_dtype()
 
     def get(self, key: str) -> torch.Tensor:
         """Load one tensor."""
-        with safe_open(str(self._require(key)), framework="pt") as f:
+        with open_shard(self._require(key)) as f:
             return f.get_tensor(key)
 
     def iter_tensors(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -109,6 +201,6 @@ class HFCheckpoint:
             selected = [k for k in shard_keys if k in wanted]
             if not selected:
                 continue
-            with safe_open(str(shard), framework="pt") as f:
+            with open_shard(shard) as f:
                 for key in selected:
                     yield key, f.get_tensor(key)

@@ -64,7 +64,7 @@ def run_env(tmp: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory, tokenizer_dir) -> Path:
     """A folder laid out like the repository root: build/tiny/ assets and model_configs/."""
-    from modelzoo_ext.cerebras.tiny_assets import make_tiny_assets
+    from modelzoo_ext.study.tiny_assets import make_tiny_assets
 
     work = tmp_path_factory.mktemp("tiny_fit")
     make_tiny_assets(work / "build" / "tiny", tokenizer_from=tokenizer_dir)
@@ -118,8 +118,8 @@ def load_model_state(path: Path) -> dict[str, torch.Tensor]:
 
 def expected_cs_masks(tiny_workdir: Path) -> dict[str, torch.Tensor]:
     """The mask file's masks in CS naming, via the converters' rule table (q/k rows permuted)."""
-    from mask_converters.rules import RopeLayout, to_cs
     from modelzoo_ext.masks.format import load_masks
+    from modelzoo_ext.name_map import RopeLayout, to_cs
 
     section = yaml.safe_load((tiny_workdir / "model_configs" / TINY_CONFIGS["sparse_to_sparse"]).read_text())
     layout = RopeLayout.from_cs_config(section["trainer"]["init"]["model"])
@@ -129,7 +129,7 @@ def expected_cs_masks(tiny_workdir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("mode", list(TINY_CONFIGS))
 def test_checkpoint_masks_frozen_base_and_trained_lora(fit_runs, tiny_workdir, mode):
-    from mask_converters.rules import canonical_cs_names
+    from modelzoo_ext.name_map import canonical_cs_names
 
     run = fit_runs[mode]
     initial = load_model_state(run / "checkpoint_0.mdl")
@@ -166,7 +166,7 @@ def test_checkpoint_masks_frozen_base_and_trained_lora(fit_runs, tiny_workdir, m
 
 @pytest.mark.parametrize("mode", list(TINY_CONFIGS))
 def test_loss_falls_over_repeated_batches(fit_runs, mode):
-    from modelzoo_ext.cerebras.callbacks import LOSS_LOG_NAME
+    from modelzoo_ext.loss_log import LOSS_LOG_NAME
 
     records = [json.loads(line) for line in (fit_runs[mode] / LOSS_LOG_NAME).read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in records}
@@ -179,9 +179,9 @@ def test_loss_falls_over_repeated_batches(fit_runs, mode):
 def test_cs_throughput_counts_each_steps_tokens_over_its_time(fit_runs, tiny_workdir):
     """The sweep's CS-3 tokens/s: each step's non-padding tokens (from ModelZoo's data order) over
     the step time the loss log recorded, averaged over steps 2..4."""
-    from experiments.throughput import cs_throughput
-    from modelzoo_ext.cerebras.callbacks import LOSS_LOG_NAME
     from modelzoo_ext.data.hdf5 import SampleDataset
+    from modelzoo_ext.loss_log import LOSS_LOG_NAME
+    from modelzoo_ext.study.throughput import cs_throughput
 
     run = fit_runs["sparse_to_sparse"]
     params = yaml.safe_load((tiny_workdir / "model_configs" / TINY_CONFIGS["sparse_to_sparse"]).read_text())

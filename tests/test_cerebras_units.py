@@ -91,7 +91,7 @@ def test_install_hook_into_missing_folder_exits_2(tmp_path, capsys):
 @pytest.mark.modelzoo
 @pytest.mark.parametrize("order", ["modelzoo_ext first", "ModelZoo first"])
 def test_registration_happens_whichever_is_imported_first(order):
-    imports = ["import modelzoo_ext", "from cerebras.modelzoo.registry import registry"]
+    imports = ["import modelzoo_ext.cerebras", "from cerebras.modelzoo.registry import registry"]
     if order == "ModelZoo first":
         imports.reverse()
     result = python(
@@ -114,7 +114,7 @@ def test_registration_happens_whichever_is_imported_first(order):
 @pytest.mark.modelzoo
 def test_callback_and_algorithm_are_visible_to_validation_after_trainer_import():
     result = python(
-        "import modelzoo_ext, cerebras.modelzoo.trainer\n"
+        "import modelzoo_ext.cerebras, cerebras.modelzoo.trainer\n"
         "import cerebras.pytorch as cstorch\n"
         "from cerebras.appliance.utils.classes import retrieve_all_subclasses\n"
         "from cerebras.modelzoo.trainer.callbacks import Callback\n"
@@ -238,7 +238,7 @@ def test_model_targets_by_attribute_name_freezes_base_and_seeds_lora_a_like_hf(t
 
 @pytest.mark.modelzoo
 def test_model_masks_are_the_hf_masks_with_q_k_rows_permuted(tmp_path, hf_masks):
-    from mask_converters.rules import permute_rows_hf_to_cs
+    from modelzoo_ext.name_map import permute_rows_hf_to_cs
     from modelzoo_ext.sparse_lora import sparse_lora_layers
 
     layers = sparse_lora_layers(build_model(write_hf_masks(tmp_path / "m.safetensors", hf_masks)))
@@ -346,9 +346,10 @@ class NestedLinears(nn.Module):
 
 @pytest.mark.cs
 def test_mask_file_sparsity_on_the_cstorch_cpu_backend(tmp_path):
-    from mask_converters.rules import hf_to_cs_name, permute_rows_hf_to_cs
     from modelzoo_ext.cerebras.sparsity import MaskFileSparsity
     from modelzoo_ext.errors import UserError
+    from modelzoo_ext.masks.view import MaskView
+    from modelzoo_ext.name_map import RopeLayout, hf_to_cs_name, permute_rows_hf_to_cs
 
     hf = random_masks(
         {"model.layers.0.self_attn.q_proj.weight": (64, 64), "model.layers.0.mlp.down_proj.weight": (64, 128)}
@@ -357,7 +358,8 @@ def test_mask_file_sparsity_on_the_cstorch_cpu_backend(tmp_path):
     cs_shapes = {hf_to_cs_name(n, "llama"): tuple(m.shape) for n, m in hf.items()}
     model = NestedLinears(cs_shapes)
     get_cstorch_cpu_backend()
-    algorithm = MaskFileSparsity(str(path), "llama", LLAMA_SECTION)
+    view = MaskView(path, "cs", "llama", RopeLayout.from_cs_config(LLAMA_SECTION))  # what the model holds
+    algorithm = MaskFileSparsity(view)
     algorithm.apply(model)
     algorithm.check_covers(list(cs_shapes))
     algorithm.initialize()
@@ -378,20 +380,23 @@ def test_mask_file_sparsity_on_the_cstorch_cpu_backend(tmp_path):
 
     with pytest.raises(UserError, match="targeted weights without a mask.*extra.weight"):
         algorithm.check_covers([*cs_shapes, "model.extra.weight"])
-    other = MaskFileSparsity(str(path), "llama", LLAMA_SECTION)
+    other = MaskFileSparsity(view)
     other.apply(NestedLinears({next(iter(cs_shapes)): (64, 64)}))
     with pytest.raises(UserError, match="masks that match no parameter.*ffn.ffn.1.linear_layer.weight"):
         other.check_covers([next(iter(cs_shapes))])
+    # A YAML `sparsity:` section can only hand it plain values: refused with the fix.
+    with pytest.raises(UserError, match="applied by the SparseLoRAMasks callback"):
+        MaskFileSparsity(str(path))
 
 
 @pytest.mark.modelzoo
 def test_spawned_processes_register_by_themselves(tmp_path):
     """ModelZoo's autorestart runs trainers in `spawn` children: they re-import the main script
-    (here shaped like `cszoo-sparse-lora`: `import modelzoo_ext` at the top) and register again."""
+    (here shaped like `cszoo-sparse-lora`: `import modelzoo_ext.cerebras` at the top) and register again."""
     script = tmp_path / "launcher.py"
     script.write_text(
         "import multiprocessing as mp\n"
-        "import modelzoo_ext  # noqa: F401\n\n"
+        "import modelzoo_ext.cerebras  # noqa: F401\n\n"
         "def names():\n"
         "    from cerebras.modelzoo.registry import registry\n"
         "    return sorted(n for n in registry.get_model_names() if n.startswith('sparse_lora'))\n\n"

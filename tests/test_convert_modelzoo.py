@@ -19,9 +19,9 @@ import yaml
 from mask_converters.cs_checkpoint import CSCheckpoint, LazyTensor, save_cs_checkpoint
 from mask_converters.cs_to_hf import export_cs_to_hf
 from mask_converters.hf_to_cs import CHECKPOINT_NAME, CONFIG_NAME, convert_hf_to_cs
-from mask_converters.rules import MASK_SUFFIX, hf_module_to_cs_module
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
 from modelzoo_ext.masks.format import save_masks
+from modelzoo_ext.name_map import MASK_SUFFIX, hf_module_to_cs_module
 from modelzoo_ext.sparse_lora import SparseLoRAConfig, apply_sparse_lora_
 
 pytestmark = [pytest.mark.modelzoo, pytest.mark.cs]
@@ -56,7 +56,12 @@ def converted(request, tmp_path_factory, tiny_llama_dir, tiny_mistral_dir):
         for n in checkpoint.keys()  # noqa: SIM118 (not a dict)
         if any(f".{t}." in n for t in TARGETS)
     }
-    save_masks(root / "masks.safetensors", masks, {"method": "random"}, naming="hf")
+    save_masks(
+        root / "masks.safetensors",
+        masks,
+        {"method": "random", "source_model": checkpoint.describe()},
+        naming="hf",
+    )
     convert_hf_to_cs(source, root / "cs", family, root / "masks.safetensors")
     section = yaml.safe_load((root / "cs" / CONFIG_NAME).read_text())["trainer"]["init"]["model"]
     return family, source, masks, root, section
@@ -150,7 +155,7 @@ def register_for_cszoo() -> None:
     """What `modelzoo_ext.cerebras.registration` does in a `cszoo` process: model names, then converters."""
     from cerebras.modelzoo.registry.registry import registry
 
-    from mask_converters.modelzoo_registry import register_converters
+    from modelzoo_ext.cerebras.converters import register_converters
 
     processors = ("cerebras.modelzoo.data.nlp.gpt.GptHDF5MapDataProcessor.GptHDF5MapDataProcessor",)
     for family in ("llama", "mistral"):
@@ -166,7 +171,7 @@ def test_cszoo_checkpoint_convert_keeps_lora_and_masks(converted, tmp_path, monk
     """`cszoo checkpoint convert --model sparse_lora_<family> --src-fmt cs-auto --tgt-fmt hf` (2.10 checkpoint)."""
     from safetensors.torch import load_file
 
-    from mask_converters.modelzoo_registry import converter_classes
+    from modelzoo_ext.cerebras.converters import converter_classes
 
     family, _, masks, _, _ = converted
     ckpt, run_yaml, _ = finetuned_cs_model(converted, tmp_path, "sparse_to_dense")

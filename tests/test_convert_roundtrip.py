@@ -17,11 +17,11 @@ import yaml
 from mask_converters.cs_checkpoint import CSCheckpoint, LazyTensor, save_cs_checkpoint
 from mask_converters.cs_to_hf import HF_MASKS_NAME, export_cs_to_hf
 from mask_converters.hf_to_cs import CHECKPOINT_NAME, CONFIG_NAME, CS_MASKS_NAME, convert_hf_to_cs
-from mask_converters.rules import MASK_SUFFIX, RopeLayout, hf_to_cs_name, to_cs
 from modelzoo_ext.cli import main as cli_main
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
 from modelzoo_ext.masks.format import MaskFile, load_masks, save_masks
+from modelzoo_ext.name_map import MASK_SUFFIX, RopeLayout, hf_to_cs_name, to_cs
 from modelzoo_ext.sparse_lora import SparseLoRAConfig, apply_sparse_lora_, load_lora_state_dict_
 
 pytestmark = pytest.mark.cs
@@ -64,7 +64,9 @@ def pruned(request, tmp_path_factory, tiny_llama_dir, tiny_mistral_dir):
     masks = random_masks(source, seed=1)
     model_dir = pruned_copy(source, masks, root / "hf")
     mask_path = root / "masks.safetensors"
-    save_masks(mask_path, masks, {"method": "random", "seed": 1}, naming="hf")
+    # The copy is pruned by the masks (W*M == W): the masks describe it, so it is their source.
+    source = HFCheckpoint(model_dir).describe()
+    save_masks(mask_path, masks, {"method": "random", "seed": 1, "source_model": source}, naming="hf")
     cs_dir = root / "cs"
     convert_hf_to_cs(model_dir, cs_dir, family, mask_path)
     return family, model_dir, mask_path, masks, cs_dir

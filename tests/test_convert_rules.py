@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mask_converters.cs_config import cs_to_hf_config, hf_to_cs_model_config
-from mask_converters.rules import (
+from modelzoo_ext.errors import UserError
+from modelzoo_ext.name_map import (
     RopeLayout,
     canonical_cs_names,
     cs_to_hf_name,
@@ -20,7 +20,7 @@ from mask_converters.rules import (
     to_cs,
     to_hf,
 )
-from modelzoo_ext.errors import UserError
+from modelzoo_ext.run_config import cs_to_hf_config, hf_to_cs_model_config
 
 LAYER = "model.layers.3.self_attn.q_proj"
 CS_LAYER = "model.transformer_decoder.layers.3.self_attn.proj_q_dense_layer"

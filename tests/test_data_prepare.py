@@ -197,7 +197,7 @@ def test_cli_errors_exit_2_without_output(tmp_path, tokenizer_dir):
     out = tmp_path / "out"
     code = (
         "import argparse, sys; from modelzoo_ext.cli import main as _m\n"
-        "from gpu_reference.cli import register; from modelzoo_ext.errors import UserError\n"
+        "from modelzoo_ext.data.cli import register; from modelzoo_ext.errors import UserError\n"
         "p = argparse.ArgumentParser(); s = p.add_subparsers(dest='c'); register(s, {})\n"
         "a = p.parse_args(sys.argv[1:])\n"
         "try: sys.exit(a.func(a))\n"

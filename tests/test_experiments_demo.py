@@ -8,8 +8,8 @@ import json
 import pytest
 import yaml
 
-from experiments.demo import add_demo_arguments, build_smollm2, demo_params, demo_sweep
-from experiments.sweep_spec import grid, load_sweep
+from modelzoo_ext.study.demo import add_demo_arguments, build_smollm2, demo_params, demo_sweep
+from modelzoo_ext.study.sweep_spec import grid, load_sweep
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -19,10 +19,9 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 def test_demo_config_is_accepted_by_the_trainer_and_matches_the_model(tmp_path, tiny_llama_dir):
-    from transformers import AutoConfig
+    import json
 
-    from gpu_reference.run_config import load_run_config
-    from gpu_reference.train import _check_architecture
+    from modelzoo_ext.run_config import check_architecture, load_run_config
 
     args = _args("--steps", "3", "--rank", "4", "--lr", "1e-3")
     params = demo_params(tiny_llama_dir, args)
@@ -33,7 +32,9 @@ def test_demo_config_is_accepted_by_the_trainer_and_matches_the_model(tmp_path, 
     assert config.max_steps == 3 and config.sparse_lora.r == 4 and config.sparse_lora.scaling == 2.0
     assert config.init.optimizer == {"AdamW": {"lr": 1e-3, "weight_decay": 0.0}}
     assert config.init.model.name == "sparse_lora_llama"  # not the stock family name
-    _check_architecture(config.init.model.architecture, AutoConfig.from_pretrained(tiny_llama_dir), "demo")
+    hf_config = json.loads((tiny_llama_dir / "config.json").read_text())
+    check = check_architecture(config.init.model.architecture, hf_config, "llama")
+    assert check.ok, check.mismatches
 
 
 def test_demo_sweep_is_the_issue_s_job(tmp_path, tiny_llama_dir):
@@ -84,7 +85,7 @@ def test_modelzoo_stage_names_what_is_missing(monkeypatch):
     skipped with the reason (never silently), also where not even `cerebras` exists."""
     import importlib.util
 
-    from experiments import demo
+    from modelzoo_ext.study import demo
 
     def absent(name):
         raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")

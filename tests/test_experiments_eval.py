@@ -6,16 +6,16 @@ import json
 
 import pytest
 
-from experiments.evaluate import (
+from modelzoo_ext.cli import main
+from modelzoo_ext.data.prepare import task_rows
+from modelzoo_ext.data.split import split_of
+from modelzoo_ext.data.templates import example_key, render
+from modelzoo_ext.study.evaluate import (
     HeldOutSplit,
     builtin_task_manager,
     lm_eval_runs_with_this_transformers,
     write_local_task_files,
 )
-from modelzoo_ext.cli import main
-from modelzoo_ext.data.prepare import task_rows
-from modelzoo_ext.data.split import split_of
-from modelzoo_ext.data.templates import example_key, render
 
 DATA_SOURCE_KEYS = {
     "task",

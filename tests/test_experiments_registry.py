@@ -6,8 +6,8 @@ import multiprocessing as mp
 
 import pytest
 
-from experiments.registry import Registry, RunRecord
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.study.registry import Registry, RunRecord
 
 
 def _record(run_id: str, **kw) -> RunRecord:

@@ -6,8 +6,8 @@ import csv
 
 import pytest
 
-from experiments.registry import Registry, RunRecord
 from modelzoo_ext.cli import main
+from modelzoo_ext.study.registry import Registry, RunRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments.registry import Registry
-from experiments.steps import StepFailed, SweepStopped, classify_failure, run_with_retries
-from experiments.sweep_spec import grid, load_sweep
 from modelzoo_ext.cli import main
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.study.registry import Registry
+from modelzoo_ext.study.steps import StepFailed, SweepStopped, classify_failure, run_with_retries
+from modelzoo_ext.study.sweep_spec import grid, load_sweep
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "experiments" / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "modelzoo_ext" / "study" / "examples"
 TINY_PARAMS = Path(__file__).resolve().parent.parent / "model_configs" / "params_sparse_lora_tiny.yaml"
 
 
@@ -37,7 +37,7 @@ def test_the_example_plan_has_360_fine_tunes():
 
 
 def test_plan_gives_every_backend_the_same_protocol(tmp_path, tiny_llama_dir):
-    from gpu_reference.run_config import load_run_config
+    from modelzoo_ext.run_config import load_run_config
 
     sweep = _tiny_sweep(tmp_path, tiny_llama_dir, backends=["cpu", "gpu", "cs3"])
     out = tmp_path / "sweep"
@@ -163,7 +163,7 @@ def test_tiny_cpu_sweep_end_to_end(tmp_path, tiny_llama_dir, capsys):
     assert main(["sweep", "status", str(out)]) == 0
     assert "succeeded=4" in capsys.readouterr().out
     # Never a dense checkpoint in place of a sparse one.
-    from experiments.sweep import _RunExecutor
+    from modelzoo_ext.study.sweep import _RunExecutor
 
     executor = _RunExecutor(load_sweep(sweep), out, Registry(out / "registry.sqlite"), 1, 0.0)
     plan = json.loads((out / "runs" / s2d.run_id / "run.json").read_text())

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from experiments.throughput import cs_step_times, cs_throughput, mean_throughput
 from modelzoo_ext.data.hdf5 import write_samples
+from modelzoo_ext.study.throughput import cs_step_times, cs_throughput, mean_throughput
 
 
 def _write_jsonl(path, rows):

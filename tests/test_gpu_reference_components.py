@@ -15,9 +15,9 @@ import yaml
 
 from gpu_reference.data import global_batches, rank_slice
 from gpu_reference.optim import SGD, AdamW
-from gpu_reference.run_config import load_run_config
 from gpu_reference.schedulers import build_lr_schedule
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.run_config import load_run_config
 
 SCHEDULE_CASES = {
     "linear": [{"LinearLR": {"initial_learning_rate": 0.02, "end_learning_rate": 0.001, "total_iters": 7}}],
@@ -175,7 +175,7 @@ def test_loss_equals_modelzoo_gpt_loss():
     """Our masked token-mean loss equals ModelZoo's GPTLMHeadModelLoss (num_tokens and batch_size scaling)."""
     from cerebras.modelzoo.losses.GPTLMHeadModelLoss import GPTLMHeadModelLoss
 
-    from gpu_reference.train import _normalise
+    from gpu_reference.loss import normalise as _normalise
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 6, 11, generator=g)

@@ -175,7 +175,7 @@ def test_decoder_layers_are_required(assets):  # noqa: F811
 SHARD_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 from gpu_reference.distributed import local_parameter_bytes, shard_frozen_base
-from gpu_reference.train import _load_hf_model
+from gpu_reference.model import load_hf_model as _load_hf_model
 from modelzoo_ext.masks.format import load_masks
 from modelzoo_ext.sparse_lora import SparseLoRAConfig, apply_sparse_lora_
 dist.init_process_group("gloo")

@@ -1,6 +1,6 @@
 """`sparse-lora parity`, and the parity itself: `cszoo fit` (CPU backend) vs gpu_reference (CPU).
 
-The `modelzoo` test builds the tiny assets (`modelzoo_ext.cerebras.tiny_assets`: HF model, CS
+The `modelzoo` test builds the tiny assets (`modelzoo_ext.study.tiny_assets`: HF model, CS
 checkpoint, 50% masks, HDF5 data), runs the repository's tiny run configs through ModelZoo's
 Trainer and through the reference trainer, and requires per-step losses within 1e-4 relative in
 both modes (measured: relative difference 0.0, identical to the last bit, on torch 2.4 CPU).
@@ -69,7 +69,7 @@ def test_parity_command_table_plot_and_exit_status(tmp_path, capsys):
     "mode,config", [("s2s", "params_sparse_lora_tiny.yaml"), ("s2d", "params_sparse_lora_tiny_s2d.yaml")]
 )
 def test_cszoo_fit_and_gpu_reference_losses_agree(tmp_path, mode, config, capsys):
-    from modelzoo_ext.cerebras.tiny_assets import make_tiny_assets
+    from modelzoo_ext.study.tiny_assets import make_tiny_assets
 
     make_tiny_assets(tmp_path / "build" / "tiny")
     shutil.copy(REPO / "model_configs" / config, tmp_path / config)  # its paths are relative to the cwd

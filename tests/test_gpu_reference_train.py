@@ -27,7 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from gpu_reference.metrics import read_metrics
 from gpu_reference.train import train
+from modelzoo_ext.hf_checkpoint import HFCheckpoint
 from modelzoo_ext.masks.format import load_masks, save_masks
+from modelzoo_ext.run_config import hf_to_cs_model_config
 
 GOLDEN = Path(__file__).parent / "golden" / "gpu_reference_tiny_s2s.json"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -59,7 +61,13 @@ def assets(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
             masks[name] = torch.rand(state[name].shape, generator=g) >= 0.5
             state[name] = state[name] * masks[name]
     save_file(state, hf / "model.safetensors", metadata={"format": "pt"})
-    save_masks(root / "masks.safetensors", masks, {"method": "random", "sparsity": 0.5}, naming="hf")
+    source = HFCheckpoint(hf).describe()  # the model is pruned by the masks: it is their source
+    save_masks(
+        root / "masks.safetensors",
+        masks,
+        {"method": "random", "sparsity": 0.5, "source_model": source},
+        naming="hf",
+    )
     write_samples_dir(root / "data", num_samples=24, max_seq_length=40, seed=5)
     return {"root": root, "hf": hf, "masks": root / "masks.safetensors", "data": root / "data"}
 
@@ -92,13 +100,10 @@ def write_params(assets, name: str, *, mode="sparse_to_sparse", max_steps=4, bat
         "model_dir": str(assets["root"] / "model_dir"),
         "seed": 1,
         "model": {
+            # The full architecture of the HF model, as `convert hf-to-cs` writes it: the reference
+            # trainer checks every key that changes the computation (ModelZoo's defaults otherwise).
+            **hf_to_cs_model_config(json.loads((assets["hf"] / "config.json").read_text()), "llama"),
             "name": "sparse_lora_llama",
-            "vocab_size": 32000,
-            "hidden_size": 64,
-            "num_hidden_layers": 2,
-            "num_heads": 4,
-            "filter_size": 128,
-            "extra_attention_params": {"num_kv_groups": 2},
             "loss_scaling": "num_tokens",
             "sparse_lora": {
                 "mode": mode,
@@ -153,7 +158,7 @@ def losses(run_dir: Path) -> list[float]:
 
 def trained_model(assets, run_dir: Path, mode: str):
     """The trained model rebuilt from the HF base, the masks and the run's lora.safetensors."""
-    from gpu_reference.train import _load_hf_model
+    from gpu_reference.model import load_hf_model as _load_hf_model
     from modelzoo_ext.sparse_lora import SparseLoRAConfig, apply_sparse_lora_, load_lora_state_dict_
 
     model = _load_hf_model(assets["hf"])

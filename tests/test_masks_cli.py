@@ -9,13 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import modelzoo_ext.cli as cli
+from modelzoo_ext.masks import cli as masks_cli
 from modelzoo_ext.masks import load_masks
 
 
 @pytest.fixture
 def sparse_lora(monkeypatch, capsys):
     """Run the real `sparse-lora` entry point with only this stage's commands registered."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("modelzoo_ext.masks.cli",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", (masks_cli,))
 
     def run(*argv: str) -> tuple[int, str, str]:
         status = cli.main([str(a) for a in argv])

@@ -1,18 +1,20 @@
-"""Cerebras-facing modules: sparse LoRA inside ModelZoo's `cszoo fit`. Nothing here is imported eagerly.
+"""The ModelZoo face: sparse LoRA inside ModelZoo's own, unmodified `cszoo fit`.
 
 - `autoregister`: the cheap import-time trigger (stdlib only) that runs `registration` steps when
-  ModelZoo's own modules load; installed by `import modelzoo_ext`.
+  ModelZoo's own modules load. Importing this package installs it: the `.pth` file of
+  `sparse-lora install-hook` and the `cszoo-sparse-lora` wrapper both do.
 - `registration`: model names, trainer classes and converter entries given to ModelZoo.
-- `config`, `model`: the `sparse_lora_llama` / `sparse_lora_mistral` config and model classes.
-- `masks`: a mask file seen in ModelZoo naming (HF files converted with the q/k row permutation).
+- `config`, `model`: the `sparse_lora_<family>` config and model classes, one per family of
+  `modelzoo_ext.families`.
 - `sparsity`: `MaskFileSparsity`, the cerebras.pytorch sparsity algorithm fed by the mask file.
-- `callbacks`: `SparseLoRAMasks` (applies it, model only) and `SparseLoRALossLog`.
+- `callbacks`: `SparseLoRAMasks` (checks provenance, applies the masks to the model only) and
+  `SparseLoRALossLog`.
+- `converters`: entries for ModelZoo's checkpoint-converter registry (`cszoo checkpoint convert`).
 - `hook`, `wrapper`, `cli`: `sparse-lora install-hook`, `cszoo-sparse-lora`, `sparse-lora modelzoo status`.
-- `tiny_assets`: `make tiny-assets` for the tiny CPU configs in `model_configs/`.
 
-See docs/modelzoo.md.
+Only `autoregister` is imported eagerly. See docs/modelzoo.md.
 """
 
-# The per-step loss/time log `SparseLoRALossLog` writes in a run's model_dir (stdlib-only home, so
-# `sparse-lora parity` and the sweep read it without importing cerebras-pytorch).
-LOSS_LOG_NAME = "sparse_lora_losses.jsonl"
+from modelzoo_ext.cerebras import autoregister as _autoregister
+
+_autoregister.install()

@@ -3,7 +3,7 @@
 Both are named in a run YAML under `trainer.init.callbacks`:
 
     callbacks:
-    - SparseLoRAMasks: {}                 # required by sparse_lora_llama / sparse_lora_mistral
+    - SparseLoRAMasks: {}                 # required by the sparse_lora_<family> models
     - SparseLoRALossLog: {}               # optional: <model_dir>/sparse_lora_losses.jsonl
 
 ModelZoo's validation finds callbacks by lower-cased class name among the subclasses imported
@@ -15,7 +15,6 @@ model module (the model module is imported inside `setup`).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -23,9 +22,9 @@ import cerebras.pytorch as cstorch
 import torch
 from cerebras.modelzoo.trainer.callbacks import Callback
 
-from modelzoo_ext.cerebras import LOSS_LOG_NAME
 from modelzoo_ext.cerebras.sparsity import MaskFileSparsity
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.loss_log import LossRow, append_row, loss_log_path
 from modelzoo_ext.sparse_lora import sparse_lora_layers
 
 
@@ -35,12 +34,14 @@ class SparseLoRAMasks(Callback):
     At `setup` (after the model is built, before any compile or appliance job) it applies a
     `MaskFileSparsity` to the model, checks that it masks exactly the sparse-LoRA weights and
     uses every mask in the file (a UserError lists the offending names otherwise), then lets the
-    model run. Applying it to the model only is deliberate: the YAML `sparsity:` section would
+    model run. Before the base checkpoint is loaded it checks that the checkpoint belongs to the
+    mask file (its converted source or pruned output; `modelzoo_ext.masks.provenance`). Applying it to the model only is deliberate: the YAML `sparsity:` section would
     also apply it to the optimizer, which fails at the first step when the weights are frozen.
     """
 
     def __init__(self):
         self.sparsity: MaskFileSparsity | None = None
+        self._base_checked = False  # a later load of None keeps the weights already there
 
     def setup(self, trainer):
         from modelzoo_ext.cerebras.model import SparseLoRAMixin
@@ -48,14 +49,14 @@ class SparseLoRAMasks(Callback):
         model = trainer.model
         if not isinstance(model, SparseLoRAMixin):
             raise UserError(
-                f"SparseLoRAMasks needs a sparse_lora_llama / sparse_lora_mistral model, got {type(model).__name__}",
+                f"SparseLoRAMasks needs a sparse_lora_<family> model (e.g. sparse_lora_llama), got {type(model).__name__}",
                 where="trainer.init.model.name",
                 fix="use a model_configs/params_sparse_lora_*.yaml as the template",
             )
         config = model.sparse_lora_config
         if config.dense_baseline:
             return  # plain LoRA: nothing to mask
-        self.sparsity = MaskFileSparsity(config.mask_path, model.family, model.model_section)
+        self.sparsity = MaskFileSparsity(model.masks)
         self.sparsity.apply(model)
         weights = [f"{name}.weight" for name in sparse_lora_layers(model)]
         self.sparsity.check_covers(weights)
@@ -64,6 +65,32 @@ class SparseLoRAMasks(Callback):
             f"SparseLoRAMasks: {len(weights)} weights masked from {config.mask_path} "
             f"({config.mode}); {model.sparse_lora_summary.trainable_params:,} trainable parameters"
         )
+
+    def on_before_load_checkpoint(self, trainer, ckpt_path):
+        """The base checkpoint must belong to the mask file (`modelzoo_ext.masks.provenance`).
+
+        Runs before ModelZoo reads the checkpoint: a checkpoint that embeds other masks would
+        otherwise win silently (cstorch keeps masks found in a loaded checkpoint).
+        """
+        from modelzoo_ext.masks.provenance import OVERRIDE_KEY, check_cs_checkpoint
+
+        model = trainer.model
+        config = model.sparse_lora_config
+        if config.dense_baseline:
+            return
+        if ckpt_path is None:
+            if self._base_checked or config.skip_provenance_check:
+                return
+            raise UserError(
+                "no base checkpoint: the frozen base weights would be ModelZoo's random initialisation",
+                where="trainer.fit.ckpt_path",
+                fix=f"set fit.ckpt_path to the base from `sparse-lora convert hf-to-cs` (or {OVERRIDE_KEY}: true)",
+            )
+        verdict = check_cs_checkpoint(
+            model.masks.file, ckpt_path, run_dir=trainer.model_dir, skip=config.skip_provenance_check
+        )
+        self._base_checked = True
+        trainer.logger.info(f"SparseLoRAMasks: {ckpt_path} accepted for {config.mask_path}: {verdict}")
 
     def on_save_trainer_state(self, trainer, state_dict):
         pass  # the masks live in the model state (`<param>_mask`); nothing else to save
@@ -75,10 +102,9 @@ class SparseLoRAMasks(Callback):
 class SparseLoRALossLog(Callback):
     """Append every training step's loss, at full precision, to `<model_dir>/sparse_lora_losses.jsonl`.
 
-    One JSON object per line: {"step": global step, "loss": float, "time_s": float}. `time_s` is
-    the host time since the previous step's loss arrived (for the first step, since setup, so it
-    includes compilation): the step time the sweep turns into tokens/s
-    (`experiments.throughput`). `sparse-lora parity` compares the losses with gpu_reference's.
+    The format is `modelzoo_ext.loss_log`'s: one row per step with the loss and the host time
+    since the previous row (the step time the sweep turns into tokens/s). `sparse-lora parity`
+    compares the losses with gpu_reference's.
     """
 
     def __init__(self):
@@ -86,7 +112,7 @@ class SparseLoRALossLog(Callback):
         self._last_time = 0.0
 
     def setup(self, trainer):
-        self.path = Path(trainer.model_dir) / LOSS_LOG_NAME
+        self.path = loss_log_path(trainer.model_dir)
         self._last_time = time.perf_counter()
 
     def on_train_batch_end(self, trainer, model, outputs, batch, batch_idx):
@@ -95,10 +121,8 @@ class SparseLoRALossLog(Callback):
     @cstorch.step_closure
     def _write(self, step: int, loss: torch.Tensor) -> None:
         now = time.perf_counter()
-        row = {"step": int(step), "loss": float(loss.item()), "time_s": now - self._last_time}
+        append_row(self.path, LossRow(int(step), float(loss.item()), now - self._last_time))
         self._last_time = now
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
 
     def on_save_trainer_state(self, trainer, state_dict):
         pass

@@ -55,7 +55,7 @@ def _install_hook(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from modelzoo_ext.cerebras.hook import hook_installed, hook_path
+    from modelzoo_ext.cerebras.hook import hook_installed, hook_outdated, hook_path
 
     def importable(name: str) -> bool:
         try:
@@ -71,10 +71,14 @@ def _status(args: argparse.Namespace) -> int:
     }
     for what, ok in checks.items():
         print(f"{'ok     ' if ok else 'MISSING'}  {what}")
+    if hook_outdated():
+        print(
+            f"OUTDATED install-hook: {hook_path()} was written by another version; rerun `sparse-lora install-hook`"
+        )
     if checks["cerebras.modelzoo (ModelZoo, editable install)"]:
-        from modelzoo_ext.cerebras.registration import MODEL_PATHS, registered_model_names
+        from modelzoo_ext.cerebras.registration import model_paths, registered_model_names
 
         names = registered_model_names()
-        print(f"registered models: {', '.join(names) or 'none'} (expected {', '.join(MODEL_PATHS)})")
+        print(f"registered models: {', '.join(names) or 'none'} (expected {', '.join(model_paths())})")
     missing = [what for what, ok in checks.items() if not ok and not what.startswith("install-hook")]
     return 1 if missing else 0

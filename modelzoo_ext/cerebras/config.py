@@ -1,7 +1,7 @@
-"""Model configs of the ModelZoo variants: the stock Llama/Mistral config plus a `sparse_lora` block.
+"""Model configs of the ModelZoo variants: each family's stock config plus a `sparse_lora` block.
 
     model:
-      name: sparse_lora_llama          # or sparse_lora_mistral
+      name: sparse_lora_llama          # sparse_lora_<family> for every family of modelzoo_ext.families
       ...every key of ModelZoo's `llama` (or `mistral`) model config...
       sparse_lora:
         mode: sparse_to_sparse         # or sparse_to_dense
@@ -13,21 +13,23 @@
 Validation is ModelZoo's own (pydantic, `extra="forbid"`): an unknown key anywhere, including in
 `sparse_lora`, an unknown mode or a missing `mask_path` fails `cszoo fit` / `cszoo config
 validate` before anything is built. `target_modules` are Hugging Face module names; the model
-maps them to ModelZoo's modules through `mask_converters.rules`.
+maps them to ModelZoo's modules through `modelzoo_ext.name_map`.
 
+One config class per family, generated from the family table (ModelZoo needs a distinct class
+per registered name): `SparseLoRALlamaModelConfig`, `SparseLoRAMistralModelConfig`, ...
 Importing this module imports ModelZoo.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the generated classes' annotations must be objects
+# (pydantic evaluates them when the class is created, where `family` is a local).
+import importlib
 from typing import Literal
 
-from cerebras.modelzoo.models.nlp.llama.model import LlamaModelConfig
-from cerebras.modelzoo.models.nlp.mistral.model import MistralModelConfig
 from pydantic import field_validator
 
-from mask_converters.rules import hf_module_to_cs_module
-from modelzoo_ext.sparse_lora import SparseLoRAConfig
+from modelzoo_ext.families import FAMILIES, ModelFamily
+from modelzoo_ext.name_map import hf_module_to_cs_module
+from modelzoo_ext.run_config.sparse_lora_block import SparseLoRAConfig
 
 
 def _check_targets(sparse_lora: SparseLoRAConfig, family: str) -> SparseLoRAConfig:
@@ -46,35 +48,34 @@ def _check_targets(sparse_lora: SparseLoRAConfig, family: str) -> SparseLoRAConf
     return sparse_lora
 
 
-class SparseLoRALlamaModelConfig(LlamaModelConfig):
-    """ModelZoo's Llama config plus the `sparse_lora` block."""
-
-    name: Literal["sparse_lora_llama"]
-    sparse_lora: SparseLoRAConfig
-    "Sparse LoRA: mode, rank, targets (Hugging Face module names) and the mask file."
-
-    @field_validator("sparse_lora", mode="after")
-    @classmethod
-    def _targets_exist(cls, value: SparseLoRAConfig) -> SparseLoRAConfig:
-        return _check_targets(value, "llama")
-
-    @property
-    def family(self) -> str:
-        return "llama"
+def stock_config_class(family: ModelFamily) -> type:
+    """ModelZoo's own config class of `family` (e.g. `LlamaModelConfig`)."""
+    return getattr(importlib.import_module(family.modelzoo_module), family.modelzoo_config_class)
 
 
-class SparseLoRAMistralModelConfig(MistralModelConfig):
-    """ModelZoo's Mistral config plus the `sparse_lora` block."""
+def _config_class(spec: ModelFamily) -> type:
+    # `spec`, not `family`: the class body defines a `family` property, which would hide the
+    # enclosing variable from the annotations above it.
+    class Config(stock_config_class(spec)):
+        name: Literal[spec.sparse_lora_model]
+        sparse_lora: SparseLoRAConfig
+        "Sparse LoRA: mode, rank, targets (Hugging Face module names) and the mask file."
 
-    name: Literal["sparse_lora_mistral"]
-    sparse_lora: SparseLoRAConfig
-    "Sparse LoRA: mode, rank, targets (Hugging Face module names) and the mask file."
+        @field_validator("sparse_lora", mode="after")
+        @classmethod
+        def _targets_exist(cls, value: SparseLoRAConfig) -> SparseLoRAConfig:
+            return _check_targets(value, spec.name)
 
-    @field_validator("sparse_lora", mode="after")
-    @classmethod
-    def _targets_exist(cls, value: SparseLoRAConfig) -> SparseLoRAConfig:
-        return _check_targets(value, "mistral")
+        @property
+        def family(self) -> str:
+            """The model family (`llama`, `mistral`, ...)."""
+            return spec.name
 
-    @property
-    def family(self) -> str:
-        return "mistral"
+    Config.__name__ = Config.__qualname__ = f"SparseLoRA{spec.class_stem}ModelConfig"
+    Config.__module__ = __name__
+    Config.__doc__ = f"ModelZoo's {spec.modelzoo_config_class} plus the `sparse_lora` block."
+    return Config
+
+
+CONFIG_CLASSES: dict[str, type] = {name: _config_class(family) for name, family in FAMILIES.items()}
+globals().update({cls.__name__: cls for cls in CONFIG_CLASSES.values()})  # importable by name (pickle)

@@ -2,8 +2,8 @@
 
 ModelZoo only knows models, callbacks and converters registered in the same process before it
 validates a YAML. The hook is one `.pth` file in site-packages whose single line imports
-`modelzoo_ext` at interpreter start when it is installed (a few milliseconds: it only puts a
-small finder on `sys.meta_path`; ModelZoo and torch are not imported, see `autoregister`).
+`modelzoo_ext.cerebras` at interpreter start when it is installed (a few milliseconds: it only
+puts a small finder on `sys.meta_path`; ModelZoo and torch are not imported, see `autoregister`).
 Processes spawned by ModelZoo's autorestart start the same way, so they register too.
 
 Sites that forbid `.pth` files use the wrapper command `cszoo-sparse-lora` instead (same
@@ -21,7 +21,8 @@ from modelzoo_ext.atomic import atomic_file
 PTH_NAME = "zzz_modelzoo_sparse_lora.pth"
 # One line (site.py executes lines that start with `import`); does nothing if the package is gone.
 PTH_LINE = (
-    "import importlib.util as _u; _u.find_spec('modelzoo_ext') is not None and __import__('modelzoo_ext')\n"
+    "import importlib.util as _u; "
+    "_u.find_spec('modelzoo_ext') is not None and __import__('modelzoo_ext.cerebras')\n"
 )
 
 
@@ -57,3 +58,9 @@ def hook_installed(site_dir: str | Path | None = None) -> bool:
     """True when our `.pth` file is in place with the expected content."""
     path = hook_path(site_dir)
     return path.is_file() and path.read_text() == PTH_LINE
+
+
+def hook_outdated(site_dir: str | Path | None = None) -> bool:
+    """True when a `.pth` file of ours is in place but written by another version (rerun install-hook)."""
+    path = hook_path(site_dir)
+    return path.is_file() and path.read_text() != PTH_LINE

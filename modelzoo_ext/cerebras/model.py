@@ -1,10 +1,12 @@
-"""The ModelZoo model variants `sparse_lora_llama` and `sparse_lora_mistral`.
+"""The ModelZoo model variants `sparse_lora_<family>` (`sparse_lora_llama`, `sparse_lora_mistral`, ...).
 
-Each builds ModelZoo's stock model, then puts the shared sparse-LoRA layers
+Each builds ModelZoo's stock model of its family, then puts the shared sparse-LoRA layers
 (`modelzoo_ext.sparse_lora`) on the targeted linears by attribute name, e.g. `q_proj` ->
 `...self_attn.proj_q_dense_layer`, and freezes every other parameter. The masks come from the
-mask file (converted from HF naming on the fly); wrong masks fail here, at trainer setup,
-before anything is compiled.
+mask file, read through the one mask view (`modelzoo_ext.masks.view.MaskView`, converted from HF
+naming on the fly); the model keeps that view (`model.masks`) for the `SparseLoRAMasks`
+callback, so the file is opened and checked once per run. Wrong masks fail here, at trainer
+setup, before anything is compiled.
 
 Who zeroes W off the mask: the `SparseLoRAMasks` callback applies a cerebras.pytorch sparsity
 algorithm to this model, which masks W in place before every forward (and tells the CS compiler
@@ -13,50 +15,66 @@ is used only where the math needs it (the s2s masked update). Without that callb
 used unmasked, so `forward` refuses to run until the callback has applied the masks.
 
 Lifecycle: `__init__` (build stock model -> read masks -> apply sparse LoRA, base frozen) ->
-`SparseLoRAMasks.setup` (cstorch sparsity on the model, `mark_masks_applied`) -> training.
+`SparseLoRAMasks.setup` (provenance check, cstorch sparsity on the model, `mark_masks_applied`)
+-> training.
+
+One model class per family is generated from the family table (ModelZoo's registry rejects two
+names with one class path): `SparseLoRALlamaModel`, `SparseLoRAMistralModel`, ...
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: ModelZoo builds each model's config schema from the
+# `config` annotation of its `__init__`, which must be the class object itself.
+import importlib
+from pathlib import Path
 from typing import Any
 
-from cerebras.modelzoo.models.nlp.llama.model import LlamaModel
-from cerebras.modelzoo.models.nlp.mistral.model import MistralModel
-
-from mask_converters.rules import cs_to_hf_name, hf_module_to_cs_module
-from modelzoo_ext.cerebras.config import SparseLoRALlamaModelConfig, SparseLoRAMistralModelConfig
-from modelzoo_ext.cerebras.masks import read_cs_masks
+from modelzoo_ext.cerebras.config import CONFIG_CLASSES
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.sparse_lora import SparseLoRAConfig, SparseLoRASummary, apply_sparse_lora_
+from modelzoo_ext.families import FAMILIES, ModelFamily
+from modelzoo_ext.masks.view import MaskView
+from modelzoo_ext.name_map import RopeLayout, cs_to_hf_name, hf_module_to_cs_module
+from modelzoo_ext.run_config.sparse_lora_block import SparseLoRAConfig
+from modelzoo_ext.sparse_lora import SparseLoRASummary, apply_sparse_lora_
 
 CALLBACK_NAME = "SparseLoRAMasks"
 
 
 class SparseLoRAMixin:
-    """Shared by both variants: the sparse-LoRA setup after the stock model is built."""
+    """Shared by every variant: the sparse-LoRA setup after the stock model is built."""
 
     family: str
     sparse_lora_config: SparseLoRAConfig
     sparse_lora_summary: SparseLoRASummary
     model_section: dict[str, Any]
+    masks: MaskView | None
     masks_applied: bool
 
     def _attach_sparse_lora(self, config) -> None:
         self.family = config.family
-        self.sparse_lora_config = config.sparse_lora
+        self.sparse_lora_config = cfg = config.sparse_lora
         self.model_section = config.model_dump()
-        cfg = config.sparse_lora
-        masks = {} if cfg.dense_baseline else read_cs_masks(cfg.mask_path, self.family, self.model_section)
+        self.masks = None if cfg.dense_baseline else self._open_masks(cfg.mask_path)
         self.sparse_lora_summary = apply_sparse_lora_(
             self,
             cfg,
-            masks,
+            {} if self.masks is None else self.masks.as_dict(),
             target_modules=[hf_module_to_cs_module(t, self.family) for t in cfg.target_modules],
             canonical_name=self.hf_module_name,
             mask_base_in_forward=False,  # the cstorch sparsity hook masks W in place before forward
             sampled_product="never",  # plain dense ops only: the model is traced on the CS backend
         )
         self.masks_applied = cfg.dense_baseline
+
+    def _open_masks(self, mask_path: str) -> MaskView:
+        """The run's mask file in this model's (CS, `model.`-prefixed) naming."""
+        if not Path(mask_path).is_file():
+            raise UserError(
+                "sparse_lora.mask_path does not exist",
+                where=str(mask_path),
+                fix="run `sparse-lora masks compute` (or `make tiny-assets` for the tiny config), or fix "
+                "the path (relative paths are taken from the directory cszoo runs in)",
+            )
+        return MaskView(mask_path, "cs", self.family, RopeLayout.from_cs_config(self.model_section))
 
     def hf_module_name(self, cs_module: str) -> str:
         """ModelZoo module name -> HF module name (seeds LoRA A identically on both backends)."""
@@ -76,29 +94,41 @@ class SparseLoRAMixin:
             )
 
 
-class SparseLoRALlamaModel(SparseLoRAMixin, LlamaModel):
-    """ModelZoo's Llama with sparse LoRA on the targeted linears (registry name `sparse_lora_llama`)."""
+def stock_model_class(family: ModelFamily) -> type:
+    """ModelZoo's own model class of `family` (e.g. `LlamaModel`)."""
+    return getattr(importlib.import_module(family.modelzoo_module), family.modelzoo_class)
 
-    def __init__(self, config: SparseLoRALlamaModelConfig):
+
+def _model_class(family: ModelFamily) -> type:
+    config_class = CONFIG_CLASSES[family.name]
+
+    def __init__(self, config: config_class):
         if isinstance(config, dict):
-            config = SparseLoRALlamaModelConfig(**config)
-        super().__init__(config)
+            config = config_class(**config)
+        super(cls, self).__init__(config)
         self._attach_sparse_lora(config)
 
     def forward(self, *args, **kwargs):
         self._require_masks_applied()
-        return super().forward(*args, **kwargs)
+        return super(cls, self).forward(*args, **kwargs)
+
+    name = f"SparseLoRA{family.class_stem}Model"
+    cls = type(
+        name,
+        (SparseLoRAMixin, stock_model_class(family)),
+        {
+            "__init__": __init__,
+            "forward": forward,
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"ModelZoo's {family.modelzoo_class} with sparse LoRA on the targeted linears "
+            f"(registry name `{family.sparse_lora_model}`).",
+        },
+    )
+    return cls
 
 
-class SparseLoRAMistralModel(SparseLoRAMixin, MistralModel):
-    """ModelZoo's Mistral with sparse LoRA on the targeted linears (registry name `sparse_lora_mistral`)."""
-
-    def __init__(self, config: SparseLoRAMistralModelConfig):
-        if isinstance(config, dict):
-            config = SparseLoRAMistralModelConfig(**config)
-        super().__init__(config)
-        self._attach_sparse_lora(config)
-
-    def forward(self, *args, **kwargs):
-        self._require_masks_applied()
-        return super().forward(*args, **kwargs)
+MODEL_CLASSES: dict[str, type] = {name: _model_class(family) for name, family in FAMILIES.items()}
+globals().update(
+    {cls.__name__: cls for cls in MODEL_CLASSES.values()}
+)  # importable by name (registry, pickle)

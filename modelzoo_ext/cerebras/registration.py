@@ -10,11 +10,19 @@ from __future__ import annotations
 import importlib
 import sys
 
-# Registry names -> model classes. ModelZoo rejects a duplicate class path, so each variant has its own class.
-MODEL_PATHS = {
-    "sparse_lora_llama": "modelzoo_ext.cerebras.model.SparseLoRALlamaModel",
-    "sparse_lora_mistral": "modelzoo_ext.cerebras.model.SparseLoRAMistralModel",
-}
+from modelzoo_ext.families import FAMILIES
+
+MODEL_MODULE = "modelzoo_ext.cerebras.model"
+
+
+def model_paths() -> dict[str, str]:
+    """Registry name -> model class path, one per family (`sparse_lora_llama` -> `...SparseLoRALlamaModel`).
+
+    ModelZoo rejects a duplicate class path, so each variant has its own class (generated in
+    `modelzoo_ext.cerebras.model` from the same family table).
+    """
+    return {f.sparse_lora_model: f"{MODEL_MODULE}.SparseLoRA{f.class_stem}Model" for f in FAMILIES.values()}
+
 
 # Every processor a YAML may name must be listed here, or ModelZoo's validation rejects it.
 DATA_PROCESSOR_PATHS = (
@@ -26,17 +34,15 @@ DATA_PROCESSOR_PATHS = (
 # lower-cased class name, so they must be imported before a YAML is validated.
 TRAINER_CLASS_MODULES = ("modelzoo_ext.cerebras.callbacks",)
 
-CONVERTER_REGISTRY_MODULE = "mask_converters.modelzoo_registry"
-
 
 def register_models() -> None:
-    """Add `sparse_lora_llama` / `sparse_lora_mistral` to ModelZoo's model registry (once)."""
+    """Add the `sparse_lora_<family>` models to ModelZoo's model registry (once)."""
     module = sys.modules.get("cerebras.modelzoo.registry.registry")
     if module is None:
         module = importlib.import_module("cerebras.modelzoo.registry.registry")
     registry = module.registry
     known = {entry.name for entry in registry.registry.models}
-    for name, path in MODEL_PATHS.items():
+    for name, path in model_paths().items():
         if name not in known:
             registry.register_model(name=name, path=path, data_processor_paths=DATA_PROCESSOR_PATHS)
 
@@ -48,14 +54,10 @@ def import_trainer_classes() -> None:
 
 
 def register_converters() -> None:
-    """Add the checkpoint-converter entries for our model names (from `mask_converters`)."""
-    try:
-        module = importlib.import_module(CONVERTER_REGISTRY_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != CONVERTER_REGISTRY_MODULE:
-            raise
-        return  # the converters package predates its ModelZoo entries: nothing to register
-    module.register_converters()
+    """Add the checkpoint-converter entries for our model names (`modelzoo_ext.cerebras.converters`)."""
+    from modelzoo_ext.cerebras import converters
+
+    converters.register_converters()
 
 
 def register_all() -> None:
@@ -69,4 +71,4 @@ def registered_model_names() -> list[str]:
     """The names of ours that ModelZoo's registry currently knows (imports the registry)."""
     from cerebras.modelzoo.registry import registry
 
-    return sorted(set(registry.get_model_names()) & set(MODEL_PATHS))
+    return sorted(set(registry.get_model_names()) & set(model_paths()))

@@ -7,9 +7,9 @@ mask file instead of `random`/`topk`, and only the parameters the file names are
 every forward, and on CSX the weight is annotated with its exact sparsity for the compiler.
 
 Lifecycle (llm-compressor style):
-    algorithm = MaskFileSparsity(mask_path, family, architecture)
+    algorithm = MaskFileSparsity(model.masks)     # the model's view of the mask file (CS naming)
     algorithm.apply(model)        # model only: frozen weights have no optimizer state to prune
-    algorithm.check_covers(model, weight_names)   # every mask used, every LoRA weight masked
+    algorithm.check_covers(weight_names)          # every mask used, every LoRA weight masked
     ... cstorch initialises each mask lazily at run start (after a checkpoint load; masks already
         in the loaded checkpoint win) by calling the per-parameter init below.
 
@@ -22,40 +22,39 @@ Imports cerebras-pytorch (not ModelZoo).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from cerebras.pytorch.sparse import Static
 from cerebras.pytorch.sparse.base import SparseParameter
 from cerebras.pytorch.sparse.utils import make_hyperparam_schedule
 
-from modelzoo_ext.cerebras.masks import CSMaskSource
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.masks.view import MaskView
 
 
 class MaskFileSparsity(Static):
     """Static sparsity with per-parameter masks loaded from a sparse-lora mask file.
 
     Args:
-        mask_path: the mask file (HF or CS naming; HF is converted with the q/k row permutation).
-        family: "llama" or "mistral".
-        architecture: the `model:` config as a dict (attention layout for the q/k permutation; not
-            named `model_*`: ModelZoo turns these arguments into pydantic fields, and pydantic
-            reserves that prefix).
+        masks: the mask file seen in the model's CS naming (`MaskView`, the one the model read its
+            masks through). Annotated `Any`: ModelZoo builds a pydantic schema from every
+            SparsityAlgorithm's arguments, and a YAML `sparsity:` section cannot (and must not)
+            name this class.
         kwargs: passed to `Static` (cstorch builds algorithms with extra keywords).
     """
 
-    def __init__(
-        self,
-        mask_path: str,
-        family: Literal["llama", "mistral"],
-        architecture: dict,
-        **kwargs: Any,
-    ):
+    def __init__(self, masks: Any, **kwargs: Any):
+        if not isinstance(masks, MaskView) or masks.naming != "cs":
+            raise UserError(
+                "MaskFileSparsity is applied by the SparseLoRAMasks callback, not from a `sparsity:` section",
+                where="trainer.init.sparsity",
+                fix="remove the sparsity section and add `- SparseLoRAMasks: {}` to trainer.init.callbacks",
+            )
         kwargs.pop("sparsity", None)  # the sparsity of each parameter is its mask's, not a knob
         super().__init__(sparsity=None, **kwargs)
-        self.source = CSMaskSource(mask_path, family, architecture)
-        self._unused = set(self.source.names())
+        self.source = masks
+        self._unused = set(masks.keys())
 
     def sparsify_parameter(self, module: torch.nn.Module, name: str, param: torch.Tensor) -> None:
         """Sparsify `param` (full name `name` in the model) iff the mask file has its mask."""

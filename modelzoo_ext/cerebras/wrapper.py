@@ -2,14 +2,14 @@
 
     cszoo-sparse-lora fit model_configs/params_sparse_lora_tiny.yaml
 
-Same arguments as `cszoo`. Importing `modelzoo_ext` (at the top of this module, so it also happens
-in every process that ModelZoo's autorestart spawns from this script) installs the registration
-hook; then ModelZoo's own command-line entry point runs unchanged.
+Same arguments as `cszoo`. Importing `modelzoo_ext.cerebras` (at the top of this module, so it also
+happens in every process that ModelZoo's autorestart spawns from this script) installs the
+registration hook; then ModelZoo's own command-line entry point runs unchanged.
 """
 
 from __future__ import annotations
 
-import modelzoo_ext  # noqa: F401  (installs the registration hook before ModelZoo is imported)
+import modelzoo_ext.cerebras  # noqa: F401  (installs the registration hook before ModelZoo is imported)
 
 
 def main() -> None:

@@ -4,8 +4,9 @@ Shard by shard: each output shard has the same file name, tensors and header met
 input shard; the index (if any) and every other file of the model directory (config,
 tokenizer, generation config) are copied unchanged. Before the directory appears under its
 final name, the result is read back and checked: every masked position is zero and every
-other value is bit-identical to the input. A `sparse_lora_pruning.json` records which mask
-file (and its metadata checksum) produced the checkpoint.
+other value is bit-identical to the input. A `sparse_lora_pruning.json` records which masks
+produced the checkpoint from which source, with the fingerprints the provenance checks compare
+(`modelzoo_ext.masks.provenance`).
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from modelzoo_ext.atomic import atomic_dir
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.hf_checkpoint import HFCheckpoint
+from modelzoo_ext.hf_checkpoint import HFCheckpoint, open_shard
 from modelzoo_ext.masks.format import MaskFile, tensor_sha256
+from modelzoo_ext.masks.provenance import PRUNING_RECORD, pruning_record
 
-PRUNING_RECORD = "sparse_lora_pruning.json"
 # Weights in other formats are never copied next to the pruned safetensors.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -38,12 +38,7 @@ def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
 
 def check_masks_fit(mask_file: MaskFile, checkpoint: HFCheckpoint) -> None:
     """Refuse masks in Cerebras naming, or naming tensors the model lacks, or with other shapes."""
-    if mask_file.naming != "hf":
-        raise UserError(
-            "this mask file uses Cerebras parameter names",
-            where=str(mask_file.path),
-            fix="convert it with `sparse-lora masks cs-to-hf` first",
-        )
+    mask_file.require_naming("hf", "masks apply")
     present = set(checkpoint.keys())
     for name in mask_file.keys():  # noqa: SIM118 (MaskFile is not a dict)
         if name not in present:
@@ -65,7 +60,7 @@ def _prune(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _verify_shard(written: Path, original: Path, mask_file: MaskFile) -> None:
-    with safe_open(str(written), framework="pt") as out, safe_open(str(original), framework="pt") as src:
+    with open_shard(written) as out, open_shard(original) as src:
         if set(out.keys()) != set(src.keys()):
             raise UserError("pruned shard lost tensors", where=str(written))
         for name in src.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -92,7 +87,7 @@ def apply_masks(model_dir: str | Path, mask_path: str | Path, out_dir: str | Pat
     zeroed = 0
     with atomic_dir(out_dir) as tmp:
         for shard, names in tqdm(checkpoint.shards().items(), desc="apply masks", unit="shard", leave=False):
-            with safe_open(str(shard), framework="pt") as f:
+            with open_shard(shard) as f:
                 header = f.metadata()
                 tensors = {}
                 for name in names:
@@ -116,9 +111,7 @@ def apply_masks(model_dir: str | Path, mask_path: str | Path, out_dir: str | Pat
             if item.is_file() and item.suffix not in WEIGHT_SUFFIXES and item.name != PRUNING_RECORD:
                 shutil.copy2(item, tmp / item.name)
         record = {
-            "source_model": str(checkpoint.directory.resolve()),
-            "mask_file": str(Path(mask_path).resolve()),
-            "mask_metadata_sha256": mask_file.metadata.get("metadata_sha256"),
+            **pruning_record(mask_file, checkpoint, [tmp / shard.name for shard in checkpoint.shards()]),
             "method": mask_file.metadata.get("method"),
             "structure": mask_file.metadata.get("structure"),
             "achieved_sparsity": mask_file.metadata.get("achieved_sparsity"),

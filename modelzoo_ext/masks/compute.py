@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from modelzoo_ext.errors import UserError
@@ -93,25 +92,9 @@ def level_paths(out: str | Path, sparsities: tuple[float, ...]) -> list[Path]:
     return [out.with_name(f"{out.stem}_sparsity{s:g}{suffix}") for s in sparsities]
 
 
-def checkpoint_shapes(checkpoint: HFCheckpoint) -> dict[str, tuple[int, ...]]:
-    """name -> shape for every tensor, reading each shard's header once."""
-    shapes = {}
-    for shard, keys in checkpoint.shards().items():
-        with safe_open(str(shard), framework="pt") as f:
-            for key in keys:
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    return shapes
-
-
 def source_record(checkpoint: HFCheckpoint) -> dict[str, Any]:
-    """The source model's name/revision as its config.json records it, and its directory."""
-    config = checkpoint.config
-    return {
-        "name": config.get("_name_or_path") or checkpoint.directory.name,
-        "revision": config.get("_commit_hash") or config.get("transformers_version"),
-        "directory": str(checkpoint.directory.resolve()),
-        "model_type": config.get("model_type"),
-    }
+    """What the mask file records about its source checkpoint (`HFCheckpoint.describe`)."""
+    return checkpoint.describe()
 
 
 @contextlib.contextmanager
@@ -260,7 +243,7 @@ def compute_masks(
     started = time.perf_counter()
     structure, levels = request.checked()
     checkpoint = HFCheckpoint(model_dir)
-    shapes = checkpoint_shapes(checkpoint)
+    shapes = checkpoint.shapes()
     rule = TargetRule(request.include, request.exclude)
     names = rule.select(shapes, where=str(checkpoint.directory))
     total = sum(shapes[name][0] * shapes[name][1] for name in names)

@@ -41,6 +41,10 @@ FORMAT_NAME = "sparse-lora-masks"
 FORMAT_VERSION = 1
 METADATA_KEY = "sparse_lora_masks"
 NAMINGS = ("hf", "cs")
+# Metadata entries `MaskWriter.write` computes itself; everything else is provenance.
+_RECOMPUTED_KEYS = {
+    "format", "format_version", "naming", "tensors", "achieved_sparsity", "metadata_sha256", "created",
+}  # fmt: skip
 
 
 def tool_version() -> str:
@@ -211,6 +215,19 @@ class MaskFile:
         """'hf' or 'cs': whose parameter names the keys are."""
         return self.metadata["naming"]
 
+    def require_naming(self, naming: str, user: str) -> MaskFile:
+        """This file, when its keys are in `naming`; a UserError saying how to convert it otherwise.
+
+        `user`: who needs that naming (for the message), e.g. "the reference trainer"."""
+        if self.naming != naming:
+            command = "cs-to-hf" if naming == "hf" else "hf-to-cs"
+            raise UserError(
+                f"{user} needs masks in {naming.upper()} naming; this file is in {self.naming.upper()} naming",
+                where=str(self.path),
+                fix=f"convert it with `sparse-lora masks {command}` first",
+            )
+        return self
+
     def keys(self) -> list[str]:
         """Masked parameter names, sorted."""
         return sorted(self.metadata["tensors"])
@@ -254,6 +271,19 @@ class MaskFile:
         """(name, mask) for every mask, one unpacked at a time."""
         for name in self.keys():
             yield name, self.get(name)
+
+    def provenance(self) -> dict[str, Any]:
+        """What a file derived from this one carries over: every metadata entry the writer does
+        not recompute (method, sparsity, seed, source model, ...), plus where it came from."""
+        carried = {k: v for k, v in self.metadata.items() if k not in _RECOMPUTED_KEYS}
+        # The same masks under another naming keep the identity of the file first written.
+        carried["mask_identity"] = self.metadata.get("mask_identity") or self.metadata.get("metadata_sha256")
+        carried["converted_from"] = {
+            "path": str(self.path),
+            "naming": self.naming,
+            "metadata_sha256": self.metadata.get("metadata_sha256"),
+        }
+        return carried
 
 
 def save_masks(

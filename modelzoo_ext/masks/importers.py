@@ -25,7 +25,7 @@ import torch
 
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
-from modelzoo_ext.masks.compute import checkpoint_shapes, source_record
+from modelzoo_ext.masks.compute import source_record
 from modelzoo_ext.masks.format import MaskWriter, tensor_sha256
 from modelzoo_ext.masks.targets import TargetRule
 
@@ -94,7 +94,7 @@ def _param_name(key: str, present: set[str], where: str) -> str:
 
 def _from_pruned_checkpoint(old: Path, rule: TargetRule) -> dict[str, torch.Tensor]:
     pruned = HFCheckpoint(old)
-    names = rule.select(checkpoint_shapes(pruned), where=str(old))
+    names = rule.select(pruned.shapes(), where=str(old))
     return {name: weight != 0 for name, weight in pruned.iter_tensors(names)}
 
 
@@ -147,7 +147,7 @@ def import_masks(
     rule = TargetRule(include, exclude)
     raw, record = read_foreign_masks(old, allow_pickle=allow_pickle, rule=rule)
     checkpoint = HFCheckpoint(model_dir)
-    shapes = checkpoint_shapes(checkpoint)
+    shapes = checkpoint.shapes()
     where = f"{old} vs {model_dir}"
     masks: dict[str, torch.Tensor] = {}
     for key, mask in raw.items():

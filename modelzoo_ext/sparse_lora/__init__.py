@@ -5,6 +5,7 @@ Pure PyTorch (no `cerebras` import). One definition of the math, in `kernels.py`
 - sparse_to_sparse: y = x ((W + s*B@A) * M)^T
 """
 
+from modelzoo_ext.run_config.sparse_lora_block import DEFAULT_TARGET_MODULES, SparseLoRAConfig
 from modelzoo_ext.sparse_lora.apply import (
     LayerInfo,
     MergeReport,
@@ -18,7 +19,6 @@ from modelzoo_ext.sparse_lora.apply import (
     sparse_lora_layers,
 )
 from modelzoo_ext.sparse_lora.check import SparsityReport, TensorCheck, check_sparsity, check_tensor
-from modelzoo_ext.sparse_lora.config import DEFAULT_TARGET_MODULES, SparseLoRAConfig
 from modelzoo_ext.sparse_lora.kernels import (
     MODES,
     SPARSE_TO_DENSE,

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.sparse_lora.config import SparseLoRAConfig
+from modelzoo_ext.run_config.sparse_lora_block import SparseLoRAConfig
 from modelzoo_ext.sparse_lora.layer import SparseLoRALinear
 
 LORA_PARAM_SUFFIXES = (".lora_A.weight", ".lora_B.weight")

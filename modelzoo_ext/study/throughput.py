@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from modelzoo_ext.loss_log import loss_log_path, read_loss_log
+
 
 def _mean_after_first(values: list[float]) -> float | None:
     values = values[1:] if len(values) > 1 else values
@@ -33,12 +35,8 @@ def mean_throughput(metrics_path: Path) -> float | None:
 
 
 def cs_step_times(loss_log: Path) -> dict[int, float]:
-    """step -> host seconds of that step, from a CS run's `sparse_lora_losses.jsonl` (a resumed
-    run appends: the last row of a step wins)."""
-    if not loss_log.is_file():
-        return {}
-    rows = [json.loads(line) for line in loss_log.read_text().splitlines() if line.strip()]
-    return {int(r["step"]): float(r["time_s"]) for r in rows if r.get("time_s")}
+    """step -> host seconds of that step, from a CS run's loss log (`modelzoo_ext.loss_log`)."""
+    return {step: row.time_s for step, row in read_loss_log(loss_log).items() if row.time_s}
 
 
 def cs_throughput(model_dir: Path, params: dict[str, Any]) -> float | None:
@@ -48,11 +46,10 @@ def cs_throughput(model_dir: Path, params: dict[str, Any]) -> float | None:
     """
     from gpu_reference.data import collate, global_batches
     from gpu_reference.metrics import non_padding_tokens
-    from gpu_reference.parity import CS_LOSS_LOG
-    from gpu_reference.run_config import DataLoaderSection
     from modelzoo_ext.data.hdf5 import SampleDataset
+    from modelzoo_ext.run_config.params import DataLoaderSection
 
-    times = cs_step_times(Path(model_dir) / CS_LOSS_LOG)
+    times = cs_step_times(loss_log_path(model_dir))
     if not times:
         return None
     loader = DataLoaderSection(**params["trainer"]["fit"]["train_dataloader"])  # ModelZoo's defaults

@@ -1,6 +1,6 @@
 """`make tiny-assets`: everything `model_configs/params_sparse_lora_tiny*.yaml` needs, under one folder.
 
-    python -m modelzoo_ext.cerebras.tiny_assets --out build/tiny
+    python -m modelzoo_ext.study.tiny_assets --out build/tiny
 
 writes (each item atomically):
 
@@ -8,7 +8,8 @@ writes (each item atomically):
                                         pruned: its targeted weights are zero off the mask
     build/tiny/masks_hf.safetensors     50% per-tensor magnitude masks of the 14 targeted linears (HF naming)
     build/tiny/cs/model.mdl             the same weights as a CS checkpoint (`mask_converters`'
-                                        `convert_hf_to_cs`: ModelZoo naming, q/k rows permuted)
+                                        `convert_hf_to_cs`: ModelZoo naming, q/k rows permuted),
+                                        with its provenance record
     build/tiny/data/train/*.h5          fine-tuning samples in ModelZoo's HDF5 layout (N, 3, msl)
 
 The tiny YAMLs' `model:` section matches `modelzoo_ext.tiny_models.tiny_config("llama")`; the GPU
@@ -27,6 +28,8 @@ import torch
 
 from modelzoo_ext.atomic import atomic_dir
 from modelzoo_ext.data.hdf5 import write_samples
+from modelzoo_ext.hf_checkpoint import HFCheckpoint
+from modelzoo_ext.masks.compute import source_record
 from modelzoo_ext.masks.format import save_masks
 from modelzoo_ext.masks.select import kept_count
 
@@ -102,6 +105,7 @@ def make_tiny_assets(
         "data": out / "data" / "train",
     }
     masks, hf_config = write_hf_model(paths["hf"], sparsity, seed, tokenizer_from)
+    # The saved model is already pruned by these masks (W*M == W): they describe it, so it is their source.
     save_masks(
         paths["masks"],
         masks,
@@ -110,7 +114,7 @@ def make_tiny_assets(
             "structure": "unstructured",
             "scope": "per_tensor",
             "sparsity": sparsity,
-            "source_model": "tiny random llama (modelzoo_ext.cerebras.tiny_assets)",
+            "source_model": source_record(HFCheckpoint(paths["hf"])),
             "seed": seed,
         },
         naming="hf",
@@ -124,7 +128,7 @@ def make_tiny_assets(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m modelzoo_ext.cerebras.tiny_assets",
+        prog="python -m modelzoo_ext.study.tiny_assets",
         description="Write the tiny model, masks, CS checkpoint and data the tiny ModelZoo configs use.",
     )
     parser.add_argument("--out", default="build/tiny", help="output folder (default: build/tiny)")

@@ -1,9 +1,9 @@
-"""Entries for ModelZoo's checkpoint-converter registry: `sparse_lora_llama`, `sparse_lora_mistral`.
+"""Entries for ModelZoo's checkpoint-converter registry: one per `sparse_lora_<family>` model.
 
 After `register_converters()`, `cszoo checkpoint convert --model sparse_lora_llama ...` converts
 between `hf` and `cs-2.6` ... `cs-2.10` (the stock llama/mistral lists stop at cs-2.9 in
 ModelZoo 2.10, so `cs-auto` fails on a 2.10 checkpoint). Every tensor goes through the one rule
-table (`mask_converters.rules`): base weights, LoRA `lora_A`/`lora_B` and `<param>_mask` buffers
+table (`modelzoo_ext.name_map`): base weights, LoRA `lora_A`/`lora_B` and `<param>_mask` buffers
 are renamed (and q/k rows permuted) instead of being rejected ("Unable to match all keys") or
 dropped by `--drop-unmatched-keys`; a key no rule maps still fails the conversion, naming it.
 
@@ -15,16 +15,19 @@ The config converters are ModelZoo's own (`llama`/`mistral`, hf <-> cs-2.1+) wit
 list extended and the two keys 2.10's config rejects (`norm_first`, `use_ff_layer1_dropout`)
 removed from CS configs.
 
-ModelZoo is imported only inside `register_converters()`; the ModelZoo model names themselves
-are registered by `modelzoo_ext.cerebras.registration` (which calls this function).
+ModelZoo is imported only inside `converter_classes()` / `register_converters()`; the ModelZoo
+model names themselves are registered by `modelzoo_ext.cerebras.registration` (which calls
+`register_converters` when ModelZoo's converter registry is imported).
 """
 
 from __future__ import annotations
 
 from functools import cache
 
+from modelzoo_ext.families import FAMILIES
+from modelzoo_ext.name_map import CS_PREFIX, HF_RECOMPUTED, RopeLayout, cs_aliases, split_name, to_cs, to_hf
+
 CS_FORMATS = ("cs-2.6", "cs-2.7", "cs-2.8", "cs-2.9", "cs-2.10")
-MODEL_FAMILIES = {"sparse_lora_llama": "llama", "sparse_lora_mistral": "mistral"}
 REJECTED_BY_2_10 = ("norm_first", "use_ff_layer1_dropout")
 
 
@@ -38,16 +41,6 @@ def converter_classes() -> dict[str, type]:
     )
     from cerebras.modelzoo.tools.checkpoint_converters.llama import ConfigConverter_LLaMa_HF_CS21
     from cerebras.modelzoo.tools.checkpoint_converters.mistral import ConfigConverter_Mistral_HF_CS21
-
-    from mask_converters.rules import (
-        CS_PREFIX,
-        HF_RECOMPUTED,
-        RopeLayout,
-        cs_aliases,
-        split_name,
-        to_cs,
-        to_hf,
-    )
 
     def formats():
         return (FormatVersions("hf"), FormatVersions(*CS_FORMATS))
@@ -74,14 +67,14 @@ def converter_classes() -> dict[str, type]:
 
         return Config
 
-    configs = {
+    configs = {  # ModelZoo's own config converter of each family
         "llama": strip_rejected(ConfigConverter_LLaMa_HF_CS21),
         "mistral": strip_rejected(ConfigConverter_Mistral_HF_CS21),
     }
 
     def checkpoint_converter(family: str):
         class Converter(BaseCheckpointConverter_HF_CS):
-            """Every key through `mask_converters.rules` (weights, LoRA tensors, masks)."""
+            """Every key through `modelzoo_ext.name_map` (weights, LoRA tensors, masks)."""
 
             def __init__(self):
                 super().__init__()
@@ -125,7 +118,7 @@ def converter_classes() -> dict[str, type]:
         Converter.__name__ = Converter.__qualname__ = f"Converter_SparseLoRA_{family.title()}_HF_CS"
         return Converter
 
-    return {name: checkpoint_converter(family) for name, family in MODEL_FAMILIES.items()}
+    return {f.sparse_lora_model: checkpoint_converter(f.name) for f in FAMILIES.values() if f.name in configs}
 
 
 def register_converters() -> None:

@@ -24,9 +24,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from experiments.registry import Registry, RunRecord
 from modelzoo_ext.atomic import atomic_dir
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.study.registry import Registry, RunRecord
 
 GRID_COLUMNS = ("model", "task", "method", "structure", "sparsity", "mode", "backend", "seed")
 PROVENANCE_COLUMNS = ("config_hash", "git_rev", "mask_sha256", "run_id")

@@ -1,23 +1,26 @@
-"""HF `config.json` <-> the `model:` section of a ModelZoo trainer YAML (Llama/Mistral).
+"""The architecture keys of a run config: HF `config.json` <-> the ModelZoo `model:` section.
 
-The same key mapping as ModelZoo 2.10's stock `llama`/`mistral` config converters (tested
-against them where ModelZoo is installed), minus `norm_first` and `use_ff_layer1_dropout`,
-which the stock converter writes but 2.10's `GPT2LMHeadModelConfig` rejects. Written here so
-users without ModelZoo can convert; no `cerebras` import.
+One key map serves three uses:
+- `hf_to_cs_model_config`: the `model:` section of a converted checkpoint (`convert hf-to-cs`);
+- `cs_to_hf_config`: the `config.json` of an export (`convert cs-to-hf`);
+- `check_architecture`: does a run config describe this HF model? The reference trainer asks it
+  before reading any weight, so both backends of a grid point train the same network.
+
+The map is ModelZoo 2.10's stock `llama`/`mistral` config converters' (tested against them where
+ModelZoo is installed), minus `norm_first` and `use_ff_layer1_dropout`, which the stock
+converter writes but 2.10's `GPT2LMHeadModelConfig` rejects. Written here so users without
+ModelZoo can convert; no `cerebras` import.
 """
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.families import get_family
 
-HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral"}
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 GATED_ACTIVATIONS = {"silu": "swiglu", "relu": "reglu", "gelu": "geglu"}
 ROPE_SCALING_TYPES = ("linear", "yarn", "llama3", "longrope")
 
@@ -74,9 +77,10 @@ def hf_rope(hf_config: dict[str, Any]) -> tuple[float, dict | None]:
 
 def hf_to_cs_model_config(hf_config: dict[str, Any], family: str) -> dict[str, Any]:
     """HF config dict -> the ModelZoo `model:` section (name = the stock family name)."""
-    if hf_config.get("model_type") != HF_MODEL_TYPES.get(family):
+    expected_type = get_family(family).hf_model_type
+    if hf_config.get("model_type") != expected_type:
         raise UserError(
-            f"config.json has model_type {hf_config.get('model_type')!r}, expected {HF_MODEL_TYPES.get(family)!r}",
+            f"config.json has model_type {hf_config.get('model_type')!r}, expected {expected_type!r} ({family})",
             fix="pass the --family matching the checkpoint",
         )
     act = hf_config.get("hidden_act", "silu")
@@ -137,8 +141,8 @@ def cs_to_hf_config(model: dict[str, Any], family: str) -> dict[str, Any]:
         }
         rope_scaling.update(model.get("pos_scaling_extra_args") or {})
     config = {
-        "architectures": [HF_ARCHITECTURES[family]],
-        "model_type": HF_MODEL_TYPES[family],
+        "architectures": [get_family(family).hf_architecture],
+        "model_type": get_family(family).hf_model_type,
         "vocab_size": model["vocab_size"],
         "hidden_size": model["hidden_size"],
         "intermediate_size": model["filter_size"],
@@ -162,47 +166,116 @@ def cs_to_hf_config(model: dict[str, Any], family: str) -> dict[str, Any]:
     return config
 
 
-def find_model_section(config: dict[str, Any], where: str) -> dict[str, Any]:
-    """The `model:` section of a trainer YAML (`trainer.init.model`, a list of trainers, or `model`)."""
-    trainer = config.get("trainer")
-    if isinstance(trainer, list) and trainer:
-        trainer = trainer[0].get("trainer", trainer[0])
-    if isinstance(trainer, dict) and isinstance(trainer.get("init", {}).get("model"), dict):
-        return trainer["init"]["model"]
-    if isinstance(config.get("model"), dict):
-        return config["model"]
-    raise UserError(
-        "no model section (trainer.init.model or model) in the config",
-        where=where,
-        fix="pass the trainer YAML of the run (or the model_config.yaml written by `convert hf-to-cs`)",
+# ---------------------------------------------------------------------------------------------
+# Does a run config describe this HF model?
+
+# ModelZoo 2.10's defaults (its GPT-2 backbone's, which Llama/Mistral inherit) for the keys a run
+# config may leave out: what a CS-3 run then trains with. Tested against ModelZoo's config class
+# where it is installed (tests/test_run_config.py).
+MODELZOO_DEFAULTS: dict[str, Any] = {
+    "nonlinearity": "gelu",
+    "layer_norm_epsilon": 1e-5,
+    "rope_theta": 10000,
+    "pos_scaling_factor": 1.0,
+    "pos_scaling_type": "linear",
+    "pos_scaling_extra_args": None,
+    "share_embedding_weights": True,
+    "rotary_dim": None,
+    "use_projection_bias_in_attention": True,
+    "use_ffn_bias": True,
+    "position_embedding_type": "learned",
+    "embedding_layer_norm": False,
+    "attention_type": "scaled_dot_product",
+    "use_ffn_bias_in_attention": True,
+    "attention_dropout_rate": 0.1,
+    "dropout_rate": 0.1,
+    "use_bias_in_output": False,
+    "norm_type": "layernorm",
+    "attention_module": "aiayn_attention",
+    "extra_attention_params": {},
+    "attention_inner_dim": None,
+    "attention_sliding_window_length": None,
+}
+
+# Keys of the converted section that do not change what the network computes, and why.
+NOT_COMPARED: dict[str, str] = {
+    "name": "the registry name of the model, not part of its architecture",
+    "max_position_embeddings": "bounds the sequence length only: rotary positions take their frequencies "
+    "from rope_theta and the rope-scaling keys (compared), so e.g. Llama-3.1's YAML value 8192 and its "
+    "config.json value 131072 train the same network on sequences shorter than both",
+    "initializer_range": "initialises weights that the checkpoint then overwrites; LoRA factors use their "
+    "own seeded rule (sparse_lora.init_seed)",
+}
+
+
+@dataclass
+class ArchitectureCheck:
+    """The comparison of a run config's `model:` section with an HF `config.json`."""
+
+    compared: list[str] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)
+    not_compared: dict[str, str] = field(default_factory=dict)
+    not_architecture: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def as_record(self) -> dict[str, Any]:
+        """JSON-able summary for run records."""
+        return {
+            "compared": self.compared,
+            "not_compared": self.not_compared,
+            "keys_without_an_hf_counterpart": self.not_architecture,
+        }
+
+
+def _normalised(key: str, value: Any, section: dict[str, Any]) -> Any:
+    """Values that mean the same thing written one way (None inner dim = hidden size, ...)."""
+    if key == "attention_inner_dim" and value is None:
+        return section.get("hidden_size")
+    if key == "rotary_dim" and value is None:  # ModelZoo: the whole head
+        heads = section.get("num_heads")
+        inner = section.get("attention_inner_dim") or section.get("hidden_size")
+        return inner // heads if heads and inner else None
+    if key == "extra_attention_params":
+        return dict(value or {})
+    return value
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return a == b
+
+
+def check_architecture(
+    model_section: dict[str, Any], hf_config: dict[str, Any], family: str
+) -> ArchitectureCheck:
+    """Compare every key that changes the computation; a key the run config leaves out counts with
+    ModelZoo's default (what a CS-3 run would use). Raises nothing: see `ArchitectureCheck.ok`."""
+    expected = hf_to_cs_model_config(hf_config, family)
+    yaml_side = {**MODELZOO_DEFAULTS, **model_section}
+    check = ArchitectureCheck(not_compared={k: NOT_COMPARED[k] for k in NOT_COMPARED if k in expected})
+    no_scaling = (
+        float(expected.get("pos_scaling_factor", 1.0)) == 1.0 == float(yaml_side["pos_scaling_factor"])
     )
-
-
-def find_key(config: Any, key: str) -> list[Any]:
-    """Every value stored under `key` anywhere in a nested YAML structure (depth first)."""
-    found = []
-    if isinstance(config, dict):
-        for k, v in config.items():
-            if k == key:
-                found.append(v)
-            found.extend(find_key(v, key))
-    elif isinstance(config, list):
-        for item in config:
-            found.extend(find_key(item, key))
-    return found
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file (UserError when absent or not a mapping)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError("config file not found", where=str(path), fix="pass the run's trainer YAML")
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
-        raise UserError("config is not a YAML mapping", where=str(path))
-    return data
-
-
-def trainer_yaml_model_section(model: dict[str, Any]) -> dict[str, Any]:
-    """`{"trainer": {"init": {"model": ...}}}`: the section to paste into a trainer YAML."""
-    return {"trainer": {"init": {"model": copy.deepcopy(model)}}}
+    for key in sorted(set(expected) | (set(MODELZOO_DEFAULTS) & set(model_section))):
+        if key in NOT_COMPARED:
+            continue
+        if no_scaling and key in ("pos_scaling_type", "pos_scaling_extra_args"):
+            check.not_compared[key] = "no rope scaling on either side (pos_scaling_factor 1.0)"
+            continue
+        want = _normalised(key, expected.get(key, MODELZOO_DEFAULTS.get(key)), {**yaml_side, **expected})
+        have = _normalised(key, yaml_side.get(key), yaml_side)
+        check.compared.append(key)
+        if not _equal(want, have):
+            stated = "" if key in model_section else " (not set: ModelZoo's default)"
+            check.mismatches.append(f"{key}: run config {have!r}{stated}, HF model {want!r}")
+    known = set(expected) | set(MODELZOO_DEFAULTS)
+    check.not_architecture = sorted(k for k in model_section if k not in known)
+    return check

@@ -1,10 +1,16 @@
-"""The parts of a ModelZoo `params_sparse_lora*.yaml` the reference trainer reads, as pydantic models.
+"""A run config (`params_sparse_lora*.yaml`, ModelZoo's trainer layout): reading, validating, writing.
 
-Both backends read the same file. Every section this trainer interprets rejects unknown keys
-(`extra="forbid"`); keys that only steer the Cerebras backend or its bookkeeping (backend,
-logging, loggers, checkpoint loading flags, data streaming knobs) are accepted and listed in
-`RunConfig.ignored` so the run record says what was not applied. Anything that would change
-the computation and that this trainer cannot reproduce is a `UserError` naming the key.
+Both backends read the same file: `cszoo fit` validates it with ModelZoo's own pydantic classes,
+the reference trainer with the models below, which cover what it computes. Every section the
+reference trainer interprets rejects unknown keys (`extra="forbid"`); keys that only steer the
+Cerebras backend or its bookkeeping (backend and cluster settings, CSX performance flags,
+logging, checkpoint loading flags, data streaming knobs) are accepted by rule and listed in
+`RunConfig.ignored` with the reason, so the run record says what was not applied and the file
+never needs editing per backend. Anything that would change the computation and that the
+reference trainer cannot reproduce is a `UserError` naming the key.
+
+Also here: the raw YAML helpers every layer uses (`load_yaml`, `find_model_section`,
+`write_yaml`).
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.sparse_lora.config import SparseLoRAConfig
+from modelzoo_ext.run_config.sparse_lora_block import SparseLoRAConfig
 
 # ModelZoo callbacks that observe a run without changing what it computes.
 OBSERVING_CALLBACKS = {
@@ -24,6 +31,9 @@ OBSERVING_CALLBACKS = {
     "DurationProfiler", "FlopUtilization", "SavePerformanceData", "DumpAvailableTensorNames",
     "ModelZooParamsMetadata", "SamplesStreamedInfo", "LogInputSummaries", "WeightCompression",
 }  # fmt: skip
+# ModelZoo callbacks that only set Cerebras (CSX) compiler/runtime flags: they change how a CS-3 runs
+# the step, never what it computes. Accepted when every flag they set is a `csx.` flag.
+CSX_FLAG_CALLBACKS = {"ScopedTrainFlags", "ScopedValidateFlags", "GlobalFlags"}
 # Model keys whose non-default values would change the math in ways the HF model does not follow.
 ZERO_DROPOUT_KEYS = ("embedding_dropout_rate", "dropout_rate", "attention_dropout_rate")
 
@@ -166,11 +176,17 @@ def _format_validation_error(exc: ValidationError, path: str) -> UserError:
     )
 
 
+def _csx_flags_only(settings: Any) -> bool:
+    return isinstance(settings, dict) and all(str(key).startswith("csx.") for key in settings)
+
+
 def _check_callbacks(callbacks: list[Any] | None, ignored: list[str]) -> None:
     for entry in callbacks or []:
         name = next(iter(entry)) if isinstance(entry, dict) and len(entry) == 1 else str(entry)
         if name in OBSERVING_CALLBACKS:
             ignored.append(f"callbacks.{name} (observes only)")
+        elif name in CSX_FLAG_CALLBACKS and _csx_flags_only(entry[name]):
+            ignored.append(f"callbacks.{name} (CSX performance flags only: {sorted(entry[name])})")
         elif name.startswith("SparseLoRA"):
             ignored.append(
                 f"callbacks.{name} (this package's CS-side hook; the GPU path applies masks itself)"
@@ -205,13 +221,8 @@ def _check_dataloader(dl: DataLoaderSection, where: str) -> None:
 def load_run_config(path: str | Path) -> RunConfig:
     """Parse and check a params YAML; a `UserError` for anything the trainer cannot honour."""
     path = str(path)
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise UserError("run config not found", where=path) from exc
-    except yaml.YAMLError as exc:
-        raise UserError(f"run config is not valid YAML ({exc})", where=path) from exc
-    if not isinstance(raw, dict) or "trainer" not in raw:
+    raw = load_yaml(path)
+    if "trainer" not in raw:
         raise UserError("expected a ModelZoo trainer config (top-level key `trainer`)", where=path)
     unknown_top = set(raw) - {"trainer"}
     if unknown_top:
@@ -272,9 +283,120 @@ def load_run_config(path: str | Path) -> RunConfig:
             )
     _check_callbacks(init.callbacks, ignored)
     _check_dataloader(fit.train_dataloader, f"{path}: trainer.fit.train_dataloader")
-    for key in ("backend", "logging", "loggers"):
+    for key in ("backend", "logging", "loggers"):  # which machine runs a CS step; bookkeeping
         if getattr(init, key) is not None:
             ignored.append(key)
     if init.precision is not None and init.precision.precision_opt_level is not None:
         ignored.append("precision.precision_opt_level (CS only)")
     return RunConfig(init=init, fit=fit, path=path, ignored=ignored)
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw YAML
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a run config (or any YAML mapping); UserError when absent, invalid or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("config file not found", where=str(path), fix="pass the run's params YAML")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"not valid YAML ({exc})".replace("\n", " "), where=str(path)) from exc
+    if not isinstance(data, dict):
+        raise UserError("config is not a YAML mapping", where=str(path))
+    return data
+
+
+def write_yaml(path: str | Path, data: dict[str, Any]) -> Path:
+    """Write a YAML mapping atomically (keys in their given order)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    return Path(path)
+
+
+def find_model_section(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """The `model:` section of a trainer YAML (`trainer.init.model`, a list of trainers, or `model`)."""
+    trainer = config.get("trainer")
+    if isinstance(trainer, list) and trainer:
+        trainer = trainer[0].get("trainer", trainer[0])
+    if isinstance(trainer, dict) and isinstance(trainer.get("init", {}).get("model"), dict):
+        return trainer["init"]["model"]
+    if isinstance(config.get("model"), dict):
+        return config["model"]
+    raise UserError(
+        "no model section (trainer.init.model or model) in the config",
+        where=where,
+        fix="pass the trainer YAML of the run (or the model_config.yaml written by `convert hf-to-cs`)",
+    )
+
+
+def trainer_yaml_model_section(model: dict[str, Any]) -> dict[str, Any]:
+    """`{"trainer": {"init": {"model": ...}}}`: the section to paste into a trainer YAML."""
+    return {"trainer": {"init": {"model": dict(model)}}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Deriving one run's config from a model's params file (sweeps, the demo). Each function changes
+# one thing in place; together they are the only code that knows where a setting lives.
+
+
+def _init(params: dict[str, Any]) -> dict[str, Any]:
+    return params["trainer"]["init"]
+
+
+def _fit(params: dict[str, Any]) -> dict[str, Any]:
+    return params["trainer"].setdefault("fit", {})
+
+
+def set_mode(params: dict[str, Any], short: str, mask_path: str | None) -> None:
+    """`s2s`/`s2d` with `mask_path`, or `lora` (the dense baseline: no masks)."""
+    from modelzoo_ext.run_config.modes import yaml_mode
+
+    mode, dense_baseline = yaml_mode(short)
+    block = _init(params)["model"]["sparse_lora"]
+    block["mode"] = mode
+    block.pop("mask_path", None)
+    block.pop("dense_baseline", None)
+    if dense_baseline:
+        block["dense_baseline"] = True
+    else:
+        block["mask_path"] = mask_path
+
+
+def set_training_data(params: dict[str, Any], data_dir: str, batch_size: int | None = None) -> None:
+    """Train on `data_dir`; evaluation happens outside the trainer (lm-eval), so no validation loader."""
+    loader = _fit(params)["train_dataloader"]
+    loader["data_dir"] = data_dir
+    if batch_size:
+        loader["batch_size"] = batch_size
+    _fit(params).pop("val_dataloader", None)
+
+
+def set_max_steps(params: dict[str, Any], max_steps: int) -> None:
+    """Train `max_steps` optimizer steps; a periodic checkpoint becomes one at the end."""
+    init = _init(params)
+    init["loop"]["max_steps"] = max_steps
+    init["loop"].pop("num_steps", None)
+    if (init.get("checkpoint") or {}).get("steps"):
+        init["checkpoint"]["steps"] = max_steps
+
+
+def set_output(params: dict[str, Any], model_dir: str, seed: int) -> None:
+    """Where the trainer writes, and the trainer seed."""
+    _init(params)["model_dir"] = model_dir
+    _init(params)["seed"] = seed
+
+
+def set_base_checkpoint(params: dict[str, Any], ckpt_path: str | None) -> None:
+    """The CS checkpoint a `cszoo fit` run starts from (None: the params file's own, if any)."""
+    if ckpt_path:
+        _fit(params)["ckpt_path"] = ckpt_path
+
+
+def ensure_callback(params: dict[str, Any], name: str) -> None:
+    """Add `- <name>: {}` to the callbacks unless it is there."""
+    callbacks = _init(params).setdefault("callbacks", [])
+    if not any(isinstance(c, dict) and name in c for c in callbacks):
+        callbacks.append({name: {}})

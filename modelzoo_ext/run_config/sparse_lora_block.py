@@ -8,6 +8,7 @@
       target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
       mask_path: masks/llama-8b-wanda-0.5.safetensors
       init_seed: 0
+      skip_provenance_check: false    # true: accept masks that were not computed for this checkpoint
 
 Unknown keys are rejected (`extra="forbid"`), so a typo fails at load time instead of being
 ignored.
@@ -19,7 +20,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MODES = ("sparse_to_dense", "sparse_to_sparse")
+from modelzoo_ext.run_config.modes import export_kind
+
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -52,6 +54,11 @@ class SparseLoRAConfig(BaseModel):
     init_seed: int = Field(
         0, description="seed of the LoRA A initialisation (per layer, backend-independent)"
     )
+    skip_provenance_check: bool = Field(
+        False,
+        description="use the mask file even when the base checkpoint is neither the masks' source nor "
+        "their pruned output (logged; see docs/masks.md, 'Provenance')",
+    )
 
     @model_validator(mode="after")
     def _masks_unless_dense_baseline(self) -> SparseLoRAConfig:
@@ -71,3 +78,8 @@ class SparseLoRAConfig(BaseModel):
     def scaling(self) -> float:
         """The LoRA scale s = alpha / r."""
         return self.alpha / self.r
+
+    @property
+    def export_kind(self) -> str:
+        """ "adapter" or "merged": what a finished run of this block exports (`modes.export_kind`)."""
+        return export_kind(self.mode, preserve_sparsity_on_merge=self.preserve_sparsity_on_merge)

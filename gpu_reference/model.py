@@ -1,0 +1,74 @@
+"""The base model of a reference run: checked against the run config before any weight is read.
+
+Order matters for a 7B run: the HF directory is opened through the one guarded reader
+(`HFCheckpoint`: no weights, truncated or corrupt shards are clear errors), its `config.json` is
+compared with the run config's `model:` section (`modelzoo_ext.run_config.check_architecture`),
+and the mask file's provenance is checked against it, all before the 16 GB of weights are
+loaded; only then does transformers read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelzoo_ext.errors import UserError
+from modelzoo_ext.families import resolve_family
+from modelzoo_ext.hf_checkpoint import HFCheckpoint
+from modelzoo_ext.masks.format import MaskFile
+from modelzoo_ext.masks.provenance import check_hf_checkpoint
+from modelzoo_ext.run_config import ArchitectureCheck, RunConfig, check_architecture
+
+
+@dataclass
+class BaseModel:
+    """The checked HF directory of a run, and what the checks found."""
+
+    checkpoint: HFCheckpoint
+    family: str
+    architecture: ArchitectureCheck
+
+
+def open_base(hf_model: str | Path, cfg: RunConfig) -> BaseModel:
+    """Open and check `hf_model` against the run config (UserError on any disagreement)."""
+    if not Path(hf_model).is_dir():
+        raise UserError(
+            "HF model directory not found",
+            where=str(hf_model),
+            fix="pass --hf-model DIR: the Hugging Face directory (config.json + *.safetensors) the run config describes",
+        )
+    checkpoint = HFCheckpoint(hf_model)
+    hf_config = checkpoint.require_config()
+    family = resolve_family(None, model_name=cfg.init.model.name, hf_config=hf_config, where=cfg.path).name
+    architecture = check_architecture(cfg.init.model.architecture, hf_config, family)
+    if not architecture.ok:
+        raise UserError(
+            f"the run config and the HF model disagree: {architecture.mismatches}",
+            where=f"{cfg.path} vs {hf_model}",
+            fix="pass the --hf-model the run config describes (or fix the run config's model section)",
+        )
+    return BaseModel(checkpoint, family, architecture)
+
+
+def load_masks(
+    path: str | Path | None, base: BaseModel, *, skip_provenance_check: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
+    """(masks {HF weight name: bool [out, in]}, the file's metadata, how its provenance was accepted)."""
+    if path is None:
+        return {}, {}, None
+    mask_file = MaskFile(path).require_naming("hf", "the reference trainer")
+    verdict = check_hf_checkpoint(mask_file, base.checkpoint, skip=skip_provenance_check)
+    return dict(mask_file.items()), mask_file.metadata, verdict
+
+
+def load_hf_model(hf_model: str | Path):
+    """The HF causal LM in float32 (ModelZoo keeps float32 weights; bf16 is autocast only)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_key = "dtype" if major_minor >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
+    return AutoModelForCausalLM.from_pretrained(str(hf_model), **{dtype_key: torch.float32})
