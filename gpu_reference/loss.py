@@ -38,6 +38,26 @@ def loss_sums(
         return (token_loss * weights).sum(), weights.sum()
 
 
+@torch.no_grad()
+def per_example_loss_sums(
+    model, batch: dict[str, torch.Tensor], autocast: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed token loss of each row [B], loss tokens of each row [B]) in float32, for evaluation.
+
+    The same loss as `loss_sums`, kept per example so that comparisons can be paired on examples.
+    """
+    loss_mask = batch["attention_mask"].to(device)
+    keep = loss_mask.any(dim=0).nonzero().squeeze(1)
+    length = int(keep[-1]) + 1 if keep.numel() else 1
+    input_ids = batch["input_ids"][:, :length].to(device).long()
+    labels = batch["labels"].to(device).long()[:, keep]
+    weights = loss_mask[:, keep].float()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=input_ids, logits_to_keep=keep).logits
+    token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")  # [B, P]
+    return (token_loss * weights).sum(dim=1), weights.sum(dim=1)
+
+
 def normalise(
     loss_sum: torch.Tensor, count: torch.Tensor, scaling: str, batch_size: int, loss_weight: float
 ) -> torch.Tensor:

@@ -177,7 +177,7 @@ def test_train_and_heldout_never_overlap(tmp_path, jsonl, tokenizer_dir):
 def test_prepare_bundled_boolq_heldout(tmp_path, tokenizer_dir, salt):
     """A real task through the CLI: BoolQ's bundled validation rows, held-out part of the salted split."""
     from modelzoo_ext.cli import main
-    from modelzoo_ext.data.prepare import task_rows
+    from modelzoo_ext.data.protocol import split_rows
     from modelzoo_ext.data.split import DEFAULT_SALT
 
     out = tmp_path / "boolq"
@@ -187,7 +187,7 @@ def test_prepare_bundled_boolq_heldout(tmp_path, tokenizer_dir, salt):
     params = json.loads((out / "data_params.json").read_text())
     assert params["task"] == "boolq" and params["counts"]["rows"] == 3270
     assert params["split_salt"] == (salt or DEFAULT_SALT)
-    expected = [row for row in task_rows("boolq", "bundled")
+    expected = [row for row in split_rows("boolq", "validation", "bundled")
                 if split_of(example_key("boolq", row), 0.02, salt or DEFAULT_SALT) == "heldout"]  # fmt: skip
     assert params["counts"]["in_split"] == len(expected) > 0
 
@@ -247,3 +247,34 @@ def test_matches_cszoo_data_preprocess(tmp_path, jsonl, tokenizer_dir):
     assert len(theirs) == len(ours) == 15
     for i in range(len(ours)):
         np.testing.assert_array_equal(theirs[i], ours[i])
+
+
+def test_official_protocol_reads_the_named_splits_of_a_directory(tmp_path, tokenizer_dir, capsys):
+    """`--protocol official` from a directory in the hub datasets' schema: training = its train split,
+    held out = its whole validation split; their example keys never overlap."""
+    from modelzoo_ext.cli import main
+    from modelzoo_ext.data.prepare import key_digest, read_example_keys
+    from modelzoo_ext.data.protocol import split_rows
+
+    rows = list(split_rows("boolq", "validation", "bundled"))[:40]
+    (tmp_path / "hub" / "boolq").mkdir(parents=True)
+    for split, part in (("validation", rows[:15]), ("train", rows[15:])):
+        (tmp_path / "hub" / "boolq" / f"{split}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in part)
+        )
+    keys = {}
+    for split in ("train", "heldout"):
+        out = tmp_path / split
+        argv = ["data", "prepare", "--task", "boolq", "--source", str(tmp_path / "hub"), "--tokenizer",
+                str(tokenizer_dir), "--max-seq-length", "1024", "--split", split, "--out", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        params = json.loads((out / "data_params.json").read_text())
+        assert params["protocol"]["protocol"] == "official" and params["split"] == split
+        assert params["held_out_fraction"] is None and params["split_salt"] is None
+        keys[split] = set(read_example_keys(out))
+    assert keys["train"] == {key_digest(example_key("boolq", r)) for r in rows[15:]}
+    assert keys["heldout"] == {key_digest(example_key("boolq", r)) for r in rows[:15]}
+    bad = ["data", "prepare", "--task", "boolq", "--source", "bundled", "--protocol", "official", "--tokenizer",
+           str(tokenizer_dir), "--max-seq-length", "64", "--out", str(tmp_path / "x")]  # fmt: skip
+    assert main(bad) == 2  # the offline copies hold no training split
+    assert "holds only its evaluation split" in capsys.readouterr().err and not (tmp_path / "x").exists()

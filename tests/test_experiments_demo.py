@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from modelzoo_ext.study.demo import add_demo_arguments, build_smollm2, demo_params, demo_sweep
-from modelzoo_ext.study.sweep_spec import grid, load_sweep
+from modelzoo_ext.study.grid import grid
+from modelzoo_ext.study.sweep_spec import load_sweep
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -47,7 +48,9 @@ def test_demo_sweep_is_the_issue_s_job(tmp_path, tiny_llama_dir):
     # s2s and s2d fine-tunes on CPU, and the dense and pruned models without fine-tuning.
     assert runs == {("s2s", 0.5, "cpu"), ("s2d", 0.5, "cpu"), ("none", 0.5, "eval"), ("none", 0.0, "eval")}
     spec = load_sweep(sweep)
-    assert spec.tasks == ["boolq"] and spec.methods == ["magnitude"] and spec.eval.limit == 40
+    assert spec.tasks == ["boolq"] and spec.method_structures == [("magnitude", "unstructured")]
+    assert spec.eval.limit == 40 and spec.eval.heldout_loss and spec.eval.heldout_limit == 128
+    assert spec.data.protocol == "offline" and spec.data.source == "bundled"  # offline: no hub in the demo
 
 
 @pytest.mark.slow

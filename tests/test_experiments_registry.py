@@ -54,6 +54,35 @@ def test_update_merges_metrics_and_keeps_created_at(tmp_path):
     assert [r.run_id for r in reg.runs(status="planned")] == ["a"]
 
 
+def test_a_registry_of_the_previous_version_gains_the_new_columns(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:  # the schema before protocols, seeds and throughput details
+        conn.execute(
+            "CREATE TABLE runs (run_id TEXT PRIMARY KEY, status TEXT NOT NULL, model TEXT, task TEXT, method TEXT, "
+            "structure TEXT, sparsity REAL, mode TEXT, backend TEXT, seed INTEGER, config_hash TEXT, git_rev TEXT, "
+            "mask_sha256 TEXT, metrics_json TEXT NOT NULL DEFAULT '{}', throughput_tokens_per_s REAL, "
+            "artifacts_json TEXT NOT NULL DEFAULT '{}', attempts INTEGER NOT NULL DEFAULT 0, error TEXT, "
+            "created_at REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at REAL)"
+        )
+        conn.execute(
+            "INSERT INTO runs (run_id, status, created_at, updated_at) VALUES ('old', 'succeeded', 1, 1)"
+        )
+    reg = Registry(path)
+    old = reg.get("old")
+    assert old.status == "succeeded" and old.protocol is None and old.seeds == {} and old.throughput == {}
+    reg.put(
+        _record(
+            "new", protocol="official", seeds={"sweep": 1, "lora_init": 7}, throughput={"tokens_per_s": 3.0}
+        )
+    )
+    new = reg.get("new")
+    assert (
+        new.protocol == "official" and new.seeds["lora_init"] == 7 and new.throughput == {"tokens_per_s": 3.0}
+    )
+
+
 def test_bad_input_is_a_user_error(tmp_path):
     reg = Registry(tmp_path / "r.sqlite")
     with pytest.raises(UserError, match="status"):

@@ -1,53 +1,110 @@
-"""`sparse-lora report`: every table value equals the registry's, with provenance; published CSV rules."""
+"""`sparse-lora report`: values from the registry and the logged examples only, like compared with like
+(protocols, backends and methods never averaged together), intervals and paired differences
+recomputed here by hand, the published-results join on every key."""
 
 from __future__ import annotations
 
 import csv
+import json
+import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from modelzoo_ext.cli import main
+from modelzoo_ext.study import stats
 from modelzoo_ext.study.registry import Registry, RunRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+N = 60  # examples per evaluation
 
 
-def _run(run_id, mode, sparsity, acc, tps=None, status="succeeded", seed=0, backend="cpu"):
-    return RunRecord(
-        run_id,
-        status=status,
-        model="tiny",
-        task="boolq",
-        method="magnitude",
-        structure="unstructured",
-        sparsity=sparsity,
-        mode=mode,
-        backend=backend,
-        seed=seed,
-        config_hash=f"cfg-{run_id}",
-        git_rev="rev123",
-        mask_sha256=f"mask-{sparsity}",
-        metrics={"boolq/acc": acc, "eval_limit": 100, "lm_eval_version": "0.4.9.1"},
-        throughput_tokens_per_s=tps,
-    )
+def _scores(seed: int, p: float) -> np.ndarray:
+    """0/1 scores of N examples with about a fraction p correct (deterministic per seed)."""
+    return (np.random.default_rng(seed).random(N) < p).astype(float)
+
+
+def _write_eval(folder, run_id: str, acc: np.ndarray, nll: np.ndarray) -> dict[str, str]:
+    samples = folder / f"{run_id}_samples"
+    samples.mkdir()
+    keys = [f"k{i:03d}" for i in range(N)]
+    rows = [
+        {"doc_id": i, "key": k, "target": i % 3 == 0, "acc,none": float(a)}
+        for i, (k, a) in enumerate(zip(keys, acc, strict=True))
+    ]
+    (samples / "boolq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = {
+        "samples_dir": str(samples),
+        "heldout_loss": {
+            "examples": [{"key": k, "nll_sum": float(x), "tokens": 2} for k, x in zip(keys, nll, strict=True)]
+        },
+    }
+    path = folder / f"{run_id}.json"
+    path.write_text(json.dumps(results))
+    return {"eval": str(path), "samples": str(samples)}
+
+
+def _run(folder, run_id, *, mode, method="magnitude", sparsity=0.5, backend="cpu", seed=0, protocol="offline",
+         p=0.6, loss=3.0, throughput=None, status="succeeded") -> RunRecord:  # fmt: skip
+    acc = _scores(hash((run_id, seed)) % 1000, p)
+    nll = np.random.default_rng(seed + 17).normal(loss * 2, 0.5, N)
+    metrics = {
+        "boolq/acc": stats.per_example_mean(acc).as_record(),
+        "heldout/nll_per_token": stats.ratio(nll, np.full(N, 2.0)).as_record(),
+        "eval_limit": None,
+    }
+    structure = "dense" if method == "dense" else "unstructured"
+    return RunRecord(run_id, status=status, model="tiny", task="boolq", method=method, structure=structure,
+                     sparsity=sparsity if method != "dense" else 0.0, mode=mode, backend=backend, seed=seed,
+                     protocol=protocol, config_hash=f"cfg-{run_id}", git_rev="rev123", mask_sha256=f"mask-{method}",
+                     metrics=metrics, throughput=throughput or {}, seeds={"sweep": seed},
+                     throughput_tokens_per_s=(throughput or {}).get("tokens_per_s"),
+                     artifacts=_write_eval(folder, run_id, acc, nll))  # fmt: skip
 
 
 @pytest.fixture
 def registry(tmp_path):
+    """Two protocols, two backends, two methods, two seeds, s2s/s2d/dense LoRA/no fine-tune."""
     reg = Registry(tmp_path / "registry.sqlite")
-    runs = [
-        _run("dense", "none", 0.0, 0.61),
-        _run("lora", "lora", 0.0, 0.70, tps=100.0),
-        _run("pruned50", "none", 0.5, 0.52),
-        _run("pruned70", "none", 0.7, 0.43),
-        _run("s2s50", "s2s", 0.5, 0.66, tps=80.5),
-        _run("s2d50", "s2d", 0.5, 0.63, tps=95.25),
-        _run("s2s70", "s2s", 0.7, 0.59, tps=81.0),
-        _run("s2d70", "s2d", 0.7, 0.60, tps=96.0),
-        _run("broken", "s2s", 0.9, 0.99, status="failed"),
-    ]
-    for run in runs:
-        reg.put(run)
+    gpu = {"tokens_per_s": 900.0, "samples_per_s": 3.0, "padding_policy": "trimmed"}
+    cs3 = {"tokens_per_s": 5000.0, "samples_per_s": 20.0, "padding_policy": "padded"}
+    for protocol in ("offline", "official"):
+        for seed in (0, 1):
+            for backend, t in (("gpu", gpu), ("cs3", cs3)):
+                for method, p_s2s in (("magnitude", 0.7), ("wanda", 0.8)):
+                    for mode, p in (("s2s", p_s2s), ("s2d", 0.6)):
+                        rid = f"{protocol}-{method}-{mode}-{backend}-{seed}"
+                        reg.put(_run(tmp_path, rid, mode=mode, method=method, backend=backend, seed=seed,
+                                     protocol=protocol, p=p, loss=2.5 if mode == "s2s" else 3.0, throughput=t))  # fmt: skip
+                lora = f"{protocol}-lora-{backend}-{seed}"
+                reg.put(
+                    _run(
+                        tmp_path,
+                        lora,
+                        mode="lora",
+                        method="dense",
+                        backend=backend,
+                        seed=seed,
+                        protocol=protocol,
+                        p=0.75,
+                        throughput=t,
+                    )
+                )
+            for method in ("magnitude", "wanda"):
+                reg.put(
+                    _run(
+                        tmp_path,
+                        f"{protocol}-{method}-none-{seed}",
+                        mode="none",
+                        method=method,
+                        backend="eval",
+                        seed=seed,
+                        protocol=protocol,
+                        p=0.4,
+                    )
+                )
+    reg.put(_run(tmp_path, "broken", mode="s2s", status="failed", p=0.99))
     return tmp_path / "registry.sqlite"
 
 
@@ -56,69 +113,119 @@ def _csv(path):
         return list(csv.DictReader(f))
 
 
-def test_report_values_equal_the_registry(tmp_path, registry):
+@pytest.fixture
+def report(tmp_path, registry):
     out = tmp_path / "report"
     assert main(["report", "--registry", str(registry), "--out", str(out)]) == 0
+    return out
+
+
+def test_protocols_backends_and_methods_stay_apart(report, registry):
     truth = {r.run_id: r for r in Registry(registry).runs(status="succeeded")}
-    accuracy = _csv(out / "accuracy.csv")
-    assert {row["run_id"] for row in accuracy} == set(truth)  # the failed run is not reported
-    for row in accuracy:
-        run = truth[row["run_id"]]
-        assert float(row["value"]) == run.metrics[row["metric"]]
-        assert (row["config_hash"], row["git_rev"], row["mask_sha256"]) == (
-            run.config_hash,
-            run.git_rev,
-            run.mask_sha256,
-        )
-        assert (row["mode"], float(row["sparsity"])) == (run.mode, run.sparsity)
-        assert row["metric"] == "boolq/acc" and row["eval_limit"] == "100"  # metadata is not a score
-    throughput = {row["run_id"]: float(row["tokens_per_s"]) for row in _csv(out / "throughput.csv")}
-    assert throughput == {k: r.throughput_tokens_per_s for k, r in truth.items() if r.throughput_tokens_per_s}
-    diffs = {float(row["sparsity"]): row for row in _csv(out / "s2s_minus_s2d.csv")}
-    assert set(diffs) == {0.5, 0.7}
-    for sparsity, row in diffs.items():
-        s2s, s2d = truth[f"s2s{int(sparsity * 100)}"], truth[f"s2d{int(sparsity * 100)}"]
-        assert float(row["s2s_minus_s2d"]) == s2s.metrics["boolq/acc"] - s2d.metrics["boolq/acc"]
-        assert (row["s2s_run_id"], row["s2d_run_id"]) == (s2s.run_id, s2d.run_id)
-    assert not (out / "published.csv").exists()  # no published numbers without a user CSV
-    markdown = (out / "accuracy.md").read_text()
-    assert "| 0.6600 |" in markdown and "cfg-s2s50" in markdown and "0.99" not in markdown
-    for png in ("accuracy_tiny_boolq_acc.png", "throughput.png", "s2s_minus_s2d.png"):
-        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+    for protocol in ("offline", "official"):
+        scores = _csv(report / f"scores_{protocol}.csv")
+        assert {row["protocol"] for row in scores} == {protocol}
+        for row in scores:  # every grid point averages only its own runs: its seeds
+            members = [truth[r] for r in row["run_ids"].split()]
+            assert {(m.protocol, m.backend, m.method, m.mode) for m in members} == {
+                (protocol, row["backend"], row["method"], row["mode"])
+            }
+            values = [m.metrics[row["metric"]]["value"] for m in members]
+            assert (
+                float(row["mean"]) == pytest.approx(np.mean(values)) and int(row["seeds"]) == len(values) == 2
+            )
+            half = stats.t95(1) * np.std(values, ddof=1) / math.sqrt(2)
+            assert float(row["ci95_high"]) == pytest.approx(np.mean(values) + half)
+        # each method keeps its own no-fine-tune line, each backend its own dense-LoRA line
+        points = {(r["mode"], r["method"], r["backend"]) for r in scores if r["metric"] == "boolq/acc"}
+        assert {("none", "magnitude", "eval"), ("none", "wanda", "eval")} <= points
+        assert {("lora", "dense", "gpu"), ("lora", "dense", "cs3")} <= points
+    assert "broken" not in (report / "runs.csv").read_text()
+    for name in ("boolq_acc_offline_tiny.png", "heldout_nll_per_token_official_tiny.png", "throughput.png"):
+        assert (report / name).read_bytes()[:8] == PNG_MAGIC
+    readme = (report / "README.md").read_text()
+    assert "`*_offline.*`" in readme and "`*_official.*`" in readme and "paired bootstrap" in readme
 
 
-def test_published_comparison_comes_only_from_the_csv(tmp_path, registry):
+def test_paired_differences_are_recomputed_from_the_examples(report, registry):
+    truth = {r.run_id: r for r in Registry(registry).runs(status="succeeded")}
+    rows = _csv(report / "paired_offline.csv")
+    row = next(
+        r
+        for r in rows
+        if (r["method"], r["backend"], r["metric"], r["comparison"])
+        == ("wanda", "cs3", "boolq/acc", "s2s - s2d")
+    )
+
+    def scores(run_id):
+        path = Path(truth[run_id].artifacts["samples"]) / "boolq.jsonl"
+        return np.array([json.loads(line)["acc,none"] for line in path.read_text().splitlines()])
+
+    s2s = np.mean([scores(f"offline-wanda-s2s-cs3-{s}") for s in (0, 1)], axis=0)
+    s2d = np.mean([scores(f"offline-wanda-s2d-cs3-{s}") for s in (0, 1)], axis=0)
+    expected = stats.paired_difference(s2s, s2d)
+    assert float(row["difference"]) == pytest.approx(expected.value)
+    assert (float(row["ci95_low"]), float(row["ci95_high"])) == pytest.approx((expected.low, expected.high))
+    assert row["seeds"] == "2" and row["examples"] == str(N)
+    assert row["verdict"] == stats.verdict(expected, "s2s", "s2d")
+    comparisons = {r["comparison"] for r in rows}
+    assert comparisons == {"s2s - s2d", "s2s - lora", "s2d - lora", "s2s - none", "s2d - none"}
+    # lower held-out loss is better: s2s was built with the lower loss
+    loss = next(r for r in rows if r["metric"] == "heldout/nll_per_token" and r["comparison"] == "s2s - s2d")
+    assert float(loss["difference"]) < 0 and loss["verdict"] == "s2s better"
+
+
+def test_throughput_is_per_run_with_its_padding_policy(report):
+    rows = _csv(report / "throughput.csv")
+    assert len(rows) == 2 * 2 * 2 * (
+        2 * 2 + 1
+    )  # protocols x seeds x backends x (methods x modes + dense LoRA)
+    assert {(r["backend"], r["padding_policy"]) for r in rows} == {("gpu", "trimmed"), ("cs3", "padded")}
+
+
+def test_published_comparison_joins_on_every_key(tmp_path, registry):
     published = tmp_path / "published.csv"
     published.write_text(
-        "model,task,method,sparsity,mode,metric,value,citation\n"
-        "tiny,boolq,magnitude,0.5,s2s,boolq/acc,0.625,Example et al. 2025 Table 2\n"
+        "model,task,method,structure,sparsity,mode,metric,protocol,value,citation\n"
+        "tiny,boolq,wanda,unstructured,0.5,s2s,boolq/acc,official,0.625,Example et al. 2025 Table 2\n"
     )
     out = tmp_path / "report"
     assert (
         main(["report", "--registry", str(registry), "--out", str(out), "--published", str(published)]) == 0
     )
-    (row,) = _csv(out / "published.csv")
-    assert float(row["published"]) == 0.625 and float(row["ours"]) == 0.66
-    assert float(row["ours_minus_published"]) == 0.66 - 0.625
-    assert row["citation"] == "Example et al. 2025 Table 2" and row["run_id"] == "s2s50"
+    rows = _csv(out / "published.csv")
+    assert {r["backend"] for r in rows} == {"gpu", "cs3"}  # one row per backend, never averaged
+    scores = {
+        (r["backend"], r["mode"], r["method"], r["metric"]): r for r in _csv(out / "scores_official.csv")
+    }
+    for row in rows:
+        ours = scores[(row["backend"], "s2s", "wanda", "boolq/acc")]
+        assert float(row["ours"]) == float(ours["mean"]) and row["protocol"] == "official"
+        assert row["citation"] == "Example et al. 2025 Table 2" and row["run_ids"] == ours["run_ids"]
 
 
-def test_published_row_without_citation_fails_cleanly(tmp_path, registry, capsys):
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("model,task,method,structure,sparsity,mode,metric,protocol,value,citation\n"
+         "tiny,boolq,magnitude,unstructured,0.5,s2s,boolq/acc,official,0.6,\n", "citation"),
+        ("model,task,method,sparsity,mode,metric,value,citation\ntiny,boolq,magnitude,0.5,s2s,boolq/acc,0.6,X\n", "lacks column"),
+    ],
+)  # fmt: skip
+def test_bad_published_csv_fails_cleanly(tmp_path, registry, capsys, content, message):
     published = tmp_path / "published.csv"
-    published.write_text(
-        "model,task,method,sparsity,mode,metric,value,citation\ntiny,boolq,magnitude,0.5,s2s,boolq/acc,0.6,\n"
-    )
+    published.write_text(content)
     out = tmp_path / "report"
     assert (
         main(["report", "--registry", str(registry), "--out", str(out), "--published", str(published)]) == 2
     )
-    assert "citation" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_missing_or_empty_registry(tmp_path, capsys):
     assert main(["report", "--registry", str(tmp_path / "none.sqlite"), "--out", str(tmp_path / "r")]) == 2
-    Registry(tmp_path / "empty.sqlite").put(_run("x", "s2s", 0.5, 0.5, status="failed"))
+    Registry(tmp_path / "empty.sqlite").put(RunRecord("x", status="failed"))
     assert main(["report", "--registry", str(tmp_path / "empty.sqlite"), "--out", str(tmp_path / "r")]) == 2
     assert "no succeeded run" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -53,3 +53,35 @@ def test_gradients_accumulate_over_sequences(tiny_llama_dir):
         expected = modules[name.removesuffix(".weight")].weight.grad
         assert grads[name].abs().sum() > 0
         torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_calibration_never_reads_evaluated_examples(tmp_path, tiny_llama_dir):
+    """The default text is the passages of BoolQ's training part; --calibration-data reads a prepared
+    (training) directory's token ids; both are recorded."""
+    from modelzoo_ext.cli import main
+    from modelzoo_ext.data.hdf5 import SampleDataset
+    from modelzoo_ext.data.protocol import DataProtocol
+
+    _, tokenizer = load_model(tiny_llama_dir, "cpu")
+    _, record = calibration_batches(tokenizer, CalibrationConfig(tokens=256, seq_len=64, seed=0))
+    assert "training part" in record["source"] and record["protocol"]["protocol"] == "offline"
+    held_out = {row["passage"] for row in DataProtocol("offline", "bundled").evaluated_rows("boolq")}
+    from modelzoo_ext.masks import calibration
+
+    passages, _ = calibration._texts(CalibrationConfig(seed=0))
+    assert passages and not set(passages) & held_out
+
+    data = tmp_path / "train"
+    argv = ["data", "prepare", "--task", "boolq", "--tokenizer", str(tiny_llama_dir), "--max-seq-length", "512",
+            "--split", "train", "--out", str(data)]  # fmt: skip
+    assert main(argv) == 0
+    batches, record = calibration_batches(
+        tokenizer, CalibrationConfig(data_dir=str(data), tokens=256, seq_len=64)
+    )
+    assert record["source"] == "prepared data (data prepare)" and record["split"] == "train"
+    assert record["data_sha256"] and batches.shape == (4, 64)
+    dataset = SampleDataset(data)
+    every_token = {int(t) for i in range(len(dataset)) for t in dataset[i][0]} | {
+        int(t) for i in range(len(dataset)) for t in dataset[i][2]
+    }
+    assert set(batches.flatten().tolist()) <= every_token

@@ -1,10 +1,12 @@
 """`sparse-lora data prepare`: JSONL or a task's rows -> a ModelZoo fine-tuning HDF5 directory.
 
-Lifecycle: read rows (a prompt/completion JSONL, or BoolQ/HellaSwag/GSM8K from the bundled
-offline copy, the hub, or a local path) -> render each through its versioned template -> keep the
-rows of the requested split (`split_of`) -> tokenize and pad (`encode_example`) -> write
-`output_chunk_0_<k>.h5` files and `data_params.json` into a temporary directory, renamed onto
-`--out` when complete. The same input gives byte-identical files.
+Lifecycle: read rows (a prompt/completion JSONL, or BoolQ/HellaSwag/GSM8K through a protocol:
+`modelzoo_ext.data.protocol`) -> render each through its versioned template -> keep the rows of
+the requested part -> tokenize and pad (`encode_example`) -> write `output_chunk_0_<k>.h5` files,
+`data_params.json` (template, tokenizer, protocol, part, counts, data checksum) and
+`example_keys.txt` (a digest of each sample's example key, to check training and evaluation never
+overlap) into a temporary directory, renamed onto `--out` when complete. The same input gives
+byte-identical files.
 """
 
 from __future__ import annotations
@@ -20,70 +22,35 @@ import numpy as np
 from modelzoo_ext.atomic import atomic_dir
 from modelzoo_ext.data.encode import MIN_SEQUENCE_LEN, encode_example, pad_id_of
 from modelzoo_ext.data.hdf5 import PARAMS_FILE, write_samples
+from modelzoo_ext.data.protocol import DataProtocol, evaluation_split, split_rows, training_split
+from modelzoo_ext.data.rows import read_jsonl
 from modelzoo_ext.data.split import DEFAULT_HELD_OUT_FRACTION, DEFAULT_SALT, split_of
-from modelzoo_ext.data.templates import TASKS, TEMPLATE_VERSION, Example, render
+from modelzoo_ext.data.templates import TEMPLATE_VERSION, Example, render
 from modelzoo_ext.errors import UserError
 
 SAMPLES_PER_FILE = 50_000
-BUNDLED_ASSETS = {"boolq": "boolq_validation", "hellaswag": "hellaswag_validation", "gsm8k": "gsm8k_test"}
-HUB_DATASETS = {  # (path, config, split): the splits the bundled copies come from
-    "boolq": ("google/boolq", None, "validation"),
-    "hellaswag": ("Rowan/hellaswag", None, "validation"),
-    "gsm8k": ("openai/gsm8k", "main", "test"),
-}
+KEYS_FILE = "example_keys.txt"  # sha256 of each written example's key, in sample order
 
 
-def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"invalid JSON ({exc.msg})", where=f"{path}:{line_no}") from exc
+def key_digest(key: str) -> str:
+    """What `example_keys.txt` lists for an example key (keys hold whole passages: hashed)."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _rows_from_path(path: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a local dataset: a `save_to_disk` folder, or a .jsonl/.json/.parquet file."""
-    if path.is_dir():
-        from datasets import load_from_disk
+def task_source_split(task: str, protocol: DataProtocol, part: str) -> tuple[Iterator[Example], str]:
+    """(the rendered examples of the split `part` is drawn from, the `split` filter `prepare` applies).
 
-        yield from load_from_disk(str(path))
-    elif path.suffix == ".jsonl":
-        yield from _read_jsonl(path)
-    elif path.suffix in (".json", ".parquet"):
-        from datasets import load_dataset
-
-        yield from load_dataset(path.suffix[1:], data_files=str(path), split="train")
-    else:
-        raise UserError(
-            "unsupported data source",
-            where=str(path),
-            fix="pass a save_to_disk folder or a .jsonl/.json/.parquet file",
-        )
-
-
-def task_rows(task: str, source: str) -> Iterator[dict[str, Any]]:
-    """Raw rows of a task from `bundled` (offline copy), `hub`, or a local PATH."""
-    if task not in TASKS:
-        raise UserError(f"unknown task {task!r}", fix=f"use one of {TASKS}")
-    if source == "bundled":
-        from modelzoo_ext.offline_assets import asset_path
-
-        yield from _rows_from_path(asset_path(BUNDLED_ASSETS[task]))
-    elif source == "hub":
-        from datasets import load_dataset
-
-        name, config, split = HUB_DATASETS[task]
-        yield from load_dataset(name, config, split=split)
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise UserError(
-                "data source not found", where=source, fix="pass bundled, hub, or an existing path"
-            )
-        yield from _rows_from_path(path)
+    Official: the training split for "train", the evaluation split for "heldout", no filter.
+    Offline: the evaluation split, filtered to `part` by `split_of` ("all": unfiltered); the
+    counts in data_params.json then say how many of the split's rows were kept.
+    """
+    if protocol.protocol == "official":
+        if part == "all":
+            raise UserError("--split all is for the offline protocol", fix="use --split train or heldout")
+        split = training_split(task) if part == "train" else evaluation_split(task)
+        return (render(task, row) for row in split_rows(task, split, protocol.source)), "all"
+    rows = split_rows(task, evaluation_split(task), protocol.source)
+    return (render(task, row) for row in rows), part
 
 
 def jsonl_examples(
@@ -92,7 +59,7 @@ def jsonl_examples(
     """Prompt/completion JSONL rows as examples; the key is the row's `id`, else its prompt."""
     if not path.exists():
         raise UserError("input file not found", where=str(path))
-    for i, row in enumerate(_read_jsonl(path)):
+    for i, row in enumerate(read_jsonl(path)):
         if prompt_key not in row or completion_key not in row:
             raise UserError(
                 f"row {i} lacks {prompt_key!r} or {completion_key!r}",
@@ -128,6 +95,7 @@ def prepare(
         raise UserError("the tokenizer has no EOS token", where=str(tokenizer_dir))
     counts = {"rows": 0, "in_split": 0, "written": 0, "skipped_too_long": 0, "skipped_too_short": 0}
     samples: list[np.ndarray] = []
+    keys: list[str] = []
     for example in tqdm(examples, desc="data prepare", unit="ex", disable=not progress):
         counts["rows"] += 1
         if split != "all" and split_of(example.key, held_out_fraction, salt) != split:
@@ -139,6 +107,7 @@ def prepare(
             counts["skipped_too_long" if n_tokens > max_seq_length else "skipped_too_short"] += 1
             continue
         samples.append(sample)
+        keys.append(key_digest(example.key))
     if not samples:
         raise UserError(
             f"no examples left to write ({counts})",
@@ -167,25 +136,47 @@ def prepare(
         for k, start in enumerate(range(0, len(data), SAMPLES_PER_FILE)):
             write_samples(tmp / f"output_chunk_0_{k}.h5", data[start : start + SAMPLES_PER_FILE])
         (tmp / PARAMS_FILE).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+        (tmp / KEYS_FILE).write_text("".join(k + "\n" for k in keys))
     return params
+
+
+def read_example_keys(data_dir: str | Path) -> list[str]:
+    """The key digests of a prepared directory's samples, in sample order (see `KEYS_FILE`)."""
+    path = Path(data_dir) / KEYS_FILE
+    if not path.is_file():
+        raise UserError(
+            f"no {KEYS_FILE} (prepared by an older version)", where=str(data_dir), fix="rerun data prepare"
+        )
+    return path.read_text().split()
 
 
 def run_prepare(args) -> int:
     """Handler of `sparse-lora data prepare`."""
     if bool(args.input) == bool(args.task):
         raise UserError("pass exactly one of --input JSONL or --task", fix="e.g. --task boolq")
+    split, provenance = args.split, {"source": str(args.input), "task": None}
     if args.input:
+        if args.protocol:
+            raise UserError("--protocol is for --task data", where="--input", fix="drop --protocol")
         examples = jsonl_examples(Path(args.input))
-        provenance = {"source": str(args.input), "task": None}
     else:
-        examples = (render(args.task, row) for row in task_rows(args.task, args.source))
-        provenance = {"source": args.source, "task": args.task}
+        protocol = _protocol(args)
+        examples, split = task_source_split(args.task, protocol, args.split)
+        provenance = {
+            "source": args.source,
+            "task": args.task,
+            "protocol": protocol.record(),
+            "split": args.split,
+        }
+        provenance["protocol_description"] = protocol.describe(args.task)
+        if protocol.protocol == "official":
+            provenance.update(held_out_fraction=None, split_salt=None)
     params = prepare(
         examples,
         tokenizer_dir=args.tokenizer,
         max_seq_length=args.max_seq_length,
         out_dir=args.out,
-        split=args.split,
+        split=split,
         held_out_fraction=args.held_out_fraction,
         salt=args.split_salt,
         provenance=provenance,
@@ -196,3 +187,11 @@ def run_prepare(args) -> int:
         f"{c['skipped_too_long']} too long, {c['skipped_too_short']} too short, of {c['rows']} rows) to {args.out}"
     )
     return 0
+
+
+def _protocol(args) -> DataProtocol:
+    """The protocol of `--protocol` (default: official for hub or a directory, offline for bundled)."""
+    kwargs = {"held_out_fraction": args.held_out_fraction, "salt": args.split_salt}
+    if args.protocol:
+        return DataProtocol(args.protocol, args.source, **kwargs)
+    return DataProtocol.default_for(args.source, **kwargs)

@@ -20,8 +20,16 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--source",
         default="bundled",
-        help="for --task: 'bundled' (offline copy of the validation/test split), 'hub', or a local PATH "
-        "(save_to_disk folder or .jsonl/.json/.parquet) [default: bundled]",
+        help="for --task: 'hub', a data directory in the hub datasets' schema (DIR/<task>/<split>.jsonl|"
+        ".parquet, a save_to_disk folder, or a DatasetDict; see docs/data.md), or 'bundled' (the "
+        "offline copy of the evaluation split) [default: bundled]",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("official", "offline"),
+        help="official: --split train is the task's training split, heldout its whole evaluation "
+        "split; offline: both are parts of the evaluation split (--held-out-fraction, --split-salt) "
+        "[default: official for hub or a directory, offline for bundled]",
     )
     p.add_argument("--tokenizer", required=True, metavar="HF_DIR", help="a Hugging Face tokenizer directory")
     p.add_argument(
@@ -32,14 +40,15 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         "--split",
         choices=("train", "heldout", "all"),
         default="train",
-        help="which part of the deterministic split to write [default: train]",
+        help="train: what fine-tuning reads; heldout: what evaluation scores; all: the whole "
+        "evaluation split (offline protocol) [default: train]",
     )
     p.add_argument(
         "--held-out-fraction",
         type=float,
         default=DEFAULT_HELD_OUT_FRACTION,
         metavar="F",
-        help=f"fraction of examples held out for evaluation [default: {DEFAULT_HELD_OUT_FRACTION}]",
+        help=f"offline protocol: fraction of the evaluation split held out [default: {DEFAULT_HELD_OUT_FRACTION}]",
     )
     p.add_argument(
         "--split-salt",

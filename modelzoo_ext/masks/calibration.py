@@ -5,9 +5,15 @@
 - gradient / taylor: dL/dW of the language-modelling loss, accumulated over calibration batches
   (one sequence per backward, so activation memory stays that of one sequence).
 
-The text is a user file (`--calibration-text`) or, by default, BoolQ validation passages bundled
-offline (`asset_path("boolq_validation")`), shuffled by the seed. Text source, token count,
-sequence length and seed are recorded in the mask file.
+Calibration data never comes from evaluated examples. It is, in order of preference:
+- a directory prepared by `data prepare` (`--calibration-data`): the token ids of its samples
+  (prompt and completion, up to each sample's last loss token), in an order shuffled by the seed;
+  the sweep passes each task's training data, so the masks calibrate on that task's training split;
+- a user text file (`--calibration-text`);
+- by default, the passages of the BoolQ examples in the *training part* of the bundled BoolQ
+  validation split (the offline protocol's default fraction and salt) that no held-out question
+  uses, shuffled by the seed.
+Source, token count, sequence length and seed are recorded in the mask file.
 
 Limit: the model is loaded whole (in its checkpoint dtype) on `device`; the gradient methods also
 hold one gradient per targeted weight. Magnitude and random never load the model.
@@ -32,6 +38,7 @@ class CalibrationConfig:
     """Where calibration text comes from and how much of it to use."""
 
     text_file: str | None = None
+    data_dir: str | None = None
     tokens: int = 2048
     seq_len: int = 256
     seed: int = 0
@@ -42,6 +49,8 @@ class CalibrationConfig:
             raise UserError(
                 "calibration tokens and sequence length must be positive", where="--calibration-tokens"
             )
+        if self.text_file and self.data_dir:
+            raise UserError("give --calibration-text or --calibration-data, not both", where="calibration")
 
 
 def _texts(config: CalibrationConfig) -> tuple[list[str], dict[str, Any]]:
@@ -52,25 +61,58 @@ def _texts(config: CalibrationConfig) -> tuple[list[str], dict[str, Any]]:
         data = path.read_bytes()
         source = {"source": "file", "path": str(path.resolve()), "sha256": hashlib.sha256(data).hexdigest()}
         return [data.decode("utf-8", errors="replace")], source
-    from datasets import load_from_disk
+    from modelzoo_ext.data.protocol import DataProtocol
 
-    from modelzoo_ext.offline_assets import asset_path
-
-    passages = list(load_from_disk(str(asset_path("boolq_validation")))["passage"])
+    protocol = DataProtocol("offline", "bundled")
+    # BoolQ asks several questions about one passage: drop passages any held-out question uses.
+    evaluated = {row["passage"] for row in protocol.evaluated_rows("boolq")}
+    passages = sorted({row["passage"] for row in protocol.training_rows("boolq")} - evaluated)
     random.Random(config.seed).shuffle(passages)
-    return passages, {"source": "boolq_validation passages (bundled, shuffled by seed)"}
+    source = (
+        "passages of BoolQ's training part (bundled validation split, offline protocol), shuffled by seed"
+    )
+    return passages, {"source": source, "protocol": protocol.record()}
+
+
+def _prepared_token_ids(config: CalibrationConfig) -> tuple[list[int], dict[str, Any]]:
+    """Token ids of a `data prepare` directory's samples (each up to its last loss token), shuffled by seed."""
+    import numpy as np
+
+    from modelzoo_ext.data.hdf5 import SampleDataset, read_params
+
+    dataset = SampleDataset(config.data_dir)
+    order = list(range(len(dataset)))
+    random.Random(config.seed).shuffle(order)
+    ids: list[int] = []
+    for index in order:
+        input_ids, loss_mask, labels = dataset[index]
+        if loss_mask.any():  # the example's tokens: inputs up to its last loss position, then that label
+            last = int(np.flatnonzero(loss_mask).max())
+            ids += [*input_ids[: last + 1].tolist(), int(labels[last])]
+        if len(ids) >= config.tokens:
+            break
+    params = read_params(config.data_dir)
+    record = {
+        "source": "prepared data (data prepare)",
+        "path": str(Path(config.data_dir).resolve()),
+        **{k: params.get(k) for k in ("task", "protocol", "split", "data_sha256", "tokenizer")},
+    }
+    return ids, record
 
 
 def calibration_batches(tokenizer, config: CalibrationConfig) -> tuple[torch.Tensor, dict[str, Any]]:
     """Token ids [n_seq, seq_len] (n_seq = tokens // seq_len) and the record stored in the file."""
     seq_len = min(config.seq_len, config.tokens)
     needed = (config.tokens // seq_len) * seq_len
-    texts, record = _texts(config)
-    ids: list[int] = []
-    for text in texts:  # tokenize only as many passages as needed
-        ids.extend(tokenizer(text + "\n\n")["input_ids"])
-        if len(ids) >= needed:
-            break
+    if config.data_dir:
+        ids, record = _prepared_token_ids(config)
+    else:
+        texts, record = _texts(config)
+        ids = []
+        for text in texts:  # tokenize only as many passages as needed
+            ids.extend(tokenizer(text + "\n\n")["input_ids"])
+            if len(ids) >= needed:
+                break
     if len(ids) < needed:
         raise UserError(
             f"calibration text has {len(ids)} tokens, {needed} requested",

@@ -29,6 +29,7 @@ def _compute(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         calibration=CalibrationConfig(
             text_file=args.calibration_text,
+            data_dir=args.calibration_data,
             tokens=args.calibration_tokens,
             seq_len=args.calibration_seqlen,
             seed=args.seed,
@@ -160,7 +161,12 @@ def register(subparsers: argparse._SubParsersAction, groups: dict[str, argparse.
     compute.add_argument(
         "--calibration-text",
         metavar="FILE",
-        help="UTF-8 text for wanda/gradient/taylor (default: bundled BoolQ passages)",
+        help="UTF-8 text for wanda/gradient/taylor (default: the passages of BoolQ's training part, bundled)",
+    )
+    compute.add_argument(
+        "--calibration-data",
+        metavar="DIR",
+        help="calibrate on a `data prepare` directory (e.g. the task's training data), tokenized already",
     )
     compute.add_argument(
         "--calibration-tokens", type=int, default=2048, help="calibration tokens (default 2048)"

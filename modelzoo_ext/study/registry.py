@@ -6,9 +6,13 @@ write lock up front (`BEGIN IMMEDIATE`), wait for it (`busy_timeout`), and retry
 the wait runs out, so concurrent sweep workers lose no row.
 
 Columns that identify a run in the grid (model, task, method, structure, sparsity, mode, backend,
-seed) are plain columns so the report can group by them; metrics and artifact paths are JSON.
-Modes: `s2s`, `s2d` (sparse-LoRA fine-tunes), `lora` (plain LoRA on the dense model: the dense
-baseline), `none` (no fine-tune: the dense model at sparsity 0, the pruned model otherwise).
+seed) and its data protocol (`official` or `offline`) are plain columns so the report can group by
+them; metrics (each a value with its stderr and 95% interval), the derived seeds, throughput and
+artifact paths are JSON. Modes: `s2s`, `s2d` (sparse-LoRA fine-tunes), `lora` (plain LoRA on the
+dense model: the dense baseline), `none` (no fine-tune: the dense model at sparsity 0, the pruned
+model otherwise). Statuses: planned -> running -> trained (exports checked) -> succeeded (evaluated);
+failed or stopped at any point. A registry written by an older version gains the new columns when
+it is opened.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 from modelzoo_ext.errors import UserError
 
-STATUSES = ("planned", "running", "succeeded", "failed", "stopped")
+STATUSES = ("planned", "running", "trained", "succeeded", "failed", "stopped")
 MODES = ("s2s", "s2d", "lora", "none")
 
 _SCHEMA = """
@@ -34,10 +38,12 @@ CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     status TEXT NOT NULL,
     model TEXT, task TEXT, method TEXT, structure TEXT, sparsity REAL, mode TEXT,
-    backend TEXT, seed INTEGER,
+    backend TEXT, seed INTEGER, protocol TEXT,
     config_hash TEXT, git_rev TEXT, mask_sha256 TEXT,
     metrics_json TEXT NOT NULL DEFAULT '{}',
     throughput_tokens_per_s REAL,
+    throughput_json TEXT NOT NULL DEFAULT '{}',
+    seeds_json TEXT NOT NULL DEFAULT '{}',
     artifacts_json TEXT NOT NULL DEFAULT '{}',
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
@@ -60,11 +66,14 @@ class RunRecord:
     mode: str | None = None
     backend: str | None = None
     seed: int | None = None
+    protocol: str | None = None
     config_hash: str | None = None
     git_rev: str | None = None
     mask_sha256: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     throughput_tokens_per_s: float | None = None
+    throughput: dict[str, Any] = field(default_factory=dict)
+    seeds: dict[str, int] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
     attempts: int = 0
     error: str | None = None
@@ -81,22 +90,28 @@ class RunRecord:
 
     def to_row(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
-        row["metrics_json"] = json.dumps(row.pop("metrics"), sort_keys=True)
-        row["artifacts_json"] = json.dumps(row.pop("artifacts"), sort_keys=True)
+        for name in JSON_FIELDS:
+            row[f"{name}_json"] = json.dumps(row.pop(name), sort_keys=True)
         return row
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> RunRecord:
         values = dict(row)
-        values["metrics"] = json.loads(values.pop("metrics_json"))
-        values["artifacts"] = json.loads(values.pop("artifacts_json"))
+        for name in JSON_FIELDS:
+            values[name] = json.loads(values.pop(f"{name}_json"))
         return cls(**values)
 
 
-_COLUMNS = [f.name for f in dataclasses.fields(RunRecord) if f.name not in ("metrics", "artifacts")] + [
-    "metrics_json",
-    "artifacts_json",
+JSON_FIELDS = ("metrics", "throughput", "seeds", "artifacts")
+_COLUMNS = [f.name for f in dataclasses.fields(RunRecord) if f.name not in JSON_FIELDS] + [
+    f"{name}_json" for name in JSON_FIELDS
 ]
+# Columns added after the first registries were written: (name, SQL type and default).
+_ADDED_COLUMNS = {
+    "protocol": "TEXT",
+    "throughput_json": "TEXT NOT NULL DEFAULT '{}'",
+    "seeds_json": "TEXT NOT NULL DEFAULT '{}'",
+}
 
 
 class Registry:
@@ -113,6 +128,10 @@ class Registry:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._write() as conn:
             conn.execute(_SCHEMA)
+            present = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+            for name, sql_type in _ADDED_COLUMNS.items():
+                if name not in present:
+                    conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {sql_type}")
         with self._connect() as conn:
             conn.execute("PRAGMA journal_mode=WAL")
 
@@ -138,7 +157,7 @@ class Registry:
                 raise UserError(f"no run {run_id!r} in the registry", where=str(self.path))
             record = RunRecord.from_row(found)
             for name, value in changes.items():
-                if name in ("metrics", "artifacts"):
+                if name in JSON_FIELDS:
                     getattr(record, name).update(value)
                 elif name in RunRecord.__dataclass_fields__:
                     setattr(record, name, value)

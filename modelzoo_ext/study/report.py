@@ -1,37 +1,67 @@
-"""The report: CSV and Markdown tables and PNG plots, generated only from the run registry.
+"""The report: tables and plots generated only from the run registry, comparing like with like.
 
-Nothing here is typed in by hand: every value is read from a succeeded run's registry row, and
-every table row carries that run's provenance (config hash, git revision, mask checksum, run id).
-Published numbers enter only through a user CSV whose rows each name their citation.
+Nothing here is typed in by hand: every value comes from a succeeded run's registry row and the
+per-example results its evaluation logged, and every row carries its runs' provenance. Published
+numbers enter only through a user CSV whose rows each name their citation. Runs of the two data
+protocols (official / offline, `modelzoo_ext.data.protocol`) never share a table: each protocol
+gets its own files, named `_<protocol>`.
 
 Outputs (in `--out`, written atomically):
-    runs.csv                      every succeeded run, one row each, metrics flattened
-    accuracy.csv / .md            one row per (run, metric)
-    accuracy_<model>_<metric>.png accuracy vs sparsity, a line per (mode, method, structure, backend),
-                                  with the unfine-tuned pruned model (mode `none`) and the dense LoRA
-                                  baseline (mode `lora`) as reference lines
-    throughput.csv / .md / .png   training tokens/s (non-padding) vs sparsity per backend and mode
-    s2s_minus_s2d.csv / .md / .png  paired runs differing only in mode
-    published.csv / .md           ours next to the user's published numbers (with --published)
+    README.md                      what each file holds, each table's protocol, how intervals are computed
+    runs.csv / .md                 every succeeded run: grid columns, protocol, seeds, each metric with
+                                   its 95% interval, provenance (config hash, git revision, mask checksum)
+    scores_<protocol>.csv / .md    per grid point: mean over seeds with a 95% interval, examples, seeds
+    paired_<protocol>.csv / .md    per sparse point and backend: s2s - s2d, s2s - dense LoRA, s2d - dense
+                                   LoRA, paired on the same examples, with interval and verdict
+    <metric>_<protocol>_<model>.png  the metric vs sparsity with error bars: a line per (mode, method,
+                                   structure, backend); the unfine-tuned pruned model per method; the
+                                   dense-LoRA baseline per backend (band = its interval)
+    throughput.csv / .md / .png    per run: non-padding tokens/s and samples/s over the whole training,
+                                   next to the backend's padding policy (never averaged across runs)
+    published.csv / .md            ours next to the user's published numbers, joined on model, task,
+                                   method, structure, mode, sparsity, metric and protocol
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from modelzoo_ext.atomic import atomic_dir
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.study import stats
 from modelzoo_ext.study.registry import Registry, RunRecord
 
 GRID_COLUMNS = ("model", "task", "method", "structure", "sparsity", "mode", "backend", "seed")
 PROVENANCE_COLUMNS = ("config_hash", "git_rev", "mask_sha256", "run_id")
-PUBLISHED_COLUMNS = ("model", "task", "method", "sparsity", "mode", "metric", "value", "citation")
-REFERENCE_MODES = ("none", "lora")
+PUBLISHED_COLUMNS = (
+    "model",
+    "task",
+    "method",
+    "structure",
+    "sparsity",
+    "mode",
+    "metric",
+    "protocol",
+    "value",
+    "citation",
+)
+HELDOUT_METRIC = "heldout/nll_per_token"
+# (first, second): first - second. `none` is the same masks without fine-tuning (what fine-tuning bought).
+COMPARISONS = (("s2s", "s2d"), ("s2s", "lora"), ("s2d", "lora"), ("s2s", "none"), ("s2d", "none"))
+MODE_NAMES = {
+    "s2s": "sparse-to-sparse",
+    "s2d": "sparse-to-dense",
+    "lora": "dense LoRA",
+    "none": "no fine-tune",
+}
 
 
 def build_report(
@@ -46,96 +76,228 @@ def build_report(
     if not runs:
         raise UserError("the registry has no succeeded run to report", where=str(registry_path))
     published = read_published(published_csv) if published_csv else None
+    protocols = sorted({run.protocol or "unrecorded" for run in runs})
     with atomic_dir(out_dir) as tmp:
-        _write_table(tmp / "runs", run_rows(runs))
-        accuracy = accuracy_rows(runs)
-        _write_table(tmp / "accuracy", accuracy)
-        plot_accuracy(accuracy, tmp)
+        write_table(tmp / "runs", run_rows(runs))
+        scores_all = []
+        for protocol in protocols:
+            mine = [run for run in runs if (run.protocol or "unrecorded") == protocol]
+            scores = score_rows(mine, protocol)
+            scores_all += scores
+            write_table(tmp / f"scores_{protocol}", scores)
+            paired = paired_rows(mine, protocol)
+            if paired:
+                write_table(tmp / f"paired_{protocol}", paired)
+            plot_scores(scores, protocol, tmp)
         throughput = throughput_rows(runs)
         if throughput:
-            _write_table(tmp / "throughput", throughput)
+            write_table(tmp / "throughput", throughput)
             plot_throughput(throughput, tmp / "throughput.png")
-        diffs = s2s_minus_s2d_rows(runs)
-        if diffs:
-            _write_table(tmp / "s2s_minus_s2d", diffs)
-            plot_s2s_minus_s2d(diffs, tmp / "s2s_minus_s2d.png")
         if published is not None:
-            _write_table(tmp / "published", published_rows(accuracy, published))
+            write_table(tmp / "published", published_rows(scores_all, published))
+        (tmp / "README.md").write_text(_readme(protocols, runs))
     return sorted(Path(out_dir).iterdir())
+
+
+# -- reading a run's numbers ----------------------------------------------------------------------
+def is_score(name: str, value: Any) -> bool:
+    """Scores are keyed `task/metric[,filter]` (`boolq/acc`) with a recorded value."""
+    return "/" in name and isinstance(value, dict) and "value" in value
+
+
+def _eval_results(run: RunRecord) -> dict[str, Any]:
+    path = run.artifacts.get("eval")
+    if not path or not Path(path).is_file():
+        raise UserError(
+            f"run {run.run_id} has no evaluation results",
+            where=str(path),
+            fix="rerun `sweep run --stage eval`",
+        )
+    return json.loads(Path(path).read_text())
+
+
+def per_example(run: RunRecord, metric: str) -> dict[str, Any]:
+    """key digest -> the run's score of that example (held-out loss: (nll_sum, tokens))."""
+    results = _eval_results(run)
+    if metric == HELDOUT_METRIC:
+        return {e["key"]: (e["nll_sum"], e["tokens"]) for e in results["heldout_loss"]["examples"]}
+    from modelzoo_ext.study.evaluate import read_samples
+
+    task, name = metric.split("/", 1)
+    column = name if "," in name else f"{name},none"
+    return {row["key"]: row[column] for row in read_samples(results, task) if column in row}
 
 
 # -- tables ---------------------------------------------------------------------------------------
 def run_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
-    """One row per run: grid columns, throughput, each metric, provenance."""
-    metric_names = sorted({name for run in runs for name in run.metrics})
+    """One row per run: grid columns, protocol, each metric with its interval, throughput, provenance."""
+    names = sorted({name for run in runs for name, value in run.metrics.items() if is_score(name, value)})
     rows = []
     for run in runs:
         row = {c: getattr(run, c) for c in GRID_COLUMNS}
-        row["throughput_tokens_per_s"] = run.throughput_tokens_per_s
-        row.update({name: run.metrics.get(name) for name in metric_names})
+        row["protocol"] = run.protocol
+        for name in names:
+            record = run.metrics.get(name)
+            row[name] = record["value"] if record else None
+            row[f"{name} 95% CI"] = _ci_text(record) if record else None
+        row["tokens_per_s"] = run.throughput_tokens_per_s
+        row["seeds"] = json.dumps(run.seeds, sort_keys=True) if run.seeds else None
         row.update({c: getattr(run, c) for c in PROVENANCE_COLUMNS})
         rows.append(row)
     return rows
 
 
-def is_score(name: str, value: Any) -> bool:
-    """Scores are keyed `task/metric[,filter]` (`boolq/acc`); other metrics keys are metadata (`eval_limit`)."""
-    return "/" in name and isinstance(value, int | float) and not isinstance(value, bool)
+def _ci_text(record: dict[str, Any]) -> str:
+    low, high = record.get("ci95") or (math.nan, math.nan)
+    return f"[{low:.4f}, {high:.4f}]"
 
 
-def accuracy_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
-    """One row per (run, score), sorted by model, metric, mode, sparsity; `eval_limit` says how many
-    documents per task were scored (empty: all)."""
-    rows = []
+def _point(run: RunRecord) -> tuple:
+    return (run.model, run.task, run.method, run.structure, run.sparsity, run.mode, run.backend)
+
+
+def score_rows(runs: list[RunRecord], protocol: str) -> list[dict[str, Any]]:
+    """Per grid point and metric: the mean over seeds with its 95% interval (method stated)."""
+    groups: dict[tuple, list[RunRecord]] = defaultdict(list)
     for run in runs:
-        for metric, value in sorted(run.metrics.items()):
-            if is_score(metric, value):
-                row = {c: getattr(run, c) for c in GRID_COLUMNS}
-                row.update(metric=metric, value=value, eval_limit=run.metrics.get("eval_limit"))
-                row.update({c: getattr(run, c) for c in PROVENANCE_COLUMNS})
-                rows.append(row)
-    return sorted(
-        rows, key=lambda r: (str(r["model"]), r["metric"], str(r["mode"]), r["sparsity"] or 0.0, r["run_id"])
-    )
-
-
-def throughput_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
-    """Fine-tune runs that recorded training throughput (tokens/s over non-padding tokens)."""
+        for name, value in run.metrics.items():
+            if is_score(name, value):
+                groups[(*_point(run), name)].append(run)
     rows = []
-    for run in runs:
-        if run.throughput_tokens_per_s is not None:
-            row = {c: getattr(run, c) for c in GRID_COLUMNS}
-            row["tokens_per_s"] = run.throughput_tokens_per_s
-            row.update({c: getattr(run, c) for c in PROVENANCE_COLUMNS})
-            rows.append(row)
-    return sorted(rows, key=lambda r: (str(r["backend"]), str(r["mode"]), r["sparsity"] or 0.0, r["run_id"]))
+    for key, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        *point, metric = key
+        records = [m.metrics[metric] for m in members]
+        single = stats.Estimate(
+            records[0]["value"], *records[0]["ci95"], records[0]["n"], records[0]["method"]
+        )
+        estimate = stats.over_seeds([r["value"] for r in records], single)
+        row = dict(
+            zip(("model", "task", "method", "structure", "sparsity", "mode", "backend"), point, strict=True)
+        )
+        row.update(protocol=protocol, metric=metric, mean=estimate.value, ci95_low=estimate.low, ci95_high=estimate.high,
+                   interval=estimate.method, seeds=len(members), examples=records[0].get("n"),
+                   majority_answer=majority_baseline(members[0], metric),
+                   run_ids=" ".join(m.run_id for m in members))  # fmt: skip
+        rows.append(row)
+    return rows
 
 
-def s2s_minus_s2d_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
-    """For runs identical except for the mode: s2s value minus s2d value, per shared metric."""
-    key_columns = [c for c in GRID_COLUMNS if c != "mode"]
-    by_key: dict[tuple, dict[str, RunRecord]] = defaultdict(dict)
+def majority_baseline(run: RunRecord, metric: str) -> float | None:
+    """Accuracy of always giving the most common gold answer on the run's evaluated examples (BoolQ:
+    always "yes" scores ~62%): the floor a multiple-choice accuracy must clear to mean anything."""
+    if metric == HELDOUT_METRIC or not metric.split("/", 1)[1].startswith("acc"):
+        return None
+    from modelzoo_ext.study.evaluate import read_samples
+
+    targets = [row.get("target") for row in read_samples(_eval_results(run), metric.split("/", 1)[0])]
+    if not targets or any(t is None for t in targets):
+        return None
+    counts: dict[str, int] = defaultdict(int)
+    for target in targets:
+        counts[str(target)] += 1
+    return max(counts.values()) / len(targets)
+
+
+def _by_mode(runs: list[RunRecord]) -> dict[tuple, dict[str, dict[int, RunRecord]]]:
+    """(model, task, method, structure, sparsity, backend) -> mode -> seed -> run.
+
+    Dense LoRA runs are filed under every sparse point of their model, task and backend; the
+    no-fine-tune run of the same masks under every backend (for every seed when its masks do
+    not depend on the seed)."""
+    sparse: dict[tuple, dict[str, dict[int, RunRecord]]] = defaultdict(lambda: defaultdict(dict))
+    dense, pruned = defaultdict(dict), defaultdict(dict)
     for run in runs:
         if run.mode in ("s2s", "s2d"):
-            by_key[tuple(getattr(run, c) for c in key_columns)][run.mode] = run
+            sparse[(run.model, run.task, run.method, run.structure, run.sparsity, run.backend)][run.mode][
+                run.seed
+            ] = run
+        elif run.mode == "lora":
+            dense[(run.model, run.task, run.backend)][run.seed] = run
+        elif run.mode == "none" and run.method != "dense":
+            pruned[(run.model, run.task, run.method, run.structure, run.sparsity)][run.seed] = run
+    for key, modes in sparse.items():
+        modes["lora"] = dense.get((key[0], key[1], key[5]), {})
+        masks_only = pruned.get(key[:5], {})
+        seeds = {s for mode in ("s2s", "s2d") for s in modes.get(mode, {})}
+        modes["none"] = (
+            masks_only if len(masks_only) != 1 else dict.fromkeys(seeds, next(iter(masks_only.values())))
+        )
+    return sparse
+
+
+def _paired(
+    a: dict[int, RunRecord], b: dict[int, RunRecord], metric: str
+) -> tuple[stats.Estimate, list[int]] | None:
+    """The paired difference a - b over the examples and seeds both have (seed-averaged per example)."""
+    seeds = sorted(set(a) & set(b))
+    seeds = [s for s in seeds if metric in a[s].metrics and metric in b[s].metrics]
+    if not seeds:
+        return None
+    scores_a = [per_example(a[s], metric) for s in seeds]
+    scores_b = [per_example(b[s], metric) for s in seeds]
+    keys = sorted(set.intersection(*(set(x) for x in scores_a + scores_b)))
+    if not keys:
+        return None
+    if metric == HELDOUT_METRIC:
+        sums_a = np.mean([[x[k][0] for k in keys] for x in scores_a], axis=0)
+        sums_b = np.mean([[x[k][0] for k in keys] for x in scores_b], axis=0)
+        tokens = np.array([scores_a[0][k][1] for k in keys])
+        return stats.paired_ratio_difference(sums_a, sums_b, tokens), seeds
+    mean_a = np.mean([[x[k] for k in keys] for x in scores_a], axis=0)
+    mean_b = np.mean([[x[k] for k in keys] for x in scores_b], axis=0)
+    return stats.paired_difference(mean_a, mean_b), seeds
+
+
+def paired_rows(runs: list[RunRecord], protocol: str) -> list[dict[str, Any]]:
+    """s2s - s2d, s2s - dense LoRA, s2d - dense LoRA per sparse point, backend and metric."""
     rows = []
-    for key, pair in sorted(by_key.items(), key=lambda kv: str(kv[0])):
-        if len(pair) < 2:
-            continue
-        s2s, s2d = pair["s2s"], pair["s2d"]
-        for metric in sorted(set(s2s.metrics) & set(s2d.metrics)):
-            a, b = s2s.metrics[metric], s2d.metrics[metric]
-            if is_score(metric, a) and is_score(metric, b):
-                row = dict(zip(key_columns, key, strict=False))
-                row.update(metric=metric, s2s=a, s2d=b, s2s_minus_s2d=a - b)
-                row.update({f"s2s_{c}": getattr(s2s, c) for c in PROVENANCE_COLUMNS})
-                row.update({f"s2d_{c}": getattr(s2d, c) for c in PROVENANCE_COLUMNS})
+    for key, modes in sorted(_by_mode(runs).items(), key=lambda kv: str(kv[0])):
+        metrics = sorted(
+            {
+                n
+                for seeds in modes.values()
+                for r in seeds.values()
+                for n, v in r.metrics.items()
+                if is_score(n, v)
+            }
+        )
+        for metric in metrics:
+            for first, second in COMPARISONS:
+                found = _paired(modes.get(first, {}), modes.get(second, {}), metric)
+                if found is None:
+                    continue
+                estimate, seeds = found
+                higher_is_better = metric != HELDOUT_METRIC
+                row = dict(
+                    zip(("model", "task", "method", "structure", "sparsity", "backend"), key, strict=True)
+                )
+                row.update(protocol=protocol, metric=metric, comparison=f"{first} - {second}", difference=estimate.value,
+                           ci95_low=estimate.low, ci95_high=estimate.high, examples=estimate.n, seeds=len(seeds),
+                           interval=f"{estimate.method}, per-example scores averaged over seeds {seeds}",
+                           verdict=stats.verdict(estimate, first, second, higher_is_better))  # fmt: skip
                 rows.append(row)
     return rows
 
 
+def throughput_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
+    """One row per fine-tune run that recorded training throughput (never averaged across runs)."""
+    rows = []
+    for run in runs:
+        t = run.throughput
+        if t and t.get("tokens_per_s"):
+            row = {c: getattr(run, c) for c in GRID_COLUMNS}
+            row.update(protocol=run.protocol, tokens_per_s=t["tokens_per_s"], samples_per_s=t.get("samples_per_s"),
+                       tokens=t.get("tokens"), seconds=t.get("seconds"), steps=t.get("steps"),
+                       padded_tokens=t.get("padded_tokens"), counted=t.get("counted"),
+                       padding_policy=t.get("padding_policy"), run_id=run.run_id)  # fmt: skip
+            rows.append(row)
+    return sorted(
+        rows, key=lambda r: (str(r["backend"]), str(r["model"]), str(r["task"]), str(r["mode"]), r["run_id"])
+    )
+
+
 def read_published(path: str | Path) -> list[dict[str, Any]]:
-    """The user's published-results CSV; every row must name its citation."""
+    """The user's published-results CSV; every row must name its citation and its protocol."""
     path = Path(path)
     if not path.is_file():
         raise UserError("published-results CSV not found", where=str(path))
@@ -152,6 +314,10 @@ def read_published(path: str | Path) -> list[dict[str, Any]]:
             raise UserError(
                 "a published number without a citation", where=f"{path}:{line_no}", fix="fill `citation`"
             )
+        if row["protocol"] not in ("official", "offline"):
+            raise UserError(
+                f"protocol {row['protocol']!r}", where=f"{path}:{line_no}", fix="use official (or offline)"
+            )
         try:
             row["sparsity"], row["value"] = float(row["sparsity"]), float(row["value"])
         except ValueError as exc:
@@ -159,33 +325,29 @@ def read_published(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def published_rows(accuracy: list[dict[str, Any]], published: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each published number next to our matching runs (same model, task, method, sparsity, mode, metric)."""
+def published_rows(scores: list[dict[str, Any]], published: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each published number next to our matching grid points (every key equal), one row per backend."""
+    keys = ("model", "task", "method", "structure", "mode", "metric", "protocol")
     rows = []
     for pub in published:
         ours = [
-            r
-            for r in accuracy
-            if (r["model"], r["method"], r["mode"], r["metric"])
-            == (pub["model"], pub["method"], pub["mode"], pub["metric"])
-            and abs((r["sparsity"] or 0.0) - pub["sparsity"]) < 1e-9
+            s
+            for s in scores
+            if all(s[k] == pub[k] for k in keys) and abs((s["sparsity"] or 0.0) - pub["sparsity"]) < 1e-9
         ]
-        for r in ours or [None]:
-            rows.append(
-                {
-                    **{c: pub[c] for c in ("model", "task", "method", "sparsity", "mode", "metric")},
-                    "published": pub["value"],
-                    "citation": pub["citation"],
-                    "ours": r["value"] if r else None,
-                    "ours_minus_published": (r["value"] - pub["value"]) if r else None,
-                    "backend": r["backend"] if r else None,
-                    **{c: (r[c] if r else None) for c in PROVENANCE_COLUMNS},
-                }
-            )
+        for s in ours or [None]:
+            rows.append({
+                **{c: pub[c] for c in (*keys[:5], "sparsity", "metric", "protocol")},
+                "published": pub["value"], "citation": pub["citation"],
+                "ours": s["mean"] if s else None, "ours_ci95": f"[{s['ci95_low']:.4f}, {s['ci95_high']:.4f}]" if s else None,
+                "ours_minus_published": (s["mean"] - pub["value"]) if s else None,
+                "backend": s["backend"] if s else None, "seeds": s["seeds"] if s else None,
+                "run_ids": s["run_ids"] if s else None,
+            })  # fmt: skip
     return rows
 
 
-def _write_table(stem: Path, rows: list[dict[str, Any]]) -> None:
+def write_table(stem: Path, rows: list[dict[str, Any]]) -> None:
     """`stem.csv` and `stem.md` with the same rows and columns."""
     columns = list(dict.fromkeys(c for row in rows for c in row))
     with open(stem.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
@@ -201,7 +363,7 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return "" if math.isnan(value) else f"{value:.4f}"
     return str(value).replace("|", "\\|")
 
 
@@ -215,41 +377,50 @@ def _pyplot():
     return plt
 
 
-def _mean_by(rows: Iterable[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
-    """Mean of `y` per value of `x` (seeds averaged), sorted by `x`."""
-    groups: dict[float, list[float]] = defaultdict(list)
-    for row in rows:
-        groups[row[x] or 0.0].append(row[y])
-    xs = sorted(groups)
-    return xs, [sum(groups[v]) / len(groups[v]) for v in xs]
+def _errorbar(ax, rows: list[dict[str, Any]], **style) -> None:
+    rows = sorted(rows, key=lambda r: r["sparsity"] or 0.0)
+    x = [r["sparsity"] or 0.0 for r in rows]
+    y = np.array([r["mean"] for r in rows])
+    low = np.array([r["ci95_low"] for r in rows])
+    high = np.array([r["ci95_high"] for r in rows])
+    yerr = np.nan_to_num(np.vstack([y - low, high - y]), nan=0.0)
+    ax.errorbar(x, y, yerr=yerr, capsize=3, marker="o", markersize=3, **style)
 
 
-def plot_accuracy(accuracy: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """One PNG per (model, metric): fine-tune lines vs sparsity plus the two reference lines."""
+def plot_scores(scores: list[dict[str, Any]], protocol: str, out_dir: Path) -> list[Path]:
+    """One PNG per (model, metric): fine-tune lines with error bars, no-fine-tune per method, dense LoRA per backend."""
     plt = _pyplot()
     paths = []
-    by_figure: dict[tuple, list[dict]] = defaultdict(list)
-    for row in accuracy:
-        by_figure[(row["model"], row["metric"])].append(row)
-    for (model, metric), rows in sorted(by_figure.items(), key=lambda kv: str(kv[0])):
-        fig, ax = plt.subplots(figsize=(6, 4))
+    figures: dict[tuple, list[dict]] = defaultdict(list)
+    for row in scores:
+        figures[(row["model"], row["metric"])].append(row)
+    for (model, metric), rows in sorted(figures.items(), key=lambda kv: str(kv[0])):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         lines: dict[tuple, list[dict]] = defaultdict(list)
         for row in rows:
-            if row["mode"] not in REFERENCE_MODES:
+            if row["mode"] in ("s2s", "s2d"):
                 lines[(row["mode"], row["method"], row["structure"], row["backend"])].append(row)
         for label, line_rows in sorted(lines.items(), key=lambda kv: str(kv[0])):
-            ax.plot(*_mean_by(line_rows, "sparsity", "value"), marker="o", label=" ".join(map(str, label)))
-        pruned = [r for r in rows if r["mode"] == "none"]
-        if pruned:
-            ax.plot(*_mean_by(pruned, "sparsity", "value"), "k--", marker="x", label="no fine-tune (pruned)")
-        dense_lora = [r["value"] for r in rows if r["mode"] == "lora"]
-        if dense_lora:
-            ax.axhline(
-                sum(dense_lora) / len(dense_lora), color="gray", linestyle=":", label="dense LoRA baseline"
-            )
-        ax.set(xlabel="sparsity", ylabel=metric, title=f"{model}: {metric}")
-        ax.legend(fontsize=7)
-        path = out_dir / f"accuracy_{_slug(model)}_{_slug(metric)}.png"
+            _errorbar(ax, line_rows, label=" ".join(map(str, label)))
+        dense_model = [r for r in rows if r["mode"] == "none" and r["method"] == "dense"]
+        for method, structure in sorted(
+            {(r["method"], r["structure"]) for r in rows if r["mode"] == "none"} - {("dense", "dense")}
+        ):
+            pruned = [
+                r
+                for r in rows
+                if r["mode"] == "none" and (r["method"], r["structure"]) == (method, structure)
+            ]
+            _errorbar(ax, dense_model + pruned, linestyle="--", label=f"no fine-tune ({method}, {structure})")
+        for row in (r for r in rows if r["mode"] == "lora"):
+            ax.axhline(row["mean"], color="gray", linestyle=":", label=f"dense LoRA ({row['backend']})")
+            if not math.isnan(row["ci95_low"]):
+                ax.axhspan(row["ci95_low"], row["ci95_high"], color="gray", alpha=0.12)
+        ax.set(
+            xlabel="sparsity", ylabel=f"{metric} (95% CI)", title=f"{model}: {metric} [{protocol} protocol]"
+        )
+        ax.legend(fontsize=6)
+        path = out_dir / f"{_slug(metric)}_{protocol}_{_slug(model)}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -258,35 +429,20 @@ def plot_accuracy(accuracy: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
 
 def plot_throughput(rows: list[dict[str, Any]], path: Path) -> None:
-    """Training tokens/s vs sparsity, a line per (backend, mode, model)."""
+    """Training tokens/s per run vs sparsity, one panel per backend (their padding policies differ)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    lines: dict[tuple, list[dict]] = defaultdict(list)
-    for row in rows:
-        lines[(row["backend"], row["mode"], row["model"])].append(row)
-    for label, line_rows in sorted(lines.items(), key=lambda kv: str(kv[0])):
-        ax.plot(*_mean_by(line_rows, "sparsity", "tokens_per_s"), marker="o", label=" ".join(map(str, label)))
-    ax.set(xlabel="sparsity", ylabel="training tokens/s (non-padding)", title="training throughput")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_s2s_minus_s2d(rows: list[dict[str, Any]], path: Path) -> None:
-    """s2s minus s2d vs sparsity, a line per (model, metric, method, backend)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    lines: dict[tuple, list[dict]] = defaultdict(list)
-    for row in rows:
-        lines[(row["model"], row["metric"], row["method"], row["backend"])].append(row)
-    for label, line_rows in sorted(lines.items(), key=lambda kv: str(kv[0])):
-        ax.plot(
-            *_mean_by(line_rows, "sparsity", "s2s_minus_s2d"), marker="o", label=" ".join(map(str, label))
+    backends = sorted({r["backend"] for r in rows})
+    fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 4), squeeze=False)
+    for ax, backend in zip(axes[0], backends, strict=True):
+        mine = [r for r in rows if r["backend"] == backend]
+        for mode in sorted({r["mode"] for r in mine}):
+            pts = [r for r in mine if r["mode"] == mode]
+            ax.scatter([r["sparsity"] for r in pts], [r["tokens_per_s"] for r in pts], label=mode, s=14)
+        ax.set(xlabel="sparsity", ylabel="non-padding tokens/s (whole run)", title=backend)
+        ax.text(
+            0.01, 0.01, mine[0]["padding_policy"], transform=ax.transAxes, fontsize=6, va="bottom", wrap=True
         )
-    ax.axhline(0.0, color="gray", linewidth=0.8)
-    ax.set(xlabel="sparsity", ylabel="s2s - s2d", title="sparse-to-sparse minus sparse-to-dense")
-    ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -294,3 +450,37 @@ def plot_s2s_minus_s2d(rows: list[dict[str, Any]], path: Path) -> None:
 
 def _slug(text: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_")
+
+
+def _readme(protocols: list[str], runs: list[RunRecord]) -> str:
+    from modelzoo_ext.data.protocol import DataProtocol
+
+    described = {
+        "official": DataProtocol("official", "hub").describe().replace(", hub)", ")"),
+        "offline": "offline (training part / held-out part of each task's evaluation split; not comparable with published numbers)",
+        "unrecorded": "unrecorded (runs from a registry written before protocols were recorded)",
+    }
+    lines = [
+        "# Report",
+        "",
+        f"Generated from {len(runs)} succeeded runs of the registry; nothing typed by hand.",
+        "",
+        "## Protocols (never mixed in one table)",
+        "",
+    ]
+    lines += [f"- `*_{p}.*`: {described.get(p, p)}" for p in protocols]
+    lines += [
+        "",
+        "## Intervals",
+        "",
+        "- One run: Wilson 95% interval over the evaluated examples for 0/1 scores (accuracy, exact match); "
+        "held-out loss: bootstrap over examples of summed NLL / summed tokens.",
+        "- Several seeds (`scores_*`): mean over seeds, t 95% interval over the seed values; one seed: that run's interval.",
+        f"- Paired comparisons (`paired_*`): the per-example difference, averaged over the seeds both sides have, "
+        f"paired bootstrap over examples ({stats.BOOTSTRAP_RESAMPLES} resamples, percentile 95%). "
+        "`no detectable difference` where the interval covers zero; no verdict below "
+        f"{stats.MIN_EXAMPLES_FOR_VERDICT} examples.",
+        "- Throughput: per run, non-padding tokens / total training time; the backends pad differently "
+        "(`padding_policy` column): compare a backend with itself.",
+    ]
+    return "\n".join(lines) + "\n"

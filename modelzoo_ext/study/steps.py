@@ -68,9 +68,13 @@ def run_logged(command: list[str], log_path: Path, *, env: dict[str, str] | None
         log.write(f"\n$ {shlex.join(command)}\n")
         log.flush()
         start = log.tell()
-        status = subprocess.run(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False
-        ).returncode
+        try:
+            status = subprocess.run(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False
+            ).returncode
+        except FileNotFoundError:  # the program itself is missing: a permanent failure, said in the log
+            log.write(f"command not found: {command[0]} (is it installed in this environment?)\n")
+            status = 127
     return status, start
 
 

@@ -1,33 +1,39 @@
 """The experiment sweep: a grid in a YAML file -> run directories -> resumable runs -> the registry.
 
     sparse-lora sweep plan SWEEP_YAML --out DIR      # one directory per run, nothing executed
-    sparse-lora sweep run DIR [--backend cs3|gpu|cpu] [--parallel N]
+    sparse-lora sweep run DIR [--backend cs3|gpu|cpu] [--stage all|train|eval] [--parallel N]
+    sparse-lora sweep eval DIR                       # = sweep run DIR --stage eval (where the GPU is)
     sparse-lora sweep status DIR
 
 Lifecycle of one run (`DIR/runs/<run_id>/`):
-    plan    run.json (grid coordinates, asset references, commands), params.yaml (the model's base
-            run config with this run's mode, mask, data and seed filled in), command.sh (the train
-            command); a `planned` row in DIR/registry.sqlite
-    assets  shared per sweep, built once before the runs that need them: masks
-            (`masks compute`), the pruned checkpoint (`masks apply`, the base of s2d adapters and of
-            the no-fine-tune evaluation), the training split (`data prepare --split train`)
-    train   cpu: `python -m gpu_reference.train` on CPU; gpu: `torchrun -m gpu_reference.train`;
-            cs3: `cszoo fit` (appliance flags) then `convert cs-to-hf`; all read the same params.yaml
+    plan    run.json (grid point, derived seeds, asset references, commands), params.yaml (the
+            model's params file with this run's mode, masks, data, seeds, output folder and, for
+            cs3, its base checkpoint: one file for every backend), command.sh; a `planned` row
+    assets  shared per sweep, built once before the runs that need them: training and held-out
+            data (`data prepare`, the sweep's protocol), masks (`masks compute`, calibrated on the
+            task's training data for data-aware methods), the pruned checkpoint (`masks apply`)
+    length  `train.epochs` becomes `max_steps` from the prepared training data, written into
+            params.yaml once, so every backend trains the same examples in the same order
+    train   cpu: `python -m gpu_reference.train`; gpu: `torchrun -m gpu_reference.train`; cs3:
+            `cszoo fit` (appliance flags) then `convert cs-to-hf`; all read the same params.yaml
     check   the model to be evaluated must match its mask with zero violations: a dense checkpoint
-            is never evaluated in place of a sparse one
-    eval    `sparse-lora eval` on the held-out part of the same split (identical for every backend)
-    record  metrics, throughput (mean non-padding tokens/s), artifact paths -> the registry
+            is never evaluated in place of a sparse one -> status `trained`
+    eval    `sparse-lora eval` (lm-eval with every example logged, and the held-out loss) under
+            the sweep's protocol, on `eval.device` (cpu is fine) -> status `succeeded`
 
-Failures are classified from the step's log (`modelzoo_ext.study.steps`): transient ones (appliance gRPC
-UNAVAILABLE, connection resets, ...) are retried with exponential backoff; disk-full or quota errors
-stop the sweep; the rest fail the run at once. The grid itself is `modelzoo_ext.study.sweep_spec`. Finished runs are skipped on rerun, and the trainer resumes from its
-last checkpoint.
+`--stage train` stops at `trained` (e.g. on the CS-3 user node, which has no GPU); `--stage eval`
+(or `sweep eval`) evaluates the trained runs of a registry on another machine.
+
+Failures are classified from the step's log (`modelzoo_ext.study.steps`): transient ones are
+retried with exponential backoff; disk-full or quota errors stop the sweep; the rest fail the run.
+Finished work is skipped on rerun, and the trainer resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shlex
 import subprocess
@@ -42,48 +48,58 @@ from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.run_config import load_yaml
 from modelzoo_ext.run_config import params as rc
+from modelzoo_ext.study.grid import DATA_DRIVEN, SEED_ROLES, SEEDED_METHODS, grid, sparsity_tag
 from modelzoo_ext.study.registry import Registry, RunRecord
 from modelzoo_ext.study.steps import StepFailed, SweepStopped, run_with_retries
-from modelzoo_ext.study.sweep_spec import SweepSpec, grid, load_sweep, sparsity_tag
-from modelzoo_ext.study.throughput import cs_throughput, mean_throughput
+from modelzoo_ext.study.sweep_spec import SweepSpec, load_sweep
+from modelzoo_ext.study.throughput import cs_throughput, reference_throughput
 
 REGISTRY_FILE = "registry.sqlite"
+STAGES = ("all", "train", "eval")
 
 
-def _asset_paths(sweep_dir: Path, run: dict[str, Any]) -> dict[str, str | None]:
-    """Shared inputs of a run: its mask file, pruned checkpoint and training data."""
-    sparse = run["mode"] != "lora" and run["method"] != "dense"
-    key = f"{run['model']}__{run['method']}__{run['structure'].replace(':', 'of')}__{sparsity_tag(run['sparsity'])}"
+# -- planning -------------------------------------------------------------------------------------
+def _mask_key(run: dict[str, Any]) -> str:
+    """Masks differ by model, method, structure, sparsity; by task (data-aware) and seed (seeded)."""
+    parts = [run["model"], run["method"], run["structure"].replace(":", "of"), sparsity_tag(run["sparsity"])]
+    if run["method"] in DATA_DRIVEN:
+        parts.append(run["task"])
+    if run["method"] in SEEDED_METHODS:
+        parts.append(f"seed{run['seed']}")
+    return "__".join(parts)
+
+
+def _asset_paths(spec: SweepSpec, sweep_dir: Path, run: dict[str, Any]) -> dict[str, str | None]:
+    """Shared inputs of a run: its mask file, pruned checkpoint, training and held-out data."""
+    assets = sweep_dir / "assets"
+    sparse = run["method"] != "dense"
+    data = f"{run['model']}__{run['task']}"
     return {
-        "masks": str(sweep_dir / "assets" / "masks" / f"{key}.safetensors") if sparse else None,
-        "pruned": str(sweep_dir / "assets" / "pruned" / key) if sparse else None,
-        "data": str(sweep_dir / "assets" / "data" / f"{run['model']}__{run['task']}")
-        if run["mode"] != "none"
+        "masks": str(assets / "masks" / f"{_mask_key(run)}.safetensors") if sparse else None,
+        "pruned": str(assets / "pruned" / _mask_key(run)) if sparse else None,
+        "data": str(assets / "data" / data / "train")
+        if run["mode"] != "none" or run["method"] in DATA_DRIVEN
         else None,
+        "heldout": str(assets / "data" / data / "heldout") if spec.eval.heldout_loss else None,
     }
 
 
 def _params_for(spec: SweepSpec, run: dict[str, Any], assets: dict, run_dir: Path) -> dict[str, Any]:
-    """The model's base run config with this run's mode, masks, data, seed and output folder."""
+    """The model's params file with this run's mode, masks, data, seeds and output folder."""
     model = spec.models[run["model"]]
     params = load_yaml(model.params)
+    seeds = run["seeds"]
     rc.set_mode(params, run["mode"], assets["masks"])
-    rc.set_output(params, str(run_dir / "train"), run["seed"])
+    rc.set_output(params, str(run_dir / "train"), seeds["trainer"])
     rc.set_training_data(params, assets["data"], spec.train.batch_size)  # evaluation: lm-eval, every backend
-    if spec.train.max_steps:
-        rc.set_max_steps(params, spec.train.max_steps)
+    rc.set_seeds(params, lora_init=seeds["lora_init"], data_order=seeds["data_order"])
+    length = spec.train.length_for(run["task"])
+    if length.max_steps:
+        rc.set_max_steps(params, length.max_steps)
     if run["backend"] == "cs3":
         rc.set_base_checkpoint(params, model.cs_checkpoint)
         rc.ensure_callback(params, "SparseLoRALossLog")  # per-step losses and times: parity and throughput
     return params
-
-
-def _export_kind(run: dict[str, Any], run_dir: Path) -> str:
-    """ "adapter" or "merged": what the run's trainer exports (the one rule, `SparseLoRAConfig.export_kind`)."""
-    from modelzoo_ext.run_config import SparseLoRAConfig, find_model_section
-
-    params = load_yaml(run_dir / "params.yaml")
-    return SparseLoRAConfig(**find_model_section(params, str(run_dir))["sparse_lora"]).export_kind
 
 
 def train_command(spec: SweepSpec, run: dict[str, Any], run_dir: Path) -> list[str] | None:
@@ -91,23 +107,14 @@ def train_command(spec: SweepSpec, run: dict[str, Any], run_dir: Path) -> list[s
     params, out, hf = str(run_dir / "params.yaml"), str(run_dir / "train"), spec.models[run["model"]].hf_dir
     if run["mode"] == "none":
         return None
+    reference = [params, "--hf-model", hf, "--out", out, "--no-progress"]
     if run["backend"] == "cpu":
-        return [
-            sys.executable,
-            "-m",
-            "gpu_reference.train",
-            params,
-            "--hf-model",
-            hf,
-            "--out",
-            out,
-            "--device",
-            "cpu",
-            "--no-progress",
-        ]
+        return [sys.executable, "-m", "gpu_reference.train", *reference, "--device", "cpu"]
     if run["backend"] == "gpu":
-        launcher = ["torchrun", f"--nproc-per-node={spec.gpu.nproc_per_node}", "-m", "gpu_reference.train"]
-        return launcher + [params, "--hf-model", hf, "--out", out, "--device", "cuda", "--no-progress"]
+        # `python -m torch.distributed.run` is torchrun, from this very environment.
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={spec.gpu.nproc_per_node}",
+                    "-m", "gpu_reference.train"]  # fmt: skip
+        return [*launcher, *reference, "--device", "cuda"]
     cs = spec.cs3
     command = [
         cs.cszoo,
@@ -127,13 +134,21 @@ def train_command(spec: SweepSpec, run: dict[str, Any], run_dir: Path) -> list[s
     return command + list(cs.extra_args)
 
 
+def _export_kind(run_dir: Path) -> str:
+    """ "adapter" or "merged": what the run's trainer exports (the one rule, `SparseLoRAConfig.export_kind`)."""
+    from modelzoo_ext.run_config import SparseLoRAConfig, find_model_section
+
+    params = load_yaml(run_dir / "params.yaml")
+    return SparseLoRAConfig(**find_model_section(params, str(run_dir))["sparse_lora"]).export_kind
+
+
 def cs_export_command(spec: SweepSpec, run: dict[str, Any], run_dir: Path) -> list[str]:
-    """cs3 only: the last CS checkpoint -> the exports the trainer writes (train/merged or train/adapter).
+    """cs3 only: the last CS checkpoint -> the export the trainer writes (train/merged or train/adapter).
 
     `LAST_CHECKPOINT` is resolved when the step runs (`latest_cs_checkpoint`); s2d adapters point
     at the pruned base, like the trainer's.
     """
-    kind = _export_kind(run, run_dir)
+    kind = _export_kind(run_dir)
     base = run["assets"]["pruned"] if run["mode"] == "s2d" else spec.models[run["model"]].hf_dir
     return [
         sys.executable, "-m", "modelzoo_ext.cli", "convert", "cs-to-hf",
@@ -150,9 +165,17 @@ def latest_cs_checkpoint(model_dir: Path) -> Path:
     return found[-1]
 
 
-def config_hash(params: dict[str, Any], spec: SweepSpec) -> str:
-    """sha256 (16 hex) of what determines a run's numbers: its params and the data/eval protocol."""
-    protocol = {"params": params, "data": spec.data.model_dump(), "eval": spec.eval.model_dump()}
+def config_hash(params: dict[str, Any], spec: SweepSpec, run: dict[str, Any]) -> str:
+    """sha256 (16 hex) of what determines a run's numbers: its params, the protocol, training length,
+    calibration and evaluation settings."""
+    protocol = {
+        "params": params,
+        "data": spec.data.model_dump(),
+        "train_length": spec.train.length_for(run["task"]).model_dump(),
+        "calibration": spec.calibration.model_dump() if run["method"] in DATA_DRIVEN else None,
+        "eval": spec.eval.model_dump(),
+        "seeds": run["seeds"],
+    }
     return hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -160,37 +183,32 @@ def git_revision() -> str:
     """The project's git revision (with `-dirty` when the tree has changes), or `unknown`."""
     root = Path(__file__).resolve().parents[2]
     try:
-        rev = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True)  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def plan_sweep(sweep_yaml: str | Path, out: str | Path) -> list[dict[str, Any]]:
-    """Write one run directory per run and a `planned` registry row; keep finished runs as they are."""
+    """Write one run directory per run and a `planned` registry row; keep finished runs as they are.
+
+    The whole sweep file is checked first (`load_sweep`): a bad grid writes nothing.
+    """
     spec = load_sweep(sweep_yaml)
+    runs = grid(spec)
     sweep_dir = Path(out).resolve()
-    for name, model in spec.models.items():
-        for path in (model.hf_dir, model.params):
-            if not Path(path).exists():
-                raise UserError(f"model {name!r}: path not found", where=path)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with atomic_file(sweep_dir / "sweep.json") as tmp:
-        tmp.write_text(spec.model_dump_json(indent=2) + "\n")
+        tmp.write_text(spec.model_dump_json(indent=2))
+    with atomic_file(sweep_dir / "seeds.json") as tmp:  # what each derived seed controls
+        tmp.write_text(
+            json.dumps({"roles": SEED_ROLES, "seeds": {r["seed"]: r["seeds"] for r in runs}}, indent=2)
+        )
     registry = Registry(sweep_dir / REGISTRY_FILE)
     rev = git_revision()
-    runs = grid(spec)
     from tqdm import tqdm
 
     for run in tqdm(runs, desc="sweep plan", unit="run"):
@@ -201,9 +219,10 @@ def plan_sweep(sweep_yaml: str | Path, out: str | Path) -> list[dict[str, Any]]:
 def _plan_run(spec: SweepSpec, run: dict[str, Any], sweep_dir: Path, registry: Registry, rev: str) -> None:
     run_dir = sweep_dir / "runs" / run["run_id"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    assets = _asset_paths(sweep_dir, run)
+    assets = _asset_paths(spec, sweep_dir, run)
     command = train_command(spec, run, run_dir)
     record = {**run, "assets": assets, "train_command": command, "hf_dir": spec.models[run["model"]].hf_dir}
+    record["protocol"] = spec.data.protocol
     params = None
     if run["mode"] != "none":
         params = _params_for(spec, run, assets, run_dir)
@@ -216,7 +235,7 @@ def _plan_run(spec: SweepSpec, run: dict[str, Any], sweep_dir: Path, registry: R
             )
         with atomic_file(run_dir / "command.sh") as tmp:
             tmp.write_text("\n".join(lines) + "\n")
-    record["config_hash"] = config_hash(params or {"mode": "none", **run}, spec)
+    record["config_hash"] = config_hash(params or {"mode": "none", **run}, spec, run)
     with atomic_file(run_dir / "run.json") as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     existing = registry.get(run["run_id"])
@@ -226,7 +245,8 @@ def _plan_run(spec: SweepSpec, run: dict[str, Any], sweep_dir: Path, registry: R
         }
         registry.put(
             RunRecord(run["run_id"], status="planned", config_hash=record["config_hash"], git_rev=rev,
-                      artifacts={"run_dir": str(run_dir)}, **grid_fields)
+                      protocol=spec.data.protocol, seeds=run["seeds"], artifacts={"run_dir": str(run_dir)},
+                      **grid_fields)
         )  # fmt: skip
 
 
@@ -243,6 +263,22 @@ def _load_plan(sweep_dir: Path) -> tuple[SweepSpec, list[dict[str, Any]]]:
     return spec, runs
 
 
+def _trained(record: RunRecord) -> bool:
+    """Has the run's train stage finished (its model to evaluate recorded and checked)?"""
+    return "model" in record.artifacts
+
+
+def _wanted(run: dict[str, Any], record: RunRecord, stage: str) -> bool:
+    """Does `stage` still have work on this run?"""
+    if record.status == "succeeded":
+        return False
+    if stage == "train":
+        return run["mode"] != "none" and not _trained(record)
+    if stage == "eval":
+        return _trained(record) or run["mode"] == "none"
+    return True
+
+
 def run_sweep(
     sweep_dir: str | Path,
     *,
@@ -251,8 +287,11 @@ def run_sweep(
     max_attempts: int = 4,
     backoff_s: float = 30.0,
     only: list[str] | None = None,
+    stage: str = "all",
 ) -> dict[str, Any]:
-    """Run every unfinished run (of `backend`, or of `only`); return counts and any stop reason."""
+    """Run the unfinished work of `stage` (for runs of `backend`, or of `only`); counts and any stop reason."""
+    if stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}", fix=f"use one of {STAGES}")
     sweep_dir = Path(sweep_dir).resolve()
     spec, runs = _load_plan(sweep_dir)
     registry = Registry(sweep_dir / REGISTRY_FILE)
@@ -261,21 +300,25 @@ def run_sweep(
         if (backend is None or r["backend"] in (backend, "eval")) and (only is None or r["run_id"] in only)
     ]  # fmt: skip
     if only and len(selected) != len(set(only)):
-        missing = sorted(set(only) - {r["run_id"] for r in selected})
-        raise UserError(f"unknown run id(s) {missing}", where=str(sweep_dir))
-    todo = [
-        r for r in selected if (registry.get(r["run_id"]) or RunRecord(r["run_id"])).status != "succeeded"
-    ]
-    summary: dict[str, Any] = {"selected": len(selected), "skipped_finished": len(selected) - len(todo)}
+        raise UserError(
+            f"unknown run id(s) {sorted(set(only) - {r['run_id'] for r in selected})}", where=str(sweep_dir)
+        )
+    records = {r["run_id"]: registry.get(r["run_id"]) or RunRecord(r["run_id"]) for r in selected}
+    todo = [r for r in selected if _wanted(r, records[r["run_id"]], stage)]
+    summary: dict[str, Any] = {
+        "selected": len(selected),
+        "stage": stage,
+        "skipped_finished": len(selected) - len(todo),
+    }
     executor = _RunExecutor(spec, sweep_dir, registry, max_attempts, backoff_s)
     from tqdm import tqdm
 
-    with tqdm(total=len(todo), desc="sweep run", unit="run") as bar:
+    with tqdm(total=len(todo), desc=f"sweep run ({stage})", unit="run") as bar:
         try:
             executor.build_assets(todo)
             with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-                for status in pool.map(executor.run_one, todo):
-                    summary[status] = summary.get(status, 0) + 1
+                for result in pool.map(lambda r: executor.run_one(r, stage), todo):
+                    summary[result] = summary.get(result, 0) + 1
                     bar.update(1)
         except SweepStopped as exc:
             summary["stopped_reason"] = str(exc)
@@ -303,36 +346,51 @@ class _RunExecutor:
         """One logged, retried step; says what runs where (each step's own progress bar is in its log)."""
         from tqdm import tqdm
 
-        what = _step_name(command)
         started = time.time()
-        tqdm.write(f"[{time.strftime('%H:%M:%S')}] {what} -> {log}")
+        tqdm.write(f"[{time.strftime('%H:%M:%S')}] {_step_name(command)} -> {log}")
         attempts = run_with_retries(command, log, max_attempts=self.max_attempts, backoff_s=self.backoff_s)
         tqdm.write(f"[{time.strftime('%H:%M:%S')}]   done in {time.time() - started:.0f} s")
         return attempts
 
     # -- shared assets (sequential: runs share them) ---------------------------------------------
+    def _data_command(self, run: dict[str, Any], split: str, out: str) -> list[str]:
+        data = self.spec.data
+        command = self._cli("data", "prepare", "--task", run["task"], "--protocol", data.protocol, "--source",
+                            data.source, "--tokenizer", self.spec.models[run["model"]].hf_dir, "--max-seq-length",
+                            str(data.max_seq_length), "--split", split, "--out", out)  # fmt: skip
+        if data.protocol == "offline":
+            command += ["--held-out-fraction", str(data.held_out_fraction), "--split-salt", data.split_salt]
+        return command
+
+    def _masks_command(self, run: dict[str, Any]) -> list[str]:
+        model = self.spec.models[run["model"]]
+        command = self._cli("masks", "compute", "--model", model.hf_dir, "--method", run["method"], "--structure",
+                            run["structure"], "--scope", self.spec.scope, "--sparsity", str(run["sparsity"]),
+                            "--seed", str(run["seeds"]["masks"]), "--no-plot", "--out", run["assets"]["masks"])  # fmt: skip
+        if (
+            run["method"] in DATA_DRIVEN
+        ):  # calibrated on the task's training data, never on evaluated examples
+            cal = self.spec.calibration
+            command += ["--calibration-data", run["assets"]["data"], "--calibration-tokens", str(cal.tokens),
+                        "--calibration-seqlen", str(cal.seq_len)]  # fmt: skip
+        return command
+
     def build_assets(self, runs: list[dict[str, Any]]) -> None:
         logs = self.sweep_dir / "assets" / "logs"
         for run in runs:
-            model = self.spec.models[run["model"]]
-            masks, pruned, data = (run["assets"][k] for k in ("masks", "pruned", "data"))
-            if masks:
-                self._build(masks, self._cli("masks", "compute", "--model", model.hf_dir, "--method", run["method"],
-                            "--structure", run["structure"], "--scope", self.spec.scope, "--sparsity", str(run["sparsity"]),
-                            "--seed", "0", "--no-plot", "--out", masks), logs)  # fmt: skip
-            if pruned and (run["mode"] in ("s2d", "none")):
-                self._build(
-                    pruned,
-                    self._cli("masks", "apply", "--model", model.hf_dir, "--masks", masks, "--out", pruned),
-                    logs,
-                    needs=masks,
+            assets = run["assets"]
+            for asset, split in (("data", "train"), ("heldout", "heldout")):
+                if assets.get(asset):
+                    self._build(assets[asset], self._data_command(run, split, assets[asset]), logs)
+            if assets["masks"]:
+                calibration = assets["data"] if run["method"] in DATA_DRIVEN else None
+                self._build(assets["masks"], self._masks_command(run), logs, needs=calibration)
+            if assets["pruned"] and run["mode"] in ("s2d", "none"):
+                hf_dir = self.spec.models[run["model"]].hf_dir
+                apply = self._cli(
+                    "masks", "apply", "--model", hf_dir, "--masks", assets["masks"], "--out", assets["pruned"]
                 )
-            if data:
-                command = self._cli("data", "prepare", "--task", run["task"], "--source", self.spec.data.source,
-                                    "--tokenizer", model.hf_dir, "--max-seq-length", str(self.spec.data.max_seq_length),
-                                    "--split", "train", "--held-out-fraction", str(self.spec.data.held_out_fraction),
-                                    "--split-salt", self.spec.data.split_salt, "--out", data)  # fmt: skip
-                self._build(data, command, logs)
+                self._build(assets["pruned"], apply, logs, needs=assets["masks"])
 
     def _build(self, path: str, command: list[str], logs: Path, needs: str | None = None) -> None:
         if Path(path).exists() or path in self.failed_assets:
@@ -340,29 +398,32 @@ class _RunExecutor:
         if needs and needs in self.failed_assets:
             self.failed_assets[path] = f"needs {needs}, which failed"
             return
-        try:
-            self._step(command, logs / f"{Path(path).name}.log")
+        try:  # log named after the asset's place under assets/ (data/<model>__<task>/train -> data__..__train)
+            name = "__".join(Path(path).relative_to(self.sweep_dir / "assets").parts)
+            self._step(command, logs / f"{name}.log")
         except StepFailed as exc:
             self.failed_assets[path] = str(exc)
 
     # -- one run ---------------------------------------------------------------------------------
-    def run_one(self, run: dict[str, Any]) -> str:
-        """Train (unless evaluation-only), check sparsity, evaluate, record. Returns the final status."""
+    def run_one(self, run: dict[str, Any], stage: str) -> str:
+        """The run's work in `stage` ("all", "train" or "eval"); returns where it ended."""
         run_id, run_dir = run["run_id"], self.sweep_dir / "runs" / run["run_id"]
         if self._stop.is_set():
             return "not_started"
-        attempts = (self.registry.get(run_id) or RunRecord(run_id)).attempts
+        record = self.registry.get(run_id) or RunRecord(run_id)
         self.registry.update(
-            run_id, status="running", started_at=time.time(), attempts=attempts + 1, error=None
+            run_id, status="running", started_at=time.time(), attempts=record.attempts + 1, error=None
         )
         try:
             missing = [self.failed_assets[p] for p in run["assets"].values() if p in self.failed_assets]
             if missing:
                 raise StepFailed(f"a shared asset failed: {missing[0]}")
-            artifacts, throughput = self._train(run, run_dir)
-            model_dir, adapter_dir = self._model_to_evaluate(run, run_dir)
-            mask_sha = self._check_sparse(run, model_dir, run_dir)
-            metrics = self._evaluate(run, run_dir, model_dir, adapter_dir)
+            if stage != "eval" and run["mode"] != "none" and not _trained(record):
+                self._train_stage(run, run_dir)
+            if stage == "train":
+                return "trained"
+            self._eval_stage(run, run_dir)
+            return "succeeded"
         except SweepStopped as exc:
             self.stop_reason = str(exc)
             self._stop.set()
@@ -371,43 +432,80 @@ class _RunExecutor:
         except (StepFailed, UserError) as exc:
             self.registry.update(run_id, status="failed", error=str(exc), finished_at=time.time())
             return "failed"
-        artifacts.update(
-            model=model_dir,
-            adapter=adapter_dir,
-            eval=str(run_dir / "eval.json"),
-            masks=run["assets"]["masks"],
-        )
-        self.registry.update(
-            run_id, status="succeeded", metrics=metrics, throughput_tokens_per_s=throughput, mask_sha256=mask_sha,
-            artifacts={k: v for k, v in artifacts.items() if v}, finished_at=time.time(),
-        )  # fmt: skip
-        return "succeeded"
 
-    def _train(self, run: dict[str, Any], run_dir: Path) -> tuple[dict[str, str], float | None]:
+    def _train_stage(self, run: dict[str, Any], run_dir: Path) -> None:
+        """Train (unless evaluation-only), check the export's sparsity -> status `trained`."""
+        artifacts, throughput = self._train(run, run_dir)
+        model_dir, adapter_dir = self._model_to_evaluate(run, run_dir)
+        mask_sha = self._check_sparse(run, model_dir, run_dir)
+        artifacts.update(model=model_dir, adapter=adapter_dir, masks=run["assets"]["masks"])
+        self.registry.update(
+            run["run_id"], status="trained", mask_sha256=mask_sha, artifacts={k: v for k, v in artifacts.items() if v},
+            throughput=throughput or {}, throughput_tokens_per_s=(throughput or {}).get("tokens_per_s"),
+        )  # fmt: skip
+
+    def _eval_stage(self, run: dict[str, Any], run_dir: Path) -> None:
+        """Evaluate the trained (or pruned / dense) model -> status `succeeded` with its metrics."""
+        record = self.registry.get(run["run_id"])
+        if run["mode"] == "none" and not _trained(record):
+            self._train_stage(run, run_dir)  # nothing to train: the pruned model's sparsity check
+            record = self.registry.get(run["run_id"])
+        metrics = self._evaluate(run, run_dir, record.artifacts["model"], record.artifacts.get("adapter"))
+        self.registry.update(
+            run["run_id"], status="succeeded", metrics=metrics, finished_at=time.time(),
+            artifacts={"eval": str(run_dir / "eval.json"), "samples": str(run_dir / "eval_samples")},
+        )  # fmt: skip
+
+    def _finalise_length(self, run: dict[str, Any], run_dir: Path) -> None:
+        """`train.epochs` -> `max_steps` from the prepared training data, written into params.yaml once."""
+        length = self.spec.train.length_for(run["task"])
+        if length.epochs is None:
+            return
+        from modelzoo_ext.data.hdf5 import SampleDataset
+
+        params = load_yaml(run_dir / "params.yaml")
+        examples = len(SampleDataset(run["assets"]["data"]))
+        batch = rc.train_batch_size(params)
+        steps = max(1, math.floor(length.epochs * examples / batch))
+        if params["trainer"]["init"]["loop"].get("max_steps") != steps:
+            rc.set_max_steps(params, steps)
+            rc.write_yaml(run_dir / "params.yaml", params)
+        record = json.loads((run_dir / "run.json").read_text())
+        record["train_length"] = {
+            "epochs": length.epochs,
+            "examples": examples,
+            "batch_size": batch,
+            "max_steps": steps,
+        }
+        with atomic_file(run_dir / "run.json") as tmp:
+            tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    def _train(self, run: dict[str, Any], run_dir: Path) -> tuple[dict[str, str], dict | None]:
         if run["mode"] == "none":
             return {}, None
+        self._finalise_length(run, run_dir)
         train_dir = run_dir / "train"
         if run["backend"] == "cs3":
-            export = train_dir / _export_kind(run, run_dir)
-            if not export.is_dir():
+            if not (train_dir / _export_kind(run_dir)).is_dir():
                 self._step(run["train_command"], run_dir / "train.log")
                 command = cs_export_command(self.spec, run, run_dir)
                 command[command.index("LAST_CHECKPOINT")] = str(latest_cs_checkpoint(train_dir))
                 self._step(command, run_dir / "train.log")
-            params = load_yaml(run_dir / "params.yaml")
-            return {"train_dir": str(train_dir)}, cs_throughput(train_dir, params)
+            return {"train_dir": str(train_dir)}, cs_throughput(train_dir, load_yaml(run_dir / "params.yaml"))
         if not _train_complete(train_dir):
             self._step(run["train_command"], run_dir / "train.log")
         if not _train_complete(train_dir):
             raise StepFailed(f"training ended without a complete run record in {train_dir}")
-        return {"train_dir": str(train_dir)}, mean_throughput(train_dir / "metrics.jsonl")
+        return {"train_dir": str(train_dir)}, reference_throughput(
+            train_dir / "metrics.jsonl", run["backend"]
+        )
 
     def _model_to_evaluate(self, run: dict[str, Any], run_dir: Path) -> tuple[str, str | None]:
         """The checkpoint (and adapter) that stands for this run; never a dense stand-in."""
         mode, train_dir, hf_dir = run["mode"], run_dir / "train", run["hf_dir"]
         if mode == "none":
             return (run["assets"]["pruned"] or hf_dir), None
-        kind = _export_kind(run, run_dir)
+        kind = _export_kind(run_dir)
         export = train_dir / kind
         if not export.is_dir():
             raise StepFailed(f"the {mode} export is missing: {export}")
@@ -435,26 +533,42 @@ class _RunExecutor:
             )
         return _file_sha256(Path(masks))
 
+    def _eval_command(
+        self, run: dict[str, Any], run_dir: Path, model_dir: str, adapter_dir: str | None
+    ) -> list[str]:
+        ev, data = self.spec.eval, self.spec.data
+        command = self._cli("eval", "--model", model_dir, "--tasks", ",".join(ev.tasks or [run["task"]]), "--data",
+                            data.source, "--protocol", data.protocol, "--batch-size", str(ev.batch_size), "--device",
+                            ev.device, "--out", str(run_dir / "eval.json"))  # fmt: skip
+        if data.protocol == "offline":
+            command += ["--held-out-fraction", str(data.held_out_fraction), "--split-salt", data.split_salt]
+        command += ["--adapter", adapter_dir] if adapter_dir else []
+        command += ["--limit", str(ev.limit)] if ev.limit else []
+        command += ["--max-gen-toks", str(ev.max_gen_toks)] if ev.max_gen_toks else []
+        command += ["--loss-data", run["assets"]["heldout"]] if run["assets"].get("heldout") else []
+        command += (
+            ["--loss-limit", str(ev.heldout_limit)]
+            if run["assets"].get("heldout") and ev.heldout_limit
+            else []
+        )
+        return command
+
     def _evaluate(
         self, run: dict[str, Any], run_dir: Path, model_dir: str, adapter_dir: str | None
     ) -> dict[str, Any]:
         out = run_dir / "eval.json"
         if not out.exists():
-            ev, data = self.spec.eval, self.spec.data
-            command = self._cli("eval", "--model", model_dir, "--tasks", ",".join(ev.tasks or [run["task"]]),
-                                "--data", data.source, "--held-out-fraction", str(data.held_out_fraction),
-                                "--split-salt", data.split_salt, "--batch-size", str(ev.batch_size), "--device", ev.device, "--out", str(out))  # fmt: skip
-            command += ["--adapter", adapter_dir] if adapter_dir else []
-            command += ["--limit", str(ev.limit)] if ev.limit else []
-            command += ["--max-gen-toks", str(ev.max_gen_toks)] if ev.max_gen_toks else []
-            self._step(command, run_dir / "eval.log")
+            self._step(self._eval_command(run, run_dir, model_dir, adapter_dir), run_dir / "eval.log")
         from modelzoo_ext.study.evaluate import primary_metrics
 
         results = json.loads(out.read_text())
+        metrics = primary_metrics(results) if results.get("tasks") else {}
+        if "heldout_loss" in results:
+            metrics["heldout/nll_per_token"] = results["heldout_loss"]["nll_per_token"]
         return {
-            **primary_metrics(results),
-            "eval_limit": results["limit"],
-            "lm_eval_version": results["lm_eval_version"],
+            **metrics,
+            "eval_limit": results.get("limit"),
+            "lm_eval_version": results.get("lm_eval_version"),
         }
 
 
@@ -485,15 +599,13 @@ def sweep_status(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Each planned run's registry row (run id, status, attempts, error, main metrics)."""
     sweep_dir = Path(sweep_dir).resolve()
     _load_plan(sweep_dir)
-    rows = []
-    for rec in Registry(sweep_dir / REGISTRY_FILE).runs():
-        rows.append(
-            {
-                "run_id": rec.run_id,
-                "status": rec.status,
-                "attempts": rec.attempts,
-                "error": rec.error,
-                "metrics": rec.metrics,
-            }
-        )
-    return rows
+    return [
+        {
+            "run_id": rec.run_id,
+            "status": rec.status,
+            "attempts": rec.attempts,
+            "error": rec.error,
+            "metrics": rec.metrics,
+        }
+        for rec in Registry(sweep_dir / REGISTRY_FILE).runs()
+    ]

@@ -1,21 +1,36 @@
-"""The sweep YAML: a grid of runs (models x tasks x methods x structures x sparsities x modes x
-backends x seeds) plus the baselines, the data split, the evaluation and the launch settings.
+"""The sweep YAML: the study's grid as a list of points, its protocol, and how it is launched.
 
-See `modelzoo_ext/study/examples/sweep_tiny.yaml` and `sweep_phoenix_360.yaml`. Unknown keys are errors;
-relative paths are resolved against the YAML file's folder.
+    name: phoenix
+    models: {llama3p1_8b: {hf_dir: ..., params: ..., cs_checkpoint: ...}}
+    tasks: [boolq, hellaswag, gsm8k]
+    method_structures: [[magnitude, unstructured], [wanda, unstructured], [magnitude, "2:4"]]
+    sparsities: [0.0, 0.5, 0.7]           # N:M points take theirs from N:M; 0.0 is the dense-LoRA baseline
+    modes: [s2s, s2d]
+    backends: [cs3, gpu]
+    seeds: [0, 1, 2]                      # each seed sets LoRA init, data order, random/calibration masks, dropout
+    data: {protocol: official, source: hub, max_seq_length: 2048}
+    train: {epochs: 1, batch_size: 32, tasks: {gsm8k: {epochs: 3}}}
+    calibration: {tokens: 2048, seq_len: 256}   # wanda/gradient/taylor, on the task's training data
+    eval: {device: cuda, limit: null}
+
+See `modelzoo_ext/study/examples/` and docs/experiments.md. Unknown keys are errors; relative paths
+are resolved against the YAML file's folder. Everything is checked when the file is loaded
+(`load_sweep`), so `sweep plan` refuses a bad grid before it writes anything.
 """
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from modelzoo_ext.data.split import DEFAULT_SALT
+from modelzoo_ext.data.templates import TASKS
 from modelzoo_ext.errors import UserError
+
+TaskName = Literal["boolq", "hellaswag", "gsm8k"]
 
 
 class _Strict(BaseModel):
@@ -24,30 +39,59 @@ class _Strict(BaseModel):
 
 class ModelSpec(_Strict):
     hf_dir: str = Field(description="Hugging Face model directory")
-    params: str = Field(description="base run config (ModelZoo trainer layout) for this model")
+    params: str = Field(description="the model's run config (ModelZoo trainer layout), for every backend")
     cs_checkpoint: str | None = Field(None, description="CS checkpoint of the base model (cs3 backend)")
 
 
 class DataSpec(_Strict):
-    # The bundled evaluation sets, split by `data prepare` (training) and `eval` (held-out) with the
-    # same fraction and salt, so both sides agree by construction.
-    source: Literal["bundled"] = "bundled"
-    held_out_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    split_salt: str = DEFAULT_SALT
+    protocol: Literal["official", "offline"] = "offline"
+    source: str = Field(
+        "bundled", description="hub, bundled (offline copies of the evaluation splits) or a directory"
+    )
+    held_out_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="offline protocol only")
+    split_salt: str = Field(DEFAULT_SALT, description="offline protocol only")
     max_seq_length: int = Field(256, gt=1)
 
 
-class TrainSpec(_Strict):
+class TrainLength(_Strict):
+    """How long to train: `epochs` over the task's training data, or `max_steps` (one of them)."""
+
+    epochs: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, gt=0)
-    batch_size: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> TrainLength:
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("give epochs or max_steps, not both")
+        return self
+
+
+class TrainSpec(TrainLength):
+    batch_size: int | None = Field(None, gt=0, description="global batch (default: the params file's)")
+    tasks: dict[TaskName, TrainLength] = Field(default_factory=dict, description="per-task training length")
+
+    def length_for(self, task: str) -> TrainLength:
+        """The task's own length, else the sweep's, else none (the params file's max_steps)."""
+        return self.tasks.get(task) or TrainLength(epochs=self.epochs, max_steps=self.max_steps)
+
+
+class CalibrationSpec(_Strict):
+    """wanda / gradient / taylor: how much of the task's training data calibrates the scores."""
+
+    tokens: int = Field(2048, gt=0)
+    seq_len: int = Field(256, gt=0)
 
 
 class EvalSpec(_Strict):
-    tasks: list[str] | None = Field(None, description="default: the task the run fine-tunes on")
+    tasks: list[TaskName] | None = Field(None, description="default: the task the run fine-tunes on")
     limit: int | None = Field(None, gt=0)
     max_gen_toks: int | None = Field(None, gt=0)
     batch_size: int = 8
     device: str = "cpu"
+    heldout_loss: bool = Field(
+        True, description="also the held-out loss (completion NLL) on prepared held-out data"
+    )
+    heldout_limit: int | None = Field(None, gt=0, description="score only the first N held-out examples")
 
 
 class CS3Spec(_Strict):
@@ -70,9 +114,8 @@ class BaselineSpec(_Strict):
 class SweepSpec(_Strict):
     name: str
     models: dict[str, ModelSpec]
-    tasks: list[Literal["boolq", "hellaswag", "gsm8k"]]
-    methods: list[str]
-    structures: list[str] = ["unstructured"]
+    tasks: list[TaskName]
+    method_structures: list[tuple[str, str]] = Field(min_length=1)
     scope: Literal["layer", "global"] = "layer"
     sparsities: list[float]
     modes: list[Literal["s2s", "s2d"]]
@@ -81,28 +124,69 @@ class SweepSpec(_Strict):
     baselines: BaselineSpec = BaselineSpec()
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
+    calibration: CalibrationSpec = CalibrationSpec()
     eval: EvalSpec = EvalSpec()
     cs3: CS3Spec = CS3Spec()
     gpu: GPUSpec = GPUSpec()
 
 
-def load_sweep(path: str | Path) -> SweepSpec:
-    """Parse and validate a sweep YAML; relative paths are resolved against its folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError("sweep file not found", where=str(path))
-    raw = yaml.safe_load(path.read_text())
-    try:
-        spec = SweepSpec.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise UserError(
-            f"sweep file: {first['msg']}", where=f"{path}: {'.'.join(map(str, first['loc']))}"
-        ) from exc
+LEGACY_KEYS = {"methods", "structures"}
+
+
+def _validation_error(exc: ValidationError, path: Path) -> UserError:
+    first = exc.errors()[0]
+    return UserError(f"sweep file: {first['msg']}", where=f"{path}: {'.'.join(map(str, first['loc']))}")
+
+
+def _check_points(spec: SweepSpec, path: Path) -> None:
+    """Every (method, structure) must be computable; unknown names are refused now, not hours later."""
+    from modelzoo_ext.masks.compute import MaskRequest
+    from modelzoo_ext.masks.select import Structure
+
     for s in spec.sparsities:
         if not 0.0 <= s < 1.0:
             raise UserError(f"sparsity {s} is outside [0, 1)", where=f"{path}: sparsities")
-    base = path.parent.resolve()
+    for method, structure in spec.method_structures:
+        try:  # the masks command's own checks, with N:M's own sparsity
+            level = Structure.parse(structure).fixed_sparsity or 0.5
+            MaskRequest(method=method, structure=structure, scope=spec.scope, sparsities=(level,)).checked()
+        except UserError as exc:
+            raise UserError(
+                exc.what, where=f"{path}: method_structures [{method}, {structure}]", fix=exc.fix
+            ) from exc
+    if len(set(spec.method_structures)) != len(spec.method_structures):
+        raise UserError("a (method, structure) pair is listed twice", where=f"{path}: method_structures")
+
+
+def _check_models(spec: SweepSpec, path: Path) -> None:
+    """Each model's params name a known family, and its HF config.json is of that family."""
+    import json
+
+    from modelzoo_ext.families import family_of_hf_config, family_of_model_name
+    from modelzoo_ext.run_config import find_model_section, load_yaml
+
+    for name, model in spec.models.items():
+        for p in (model.hf_dir, model.params):
+            if not Path(p).exists():
+                raise UserError(f"model {name!r}: path not found", where=p)
+        section = find_model_section(load_yaml(model.params), model.params)
+        family = family_of_model_name(section.get("name"))
+        if family is None:
+            raise UserError(
+                f"model {name!r}: its params name model {section.get('name')!r}, of no known family",
+                where=model.params,
+                fix="use a sparse_lora_<family> params file (model_configs/)",
+            )
+        config = Path(model.hf_dir) / "config.json"
+        hf_family = family_of_hf_config(json.loads(config.read_text())) if config.is_file() else None
+        if hf_family is not None and hf_family.name != family.name:
+            raise UserError(
+                f"model {name!r}: the params are {family.name} but the HF model is {hf_family.name}",
+                where=f"{model.params} vs {model.hf_dir}",
+            )
+
+
+def _resolved(spec: SweepSpec, base: Path) -> SweepSpec:
     models = {
         name: m.model_copy(
             update={
@@ -113,67 +197,39 @@ def load_sweep(path: str | Path) -> SweepSpec:
         )
         for name, m in spec.models.items()
     }
-    return spec.model_copy(update={"models": models})
+    data = spec.data
+    if data.source not in ("hub", "bundled"):
+        data = data.model_copy(update={"source": str(base / data.source)})
+    return spec.model_copy(update={"models": models, "data": data})
 
 
-# -- planning -------------------------------------------------------------------------------------
-def sparsity_tag(sparsity: float) -> str:
-    """0.5 -> `s50` (run ids and asset names)."""
-    return f"s{round(sparsity * 100):02d}"
-
-
-def run_id_of(model, task, method, structure, sparsity, mode, backend, seed) -> str:
-    parts = [
-        model,
-        task,
-        method,
-        structure.replace(":", "of"),
-        sparsity_tag(sparsity),
-        mode,
-        backend,
-        f"seed{seed}",
-    ]
-    return "__".join(str(p) for p in parts)
-
-
-def grid(spec: SweepSpec) -> list[dict[str, Any]]:
-    """Every run of the sweep: the fine-tune grid, then the baselines (dense LoRA, no fine-tune)."""
-    runs = [
-        dict(model=m, task=t, method=me, structure=st, sparsity=sp, mode=mo, backend=b, seed=se)
-        for m, t, me, st, sp, mo, b, se in itertools.product(
-            spec.models,
-            spec.tasks,
-            spec.methods,
-            spec.structures,
-            spec.sparsities,
-            spec.modes,
-            spec.backends,
-            spec.seeds,
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Parse and check a sweep YAML (paths resolved against its folder); UserError on anything wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("sweep file not found", where=str(path))
+    raw = yaml.safe_load(path.read_text())
+    legacy = LEGACY_KEYS & set(raw or {})
+    if legacy:
+        raise UserError(
+            f"`{'` and `'.join(sorted(legacy))}` made a cross product nobody asked for",
+            where=f"{path}",
+            fix="list the pairs: method_structures: [[magnitude, unstructured], [magnitude, '2:4'], ...]",
         )
-    ]
-    if spec.baselines.dense_lora:
-        runs += [
-            dict(
-                model=m,
-                task=t,
-                method="dense",
-                structure="dense",
-                sparsity=0.0,
-                mode="lora",
-                backend=b,
-                seed=se,
-            )
-            for m, t, b, se in itertools.product(spec.models, spec.tasks, spec.backends, spec.seeds)
-        ]
-    if spec.baselines.no_finetune:  # evaluation only: one per mask (and the dense model), no backend
-        levels = sorted({0.0, *spec.sparsities})
-        runs += [
-            dict(model=m, task=t, method=me if sp > 0 else "dense", structure=st if sp > 0 else "dense",
-                 sparsity=sp, mode="none", backend="eval", seed=0)
-            for m, t, me, st, sp in itertools.product(spec.models, spec.tasks, spec.methods, spec.structures, levels)
-        ]  # fmt: skip
-        unique = {run_id_of(**r): r for r in runs}
-        runs = list(unique.values())
-    for run in runs:
-        run["run_id"] = run_id_of(**run)
-    return runs
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc, path) from exc
+    spec = _resolved(spec, path.parent.resolve())
+    _check_points(spec, path)
+    _check_models(spec, path)
+    if spec.data.protocol == "official" and spec.data.source == "bundled":
+        raise UserError(
+            "the official protocol trains on the tasks' training splits, which the offline copies do not hold",
+            where=f"{path}: data",
+            fix="use data.source: hub (or a directory), or data.protocol: offline",
+        )
+    unknown = [t for t in (spec.eval.tasks or []) if t not in TASKS]
+    if unknown:
+        raise UserError(f"unknown eval tasks {unknown}", where=f"{path}: eval.tasks")
+    return spec

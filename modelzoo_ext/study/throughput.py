@@ -1,13 +1,18 @@
-"""Training throughput of a run, in non-padding tokens per second, the same way for every backend.
+"""Training throughput of a run: total non-padding tokens / total training time, the same count on
+every backend, with each backend's padding policy recorded next to the figure.
 
-    gpu/cpu  gpu_reference writes `tokens_per_s` per step in `metrics.jsonl`
-    cs3      `cszoo fit` with the `SparseLoRALossLog` callback writes each step's host time
-             (`time_s`) in `sparse_lora_losses.jsonl`; the tokens of each step come from the
-             data order ModelZoo uses (`gpu_reference.data.global_batches`), counted with the
-             same `non_padding_tokens` as gpu_reference
+    gpu/cpu  gpu_reference's `metrics.jsonl`: per step the non-padding tokens (each sample up to
+             its last loss token), samples and wall time. The reference trainer computes only
+             there: it trims each batch after its last loss position and runs the LM head at loss
+             positions only.
+    cs3      `cszoo fit` with `SparseLoRALossLog`: per step the host time since the previous
+             step's loss (`modelzoo_ext.loss_log`; step 1 includes compilation, and checkpoint
+             saves fall inside steps). The tokens of each step come from the data order ModelZoo
+             uses (`gpu_reference.data.global_batches`), counted like gpu_reference's. The wafer
+             processes every sequence padded to max_seq_length: `padded_tokens` says how many.
 
-The run's value is the mean over steps of tokens/s, leaving out the first step (it includes
-compilation or warm-up) when there are more.
+The two figures count the same tokens but not the same work: compare a backend with itself (or
+read both columns with their padding policy), never the ratio of the two as a hardware speed-up.
 """
 
 from __future__ import annotations
@@ -18,20 +23,45 @@ from typing import Any
 
 from modelzoo_ext.loss_log import loss_log_path, read_loss_log
 
+PADDING_POLICY = {
+    "gpu": "trimmed after each batch's last loss position; LM head at loss positions only",
+    "cpu": "trimmed after each batch's last loss position; LM head at loss positions only",
+    "cs3": "every sequence padded to max_seq_length; host time includes compilation (step 1) and checkpoint saves",
+}
 
-def _mean_after_first(values: list[float]) -> float | None:
-    values = values[1:] if len(values) > 1 else values
-    return sum(values) / len(values) if values else None
+
+def _summary(
+    tokens: int, samples: int, seconds: float, steps: int, backend: str, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "samples_per_s": samples / seconds if seconds > 0 else None,
+        "tokens": tokens,
+        "samples": samples,
+        "seconds": seconds,
+        "steps": steps,
+        "counted": "non-padding tokens (each sample up to its last loss token)",
+        "padding_policy": PADDING_POLICY[backend],
+        **extra,
+    }
 
 
-def mean_throughput(metrics_path: Path) -> float | None:
-    """Mean non-padding tokens/s over the training steps of a gpu_reference `metrics.jsonl`."""
+def _count(row: dict[str, Any], what: str) -> int:
+    """A step's `tokens` / `samples`; from its rate and time for metrics files older than these counts."""
+    return int(row[what]) if what in row else round(row[f"{what}_per_s"] * row["time_s"])
+
+
+def reference_throughput(metrics_path: Path, backend: str) -> dict[str, Any] | None:
+    """Totals over the training steps of a gpu_reference `metrics.jsonl` (None when it is absent)."""
     if not metrics_path.is_file():
         return None
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    return _mean_after_first(
-        [r["tokens_per_s"] for r in rows if r.get("split") != "eval" and "tokens_per_s" in r]
-    )
+    steps = [r for r in rows if r.get("split", "train") == "train" and "time_s" in r]
+    if not steps:
+        return None
+    tokens = sum(_count(r, "tokens") for r in steps)
+    samples = sum(_count(r, "samples") for r in steps)
+    return _summary(tokens, samples, sum(r["time_s"] for r in steps), len(steps), backend)
 
 
 def cs_step_times(loss_log: Path) -> dict[int, float]:
@@ -39,11 +69,8 @@ def cs_step_times(loss_log: Path) -> dict[int, float]:
     return {step: row.time_s for step, row in read_loss_log(loss_log).items() if row.time_s}
 
 
-def cs_throughput(model_dir: Path, params: dict[str, Any]) -> float | None:
-    """Mean non-padding tokens/s of a `cszoo fit` run directory whose run config is `params`.
-
-    None when the run has no step times (a run config without `SparseLoRALossLog`).
-    """
+def cs_throughput(model_dir: Path, params: dict[str, Any]) -> dict[str, Any] | None:
+    """Totals of a `cszoo fit` run directory whose run config is `params` (None without step times)."""
     from gpu_reference.data import collate, global_batches
     from gpu_reference.metrics import non_padding_tokens
     from modelzoo_ext.data.hdf5 import SampleDataset
@@ -57,10 +84,12 @@ def cs_throughput(model_dir: Path, params: dict[str, Any]) -> float | None:
     batches = global_batches(
         len(dataset), loader.batch_size, loader.shuffle, loader.shuffle_seed, loader.drop_last
     )
-    rates = []
+    tokens = samples = padded = 0
     for step in range(1, max(times) + 1):
-        batch = next(batches)
+        batch = collate(dataset, next(batches))
         if step in times:
-            rates.append(non_padding_tokens(collate(dataset, batch)["attention_mask"]) / times[step])
+            tokens += non_padding_tokens(batch["attention_mask"])
+            samples += batch["input_ids"].shape[0]
+            padded += batch["input_ids"].numel()
     dataset.close()
-    return _mean_after_first(rates)
+    return _summary(tokens, samples, sum(times.values()), len(times), "cs3", padded_tokens=padded)
