@@ -27,6 +27,9 @@ INSTALL_REQUIRES = [
     "lm-eval==0.4.9.1",
     "accelerate>=0.34",
     "gguf>=0.10",
+    # the reference trainer's curves, under a ModelZoo run's tags (gpu_reference.tensorboard); a
+    # ModelZoo environment has it already (cerebras-pytorch pins 2.17.1)
+    "tensorboard>=2.14",
 ]
 
 EXTRAS_REQUIRE = {
@@ -44,6 +47,7 @@ EXTRAS_REQUIRE = {
         "h5py==3.13.0",
         "safetensors==0.4.5",
         "pyarrow==17.0.0",
+        "tensorboard==2.17.1",
     ],
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff==0.8.4", "import-linter==2.17"],
 }

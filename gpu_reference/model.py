@@ -1,10 +1,11 @@
 """The base model of a reference run: checked against the run config before any weight is read.
 
-Order matters for a 7B run: the HF directory is opened through the one guarded reader
-(`HFCheckpoint`: no weights, truncated or corrupt shards are clear errors), its `config.json` is
-compared with the run config's `model:` section (`modelzoo_ext.run_config.check_architecture`),
-and the mask file's provenance is checked against it, all before the 16 GB of weights are
-loaded; only then does transformers read them.
+Order matters for a 7B run: the HF directory's `config.json` is compared with the run config's
+`model:` section first (`modelzoo_ext.run_config.check_architecture`: a model that differs is
+refused before any weight file is even opened), then the directory is opened through the one
+guarded reader (`HFCheckpoint`: no weights, truncated or corrupt shards are clear errors; only
+the shards' headers are read), and the mask file's provenance is checked against it, all before
+the 16 GB of weights are loaded; only then does transformers read them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.families import resolve_family
-from modelzoo_ext.hf_checkpoint import HFCheckpoint
+from modelzoo_ext.hf_checkpoint import CONFIG_FILE, HFCheckpoint, read_json
 from modelzoo_ext.masks.format import MaskFile
 from modelzoo_ext.masks.provenance import check_hf_checkpoint
 from modelzoo_ext.run_config import ArchitectureCheck, RunConfig, check_architecture
@@ -40,16 +41,21 @@ def open_base(hf_model: str | Path, cfg: RunConfig) -> BaseModel:
             where=str(hf_model),
             fix="pass --hf-model DIR: the Hugging Face directory (config.json + *.safetensors) the run config describes",
         )
-    checkpoint = HFCheckpoint(hf_model)
-    hf_config = checkpoint.require_config()
+    config_path = Path(hf_model) / CONFIG_FILE
+    if not config_path.is_file():
+        raise UserError(
+            f"{CONFIG_FILE} is missing", where=str(hf_model), fix="pass a Hugging Face model directory"
+        )
+    hf_config = read_json(config_path, CONFIG_FILE)
     family = resolve_family(None, model_name=cfg.init.model.name, hf_config=hf_config, where=cfg.path).name
     architecture = check_architecture(cfg.init.model.architecture, hf_config, family)
     if not architecture.ok:
         raise UserError(
-            f"the run config and the HF model disagree: {architecture.mismatches}",
-            where=f"{cfg.path} vs {hf_model}",
+            "the run config and the HF model disagree: " + "; ".join(architecture.mismatches),
+            where=f"{cfg.path}: trainer.init.model vs {config_path}",
             fix="pass the --hf-model the run config describes (or fix the run config's model section)",
         )
+    checkpoint = HFCheckpoint(hf_model)  # every shard's header: no weights / a bad shard is one error
     return BaseModel(checkpoint, family, architecture)
 
 

@@ -7,11 +7,13 @@ A step runs `len(micro_batches)` forward/backward passes (gradient accumulation:
 is divided by their number), sums gradients over the torchrun ranks (each rank holds its slice
 of every global batch; the loss of a slice is divided by the *global* token count, so N ranks
 compute what one process computes on the whole batch), clips by norm or value, and steps the
-optimizer.
+optimizer. `on_grads`, if given, is called once the step's gradients are whole (summed over the
+micro-batches and ranks) and before they are clipped: where ModelZoo's `ComputeNorm` reads them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +70,7 @@ def train_step(
     trainable: list[torch.nn.Parameter],
     micro_batches: list[dict[str, torch.Tensor]],
     config: StepConfig,
+    on_grads: Callable[[], None] | None = None,
 ) -> StepResult:
     """Forward/backward over `micro_batches` (this rank's slices), reduce, clip, step; see the module doc."""
     device, world = config.device, config.world_size
@@ -87,6 +90,8 @@ def train_step(
         if p.grad is not None:
             all_reduce_(p.grad, world)
     all_reduce_(step_loss, world)
+    if on_grads is not None:
+        on_grads()
     grad_norm = _clip(trainable, config)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

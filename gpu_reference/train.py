@@ -24,11 +24,13 @@ trained factors.
 
 RUN_DIR (rank 0 writes it):
     metrics.jsonl           one row per step (see gpu_reference.metrics)
+    events/                 TensorBoard events under the tags a ModelZoo run writes (gpu_reference.tensorboard)
     checkpoints/step_N.pt   LoRA factors + optimizer + RNG, every `checkpoint.steps` and at the end;
                             rerunning the same command resumes from the latest one
     lora.safetensors, masks.safetensors, adapter/ or merged/, sparsity_report.json
                             the exports (`gpu_reference.export`)
-    run.json                provenance: config sha256, model, masks, data, versions, ignored keys
+    run.json                provenance: config sha256, model, masks, data, versions, ignored keys (with
+                            their reasons), the architecture check, the TensorBoard record
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from gpu_reference.model import BaseModel, load_hf_model, load_masks, open_base
 from gpu_reference.optim import build_optimizer
 from gpu_reference.schedulers import build_lr_schedule
 from gpu_reference.step import StepConfig, train_step
+from gpu_reference.tensorboard import TensorBoardWriter
 from gpu_reference.train_args import add_train_arguments
 from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.data.hdf5 import SampleDataset, read_params
@@ -97,6 +100,7 @@ class Run:
     dataset: SampleDataset
     batches: Any
     start_step: int = 0
+    tensorboard: dict[str, Any] | None = None  # what run_loop's TensorBoardWriter wrote (rank 0)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -248,6 +252,10 @@ def run_loop(run: Run, progress: bool = True) -> float:
     eval_every = _eval_every(cfg)
     val_dataset = SampleDataset(cfg.val_dataloader.data_dir) if eval_every else None
     metrics = MetricsWriter(run.run_dir, resume_step=run.start_step, enabled=run.rank == 0)
+    events = TensorBoardWriter(
+        run.run_dir, run.model, batch_size=cfg.fit.train_dataloader.batch_size, max_steps=max_steps,
+        resume_step=run.start_step, enabled=run.rank == 0,
+    )  # fmt: skip
     bar = tqdm(
         total=max_steps,
         initial=run.start_step,
@@ -257,11 +265,15 @@ def run_loop(run: Run, progress: bool = True) -> float:
     )
     loss = float("nan")
     for step in range(run.start_step, max_steps):
+        events.before_step()
         t0 = time.perf_counter()
         lr = run.lr_at(step)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        result = train_step(run.model, run.optimizer, trainable, _micro_batches(run), run.step_config)
+        result = train_step(
+            run.model, run.optimizer, trainable, _micro_batches(run), run.step_config,
+            on_grads=events.read_gradients if events.active else None,
+        )  # fmt: skip
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
         elapsed, loss = time.perf_counter() - t0, result.loss
@@ -275,15 +287,20 @@ def run_loop(run: Run, progress: bool = True) -> float:
             "tokens_per_s": result.tokens / elapsed, "samples_per_s": result.samples / elapsed,
             "peak_memory_bytes": peak_memory_bytes(run.device), "time_s": elapsed,
         })  # fmt: skip
+        events.write_step(step + 1, loss, float(lr), result.samples)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(lr):.2e}")
         if eval_every and (step + 1) % eval_every == 0:
-            metrics.write({"step": step + 1, "split": "eval", "loss": _evaluate(run, val_dataset)})
+            eval_loss = _evaluate(run, val_dataset)
+            metrics.write({"step": step + 1, "split": "eval", "loss": eval_loss})
+            events.write_eval(step + 1, eval_loss)
         if run.rank == 0 and (
             (checkpoint_every and (step + 1) % checkpoint_every == 0) or step + 1 == max_steps
         ):
             _save_checkpoint(run, step + 1)
     bar.close()
+    events.close()
+    run.tensorboard = events.record() if run.rank == 0 else None
     return loss
 
 
@@ -313,7 +330,8 @@ def finish(run: Run, last_loss: float) -> None:
         "data_dir": train_dl.data_dir, "data_params": read_params(train_dl.data_dir), "max_steps": run.cfg.max_steps,
         "world_size": run.world_size, "fsdp": run.fsdp, "device": str(run.device), "final_loss": last_loss,
         "trainable_params": run.summary.trainable_params, "ignored_config_keys": run.cfg.ignored,
-        "architecture_check": run.base.architecture.as_record(), "versions": _versions(),
+        "architecture_check": run.base.architecture.as_record(), "tensorboard": run.tensorboard,
+        "versions": _versions(),
     }  # fmt: skip
     with atomic_file(run.run_dir / "run.json") as tmp:
         tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")

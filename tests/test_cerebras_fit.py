@@ -275,7 +275,7 @@ def test_every_model_config_passes_modelzoo_validation(tmp_path):
         for folder in data_dirs(yaml.safe_load(config.read_text())):
             (tmp_path / folder).mkdir(parents=True, exist_ok=True)
     code = (
-        "import sys, yaml, modelzoo_ext\n"
+        "import sys, yaml, modelzoo_ext.cerebras  # registers the sparse_lora models\n"
         "from cerebras.modelzoo.trainer.validate import validate_trainer_params\n"
         "for path in sys.argv[1:]:\n"
         "    init = validate_trainer_params(yaml.safe_load(open(path)))[0].init\n"

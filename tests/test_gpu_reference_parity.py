@@ -3,7 +3,9 @@
 The `modelzoo` test builds the tiny assets (`modelzoo_ext.study.tiny_assets`: HF model, CS
 checkpoint, 50% masks, HDF5 data), runs the repository's tiny run configs through ModelZoo's
 Trainer and through the reference trainer, and requires per-step losses within 1e-4 relative in
-both modes (measured: relative difference 0.0, identical to the last bit, on torch 2.4 CPU).
+both modes (measured: relative difference 0.0, identical to the last bit, on torch 2.4 CPU), and
+the same TensorBoard tags in both runs' event files, with the same loss, learning-rate and norm
+curves.
 """
 
 from __future__ import annotations
@@ -93,3 +95,15 @@ def test_cszoo_fit_and_gpu_reference_losses_agree(tmp_path, mode, config, capsys
     last = capsys.readouterr().out.strip().splitlines()[-1]
     max_steps = yaml.safe_load((tmp_path / config).read_text())["trainer"]["init"]["loop"]["max_steps"]
     assert f"over {max_steps} steps" in last and last.endswith("ok"), last  # every step compared
+    # The curves side by side: the same TensorBoard tags, and the same values where they are not timings.
+    from test_gpu_reference_train import MODELZOO_TRAIN_TAGS, scalars
+
+    cs_curves, gpu_curves = scalars(cs_run), scalars(tmp_path / f"gpu_{mode}")
+    assert set(cs_curves) == set(gpu_curves) == MODELZOO_TRAIN_TAGS
+    for tag in ("loss", "lr/0", "lr/1", "model_wise_params_norm", "model_wise_grad_norm",
+                "per_layer_grad_norm/layer_0", "per_layer_grad_norm/layer_1"):  # fmt: skip
+        assert (
+            [s for s, _ in gpu_curves[tag]] == [s for s, _ in cs_curves[tag]] == list(range(1, max_steps + 1))
+        )
+        for (_, ours), (_, theirs) in zip(gpu_curves[tag], cs_curves[tag], strict=True):
+            assert ours == pytest.approx(theirs, rel=1e-4), tag

@@ -6,7 +6,8 @@
 - the s2d adapter loaded by PEFT reproduces the trained model's logits,
 - kill -9 mid-run, rerun: the same final weights as an uninterrupted run,
 - torchrun with 2 gloo processes equals 1 process on the same global batch,
-- gradient accumulation, bf16 autocast, and clean failures (exit 2, nothing written).
+- gradient accumulation, bf16 autocast, and clean failures (exit 2, nothing written),
+- TensorBoard events under ModelZoo's tags, equal to metrics.jsonl, each step once after a resume.
 The parity test against `cszoo fit` lives in test_gpu_reference_parity.py.
 """
 
@@ -20,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -273,6 +275,7 @@ def test_resume_after_kill_gives_the_same_final_weights(assets):
     assert ref.keys() == resumed.keys()
     assert all(torch.equal(ref[k], resumed[k]) for k in ref)
     assert losses(killed_dir) == losses(reference)  # one row per step, none repeated
+    assert scalars(killed_dir)["loss"] == scalars(reference)["loss"]  # TensorBoard too: each step once
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -347,3 +350,102 @@ def test_bad_config_exits_2_and_writes_nothing(assets):
     assert proc.returncode == 2
     assert "max_stepz" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+# The tags a ModelZoo 2.10 run writes for training steps (read from a tiny `cszoo fit`; the slow
+# parity test compares them with a real one). Two decoder layers in the tiny model.
+MODELZOO_TRAIN_TAGS = {
+    "loss", "lr/0", "lr/1", "model_wise_params_norm", "model_wise_grad_norm",
+    "per_layer_grad_norm/layer_0", "per_layer_grad_norm/layer_1",
+    "local_samples_per_sec", "avg_samples_per_sec", "avg_steps_per_sec", "loop_time_remaining", "time_remaining",
+}  # fmt: skip
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} of every event file in RUN_DIR/events, as TensorBoard shows them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "events"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split", "train") == "train"]
+
+
+def test_tensorboard_events_carry_the_modelzoo_tags_and_the_metrics(s2s_run):
+    got = scalars(s2s_run)
+    assert set(got) == MODELZOO_TRAIN_TAGS
+    rows = train_rows(s2s_run)
+    assert got["loss"] == [
+        (r["step"], float(np.float32(r["loss"]))) for r in rows
+    ]  # TensorBoard keeps float32
+    assert got["lr/0"] == got["lr/1"] == [(r["step"], float(np.float32(r["lr"]))) for r in rows]
+    for (step, norm), row in zip(got["model_wise_grad_norm"], rows, strict=True):
+        assert step == row["step"] and norm == pytest.approx(row["grad_norm"], rel=1e-6)
+    assert all(len(values) == len(rows) for values in got.values())
+    record = json.loads((s2s_run / "run.json").read_text())["tensorboard"]
+    assert record == {
+        "written": True,
+        "dir": "events",
+        "tags": sorted(MODELZOO_TRAIN_TAGS),
+        "purge_step": None,
+    }
+
+
+def test_tensorboard_norms_are_read_before_clipping_and_before_the_update(assets):
+    """ComputeNorm's semantics: gradient norms before clipping (here every step is clipped), the
+    parameter norm before the step's update; and the evaluation under ModelZoo's `validate_0/`."""
+    params = write_params(assets, "tb_norms", max_steps=3, checkpoint_steps=2,
+                          precision={"enabled": False, "max_gradient_norm": 1e-4})  # fmt: skip
+    config = yaml.safe_load(params.read_text())
+    config["trainer"]["init"]["loop"].update(eval_frequency=2, eval_steps=1)
+    config["trainer"]["fit"]["val_dataloader"] = {
+        **config["trainer"]["fit"]["train_dataloader"],
+        "shuffle": False,
+    }
+    params.write_text(yaml.safe_dump(config))
+    run = train(params, assets["hf"], assets["root"] / "run_tb_norms", "cpu", progress=False)
+    got = scalars(run)
+    for i, (_, total) in enumerate(got["model_wise_grad_norm"]):
+        layers = [got[f"per_layer_grad_norm/layer_{layer}"][i][1] for layer in (0, 1)]
+        assert total > 1e-3  # far above max_gradient_norm: the norms were read before clipping
+        assert total == pytest.approx(float(np.hypot(*layers)), rel=1e-5)  # every LoRA factor is in a layer
+    after_step_2 = torch.load(run / "checkpoints" / "step_2.pt", weights_only=False)["lora"]
+    norm = float(torch.linalg.vector_norm(torch.stack([t.float().norm() for t in after_step_2.values()])))
+    assert dict(got["model_wise_params_norm"])[3] == pytest.approx(norm, rel=1e-6)
+    evals = [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r.get("split") == "eval"]
+    assert evals and got["validate_0/loss"] == [(s, pytest.approx(v, rel=1e-7)) for s, v in evals]
+
+
+def test_tensorboard_after_a_resume_shows_each_step_once(assets):
+    """An interrupted run's steps after its last checkpoint are written again on resume; TensorBoard
+    shows each step once (the resumed writer's purge_step hides the earlier ones)."""
+    params = write_params(assets, "tb_resume", max_steps=4, checkpoint_steps=2)
+    run = train(params, assets["hf"], assets["root"] / "run_tb_resume", "cpu", progress=False)
+    first = scalars(run)
+    # what a kill right after step 4's metrics and events (before its checkpoint) leaves behind
+    (run / "run.json").unlink()
+    (run / "checkpoints" / "step_4.pt").unlink()
+    train(params, assets["hf"], run, "cpu", progress=False)
+    assert len(list((run / "events").glob("events.out.tfevents.*"))) == 2
+    again = scalars(run)
+    assert [step for step, _ in again["loss"]] == [1, 2, 3, 4]
+    assert again["loss"] == first["loss"]
+    assert [r["step"] for r in train_rows(run)] == [1, 2, 3, 4]
+    assert json.loads((run / "run.json").read_text())["tensorboard"]["purge_step"] == 3
+
+
+def test_without_the_tensorboard_package_the_run_goes_on_and_says_why(assets, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` raises ImportError
+    run = train(write_params(assets, "tb_none", max_steps=2), assets["hf"], assets["root"] / "run_tb_none",
+                "cpu", progress=False)  # fmt: skip
+    assert len(train_rows(run)) == 2 and not (run / "events").exists()
+    record = json.loads((run / "run.json").read_text())["tensorboard"]
+    assert record == {
+        "written": False,
+        "reason": "the tensorboard package is not installed (pip install tensorboard)",
+    }
+    assert "TensorBoard events not written" in capsys.readouterr().err

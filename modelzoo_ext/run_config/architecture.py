@@ -168,11 +168,29 @@ def cs_to_hf_config(model: dict[str, Any], family: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Does a run config describe this HF model?
+#
+# Every key of ModelZoo 2.10's Llama/Mistral model config is in exactly one class below, and a
+# test walks ModelZoo's config class to keep it so (tests/test_run_config.py):
+# - a key of the HF map above (`hf_to_cs_model_config`): compared with the converted config.json;
+#   a key the run config leaves out counts with ModelZoo's default (`MODELZOO_DEFAULTS`);
+# - a ModelZoo-only key that changes the computation (`MODELZOO_ONLY_DEFAULTS`,
+#   `MODELZOO_ONLY_ABSENT`): Llama and Mistral in transformers compute what ModelZoo computes at
+#   its default, so the run config must leave the key there;
+# - a key that does not change what the network computes (`NOT_COMPARED`, each with its reason);
+# - the run config's own keys (`name`, `sparse_lora`, `loss_scaling`, `loss_weight`), read by
+#   `modelzoo_ext.run_config.params`.
+# A key in none of them is refused, as ModelZoo refuses it (its config classes forbid extra keys).
 
-# ModelZoo 2.10's defaults (its GPT-2 backbone's, which Llama/Mistral inherit) for the keys a run
-# config may leave out: what a CS-3 run then trains with. Tested against ModelZoo's config class
-# where it is installed (tests/test_run_config.py).
+# ModelZoo 2.10's defaults (its GPT-2 backbone's, which Llama/Mistral inherit) for the keys of the
+# HF map: what a CS-3 run trains with when the run config leaves a key out. Tested against
+# ModelZoo's config class where it is installed (tests/test_run_config.py).
 MODELZOO_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 50257,
+    "max_position_embeddings": 1024,
+    "hidden_size": 768,
+    "filter_size": 3072,
+    "num_hidden_layers": 12,
+    "num_heads": 12,
     "nonlinearity": "gelu",
     "layer_norm_epsilon": 1e-5,
     "rope_theta": 10000,
@@ -184,6 +202,7 @@ MODELZOO_DEFAULTS: dict[str, Any] = {
     "use_projection_bias_in_attention": True,
     "use_ffn_bias": True,
     "position_embedding_type": "learned",
+    "embedding_dropout_rate": None,  # ModelZoo: None = dropout_rate
     "embedding_layer_norm": False,
     "attention_type": "scaled_dot_product",
     "use_ffn_bias_in_attention": True,
@@ -197,14 +216,91 @@ MODELZOO_DEFAULTS: dict[str, Any] = {
     "attention_sliding_window_length": None,
 }
 
-# Keys of the converted section that do not change what the network computes, and why.
+# ModelZoo keys without a config.json counterpart that change the forward pass or the training
+# step away from what transformers' Llama/Mistral compute, at ModelZoo's default values (where the
+# two agree). Compared like the keys above.
+MODELZOO_ONLY_DEFAULTS: dict[str, Any] = {
+    "num_extra_input_vocab_tokens": 0,
+    "position_embedding_offset": 0,
+    "constant_pos_embedding": None,
+    "rel_distance_mode": "default",
+    "sliding_window_every_other_decoder_layer": False,
+    "attention_sink_tokens": None,
+    "attention_vertical_column_spacing": None,
+    "attention_vertical_column_width": None,
+    "attention_chunk_size": None,
+    "attention_qk_norm_layer": None,
+    "attention_logit_softcapping": None,
+    "fixed_sparse_attention": None,
+    "cross_attention_layers": [],
+    "extra_ffn_params": {},
+    "use_sink_token": False,
+    "scale_qk_dot_by_layer_idx": False,
+    "norm_first_sandwich": False,
+    "embeddings_scale": 1.0,
+    "scale_qk_dot_by_d": None,  # None and False: 1/sqrt(head size), as transformers
+    "attention_logits_alpha": 1.0,
+    "output_logits_scale": None,
+    "final_logit_softcapping": None,
+    "mup_base_hidden_size": None,
+    "mup_base_filter_size": None,
+    "lr_adjustment_groups": None,  # scales the learning rate of parameter groups
+}
+
+# ModelZoo-only sections whose default is "off" (their default objects: memory tokens disabled,
+# no experts). A run config that sets one describes another network, unless the HF map of the
+# model's own family produces the key (an MoE family's `moe`).
+MODELZOO_ONLY_ABSENT: dict[str, str] = {
+    "memory_tokens": "memory tokens (transformers' Llama/Mistral have none)",
+    "moe": "mixture of experts (transformers' Llama/Mistral have dense MLPs)",
+}
+
+# ModelZoo accepts these names too (pydantic aliases); the check reads them under the YAML name.
+MODELZOO_ALIASES = {
+    "embd_pdrop": "embedding_dropout_rate",
+    "memory_tokens_config": "memory_tokens",
+    "moe_params": "moe",
+}
+
+_INITIALISES = "initialises weights that the checkpoint then overwrites; LoRA factors use their own seeded rule (sparse_lora.init_seed)"
+_GENERATION = "a generation (inference) setting: training never reads it"
+
+# Keys that do not change what the network computes, and why.
 NOT_COMPARED: dict[str, str] = {
     "name": "the registry name of the model, not part of its architecture",
     "max_position_embeddings": "bounds the sequence length only: rotary positions take their frequencies "
     "from rope_theta and the rope-scaling keys (compared), so e.g. Llama-3.1's YAML value 8192 and its "
-    "config.json value 131072 train the same network on sequences shorter than both",
-    "initializer_range": "initialises weights that the checkpoint then overwrites; LoRA factors use their "
-    "own seeded rule (sparse_lora.init_seed)",
+    "config.json value 131072 train the same network on sequences shorter than both (compared under "
+    "longrope scaling, whose frequencies and attention factor depend on it)",
+    "initializer_range": _INITIALISES,
+    "embedding_initializer": _INITIALISES,
+    "initializer": _INITIALISES,
+    "output_layer_initializer": _INITIALISES,
+    "ffn_initializer": _INITIALISES,
+    "ffn_output_layer_initializer": _INITIALISES,
+    "attention_softmax_fp32": "the precision of the CS attention softmax, not what it computes "
+    "(the reference trainer's precision follows trainer.init.precision)",
+    "dtype": "the CS embedding dtype: precision, not what is computed",
+    "boundary_casting": "CS casting at layer boundaries: precision, not what is computed",
+    "attention_kernel": "which CS kernel computes the attention, not what it computes",
+    "use_experimental_flex_api": "how the CS attention is built, not what it computes",
+    "fold_rope_consts": "whether the CS compiler folds the rotary sin/cos tables into constants: the same values",
+    "attention_qk_norm_eps": "used only with attention_qk_norm_layer (compared)",
+    "sliding_window_every_other_decoder_layer_pattern": "used only with "
+    "sliding_window_every_other_decoder_layer (compared)",
+    "num_relative_attention_buckets": "used only by relative position embeddings (position_embedding_type, compared)",
+    "alibi_trainable_slopes": "used only by ALiBi position embeddings (position_embedding_type, compared)",
+    "rel_distance_extra_args": "used only with a rel_distance_mode other than default (compared)",
+    "scale_output_logits_by_d": "used only with muP (mup_base_hidden_size, compared)",
+    "output_logits_alpha": "used only with muP (mup_base_hidden_size, compared)",
+    "compute_eval_metrics": "whether ModelZoo computes validation metrics (perplexity, accuracy): bookkeeping",
+    "start_token": _GENERATION,
+    "loop_dim": _GENERATION,
+    "stop_sequences": _GENERATION,
+    "max_tokens": _GENERATION,
+    "temperature": _GENERATION,
+    "top_k": _GENERATION,
+    "top_p": _GENERATION,
 }
 
 
@@ -213,9 +309,9 @@ class ArchitectureCheck:
     """The comparison of a run config's `model:` section with an HF `config.json`."""
 
     compared: list[str] = field(default_factory=list)
+    compared_with_default: list[str] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
     not_compared: dict[str, str] = field(default_factory=dict)
-    not_architecture: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -225,8 +321,8 @@ class ArchitectureCheck:
         """JSON-able summary for run records."""
         return {
             "compared": self.compared,
+            "compared_with_modelzoo_default": self.compared_with_default,
             "not_compared": self.not_compared,
-            "keys_without_an_hf_counterpart": self.not_architecture,
         }
 
 
@@ -234,10 +330,16 @@ def _normalised(key: str, value: Any, section: dict[str, Any]) -> Any:
     """Values that mean the same thing written one way (None inner dim = hidden size, ...)."""
     if key == "attention_inner_dim" and value is None:
         return section.get("hidden_size")
-    if key == "rotary_dim" and value is None:  # ModelZoo: the whole head
-        heads = section.get("num_heads")
-        inner = section.get("attention_inner_dim") or section.get("hidden_size")
-        return inner // heads if heads and inner else None
+    if key == "rotary_dim" and value is None and section.get("position_embedding_type") == "rotary":
+        # ModelZoo's `post_init`: a quarter of hidden_size // num_heads (transformers: the whole head).
+        heads, hidden = section.get("num_heads"), section.get("hidden_size")
+        return int(hidden // heads * 0.25) if heads and hidden else None
+    if key in ("embedding_dropout_rate", "attention_dropout_rate") and value is None:
+        return section.get("dropout_rate")  # ModelZoo's `post_init`
+    if key == "pos_scaling_type" and isinstance(value, str):
+        return value.lower()  # ModelZoo accepts "YaRN"
+    if key == "scale_qk_dot_by_d":
+        return bool(value)
     if key == "extra_attention_params":
         return dict(value or {})
     return value
@@ -259,13 +361,19 @@ def check_architecture(
     """Compare every key that changes the computation; a key the run config leaves out counts with
     ModelZoo's default (what a CS-3 run would use). Raises nothing: see `ArchitectureCheck.ok`."""
     expected = hf_to_cs_model_config(hf_config, family)
-    yaml_side = {**MODELZOO_DEFAULTS, **model_section}
-    check = ArchitectureCheck(not_compared={k: NOT_COMPARED[k] for k in NOT_COMPARED if k in expected})
+    section = {MODELZOO_ALIASES.get(k, k): v for k, v in model_section.items()}
+    yaml_side = {**MODELZOO_DEFAULTS, **section}
+    check = ArchitectureCheck()
     no_scaling = (
         float(expected.get("pos_scaling_factor", 1.0)) == 1.0 == float(yaml_side["pos_scaling_factor"])
     )
-    for key in sorted(set(expected) | (set(MODELZOO_DEFAULTS) & set(model_section))):
-        if key in NOT_COMPARED:
+    longrope = "longrope" in {
+        _normalised("pos_scaling_type", expected.get("pos_scaling_type"), expected),
+        _normalised("pos_scaling_type", yaml_side["pos_scaling_type"], yaml_side),
+    }
+    for key in sorted(set(expected) | (set(MODELZOO_DEFAULTS) & set(section))):
+        if key in NOT_COMPARED and not (key == "max_position_embeddings" and longrope):
+            check.not_compared[key] = NOT_COMPARED[key]
             continue
         if no_scaling and key in ("pos_scaling_type", "pos_scaling_extra_args"):
             check.not_compared[key] = "no rope scaling on either side (pos_scaling_factor 1.0)"
@@ -274,8 +382,34 @@ def check_architecture(
         have = _normalised(key, yaml_side.get(key), yaml_side)
         check.compared.append(key)
         if not _equal(want, have):
-            stated = "" if key in model_section else " (not set: ModelZoo's default)"
+            stated = "" if key in section else " (not set: ModelZoo's default)"
             check.mismatches.append(f"{key}: run config {have!r}{stated}, HF model {want!r}")
-    known = set(expected) | set(MODELZOO_DEFAULTS)
-    check.not_architecture = sorted(k for k in model_section if k not in known)
+    attention_dropout = float(hf_config.get("attention_dropout", 0.0) or 0.0)
+    if (
+        attention_dropout != 0.0
+    ):  # the HF model would drop attention weights while training; ModelZoo's does not
+        check.mismatches.append(
+            f"attention_dropout: HF model {attention_dropout!r} (config.json), run config "
+            f"attention_dropout_rate {yaml_side.get('attention_dropout_rate')!r}: set it to 0.0 in config.json"
+        )
+    for key in sorted(set(section) - set(expected) - set(MODELZOO_DEFAULTS)):
+        value = section[key]
+        if key in MODELZOO_ONLY_DEFAULTS:
+            check.compared_with_default.append(key)
+            default = MODELZOO_ONLY_DEFAULTS[key]
+            if not _equal(_normalised(key, value, yaml_side), _normalised(key, default, yaml_side)):
+                check.mismatches.append(
+                    f"{key}: run config {value!r}; transformers' {family} has no such setting and computes "
+                    f"what ModelZoo computes at its default {default!r}"
+                )
+        elif key in MODELZOO_ONLY_ABSENT:
+            check.mismatches.append(
+                f"{key}: set in the run config, but {MODELZOO_ONLY_ABSENT[key]}: remove it"
+            )
+        elif key in NOT_COMPARED:
+            check.not_compared[key] = NOT_COMPARED[key]
+        else:
+            check.mismatches.append(
+                f"{key}: not a key of ModelZoo 2.10's {family} model config (ModelZoo refuses it too)"
+            )
     return check

@@ -5,8 +5,8 @@ the reference trainer with the models below, which cover what it computes. Every
 reference trainer interprets rejects unknown keys (`extra="forbid"`); keys that only steer the
 Cerebras backend or its bookkeeping (backend and cluster settings, CSX performance flags,
 logging, checkpoint loading flags, data streaming knobs) are accepted by rule and listed in
-`RunConfig.ignored` with the reason, so the run record says what was not applied and the file
-never needs editing per backend. Anything that would change the computation and that the
+`RunConfig.ignored` as {key: reason}, so the run record (`run.json`, `ignored_config_keys`) says
+what was not applied and why, and the file never needs editing per backend. Anything that would change the computation and that the
 reference trainer cannot reproduce is a `UserError` naming the key.
 
 Also here: the raw YAML helpers every layer uses (`load_yaml`, `find_model_section`,
@@ -34,6 +34,43 @@ OBSERVING_CALLBACKS = {
 # ModelZoo callbacks that only set Cerebras (CSX) compiler/runtime flags: they change how a CS-3 runs
 # the step, never what it computes. Accepted when every flag they set is a `csx.` flag.
 CSX_FLAG_CALLBACKS = {"ScopedTrainFlags", "ScopedValidateFlags", "GlobalFlags"}
+# This package's own callbacks (modelzoo_ext.cerebras): the CS side of what gpu_reference does itself.
+PACKAGE_CALLBACKS = {
+    "SparseLoRAMasks": "this package's CS-side mask hook; gpu_reference applies the masks itself",
+    "SparseLoRALossLog": "this package's CS-side loss log (sparse_lora_losses.jsonl); "
+    "gpu_reference writes metrics.jsonl",
+}
+# Keys accepted but not applied, and why (a key is listed only when the file sets it).
+IGNORED_REASONS = {
+    "validate": "ModelZoo's `cszoo validate` section; gpu_reference evaluates with fit.val_dataloader",
+    "validate_all": "ModelZoo's `cszoo validate_all` section; gpu_reference evaluates with fit.val_dataloader",
+    "fit.ckpt_path": "the CS checkpoint of the base model; gpu_reference reads --hf-model",
+    "logging": "how often ModelZoo logs; gpu_reference logs every step (metrics.jsonl, TensorBoard)",
+    "loggers": "ModelZoo's loggers; gpu_reference writes metrics.jsonl and TensorBoard events itself",
+    "precision.precision_opt_level": "CS compiler precision optimisation level",
+    "precision.loss_scaling_factor": "loss scaling keeps cbfloat16/float16 CS gradients in range; "
+    "gpu_reference's bfloat16 autocast keeps float32 gradients and does not scale the loss",
+    "precision.initial_loss_scale": "dynamic loss scaling (CS)",
+    "precision.steps_per_increase": "dynamic loss scaling (CS)",
+    "precision.min_loss_scale": "dynamic loss scaling (CS)",
+    "precision.max_loss_scale": "dynamic loss scaling (CS)",
+    "precision.log_loss_scale": "dynamic loss scaling (CS)",
+    "checkpoint.save_initial_checkpoint": "CS checkpoint schedule (step 0); gpu_reference checkpoints the "
+    "LoRA factors every checkpoint.steps",
+    "checkpoint.disable_strict_checkpoint_loading": "how ModelZoo loads fit.ckpt_path (the base has no LoRA "
+    "or mask entries); gpu_reference reads --hf-model",
+    "checkpoint.autoload_last_checkpoint": "ModelZoo's resume; gpu_reference resumes from its own "
+    "checkpoints/ when rerun",
+    "checkpoint.save_hf_checkpoint": "ModelZoo's HF export; gpu_reference writes its own exports",
+}
+# Dataloader keys that change how samples are streamed, never which samples come in which order.
+STREAMING_KEYS = {
+    "num_workers": "worker processes reading the data",
+    "prefetch_factor": "batches read ahead",
+    "persistent_workers": "whether workers outlive an epoch",
+    "use_worker_cache": "a copy of the data on the CS worker nodes",
+    "micro_batch_size": "CS micro-batching of each batch (the same summed gradients)",
+}
 # Model keys whose non-default values would change the math in ways the HF model does not follow.
 ZERO_DROPOUT_KEYS = ("embedding_dropout_rate", "dropout_rate", "attention_dropout_rate")
 
@@ -152,7 +189,7 @@ class RunConfig(BaseModel):
     init: TrainerInit
     fit: TrainerFit
     path: str
-    ignored: list[str]
+    ignored: dict[str, str]
 
     @property
     def max_steps(self) -> int:
@@ -180,23 +217,28 @@ def _csx_flags_only(settings: Any) -> bool:
     return isinstance(settings, dict) and all(str(key).startswith("csx.") for key in settings)
 
 
-def _check_callbacks(callbacks: list[Any] | None, ignored: list[str]) -> None:
+def _check_callbacks(callbacks: list[Any] | None, ignored: dict[str, str]) -> None:
     for entry in callbacks or []:
         name = next(iter(entry)) if isinstance(entry, dict) and len(entry) == 1 else str(entry)
         if name in OBSERVING_CALLBACKS:
-            ignored.append(f"callbacks.{name} (observes only)")
+            ignored[f"callbacks.{name}"] = "observes the run only (metrics, checks, profiles)"
         elif name in CSX_FLAG_CALLBACKS and _csx_flags_only(entry[name]):
-            ignored.append(f"callbacks.{name} (CSX performance flags only: {sorted(entry[name])})")
-        elif name.startswith("SparseLoRA"):
-            ignored.append(
-                f"callbacks.{name} (this package's CS-side hook; the GPU path applies masks itself)"
+            ignored[f"callbacks.{name}"] = (
+                f"CSX flags only ({', '.join(sorted(entry[name]))}): how a CS-3 runs the step, not what it computes"
             )
+        elif name in PACKAGE_CALLBACKS:
+            ignored[f"callbacks.{name}"] = PACKAGE_CALLBACKS[name]
         else:
             raise UserError(
                 f"callback {name!r} may change the computation and gpu_reference cannot run it",
                 where="trainer.init.callbacks",
                 fix="remove it from the run config, or run on the Cerebras backend",
             )
+
+
+def _ignore_streaming_keys(dl: DataLoaderSection, where: str, ignored: dict[str, str]) -> None:
+    for key in sorted(dl.model_fields_set & set(STREAMING_KEYS)):
+        ignored[f"{where}.{key}"] = f"{STREAMING_KEYS[key]}: not which samples come in which order"
 
 
 def _check_dataloader(dl: DataLoaderSection, where: str) -> None:
@@ -206,6 +248,7 @@ def _check_dataloader(dl: DataLoaderSection, where: str) -> None:
         "mixture": None,
         "num_samples": None,
         "use_vsl": False,
+        "sort_files": True,  # the file order; gpu_reference reads the files sorted by path
     }
     for key, default in defaults.items():
         if getattr(dl, key) != default:
@@ -231,7 +274,7 @@ def load_run_config(path: str | Path) -> RunConfig:
     unknown = set(trainer) - {"init", "fit", "validate", "validate_all"}
     if unknown:
         raise UserError(f"unknown trainer keys {sorted(unknown)}", where=f"{path}: trainer")
-    ignored = [k for k in ("validate", "validate_all") if k in trainer]
+    ignored = {k: IGNORED_REASONS[k] for k in ("validate", "validate_all") if k in trainer}
     try:
         init = TrainerInit(**trainer["init"])
         fit = TrainerFit(**trainer.get("fit") or {})
@@ -246,7 +289,7 @@ def load_run_config(path: str | Path) -> RunConfig:
             fix="masks come from sparse_lora.mask_path",
         )
     if fit.ckpt_path is not None:  # the CS copy of the base weights; this trainer reads them from --hf-model
-        ignored.append("fit.ckpt_path (the CS checkpoint of the base model; gpu_reference reads --hf-model)")
+        ignored["fit.ckpt_path"] = IGNORED_REASONS["fit.ckpt_path"]
     loop = init.loop
     if (loop.max_steps is None) == (loop.num_steps is None):
         raise UserError(
@@ -283,11 +326,19 @@ def load_run_config(path: str | Path) -> RunConfig:
             )
     _check_callbacks(init.callbacks, ignored)
     _check_dataloader(fit.train_dataloader, f"{path}: trainer.fit.train_dataloader")
-    for key in ("backend", "logging", "loggers"):  # which machine runs a CS step; bookkeeping
+    _ignore_streaming_keys(fit.train_dataloader, "fit.train_dataloader", ignored)
+    vals = fit.val_dataloader if isinstance(fit.val_dataloader, list) else [fit.val_dataloader]
+    for i, val in enumerate(v for v in vals if v is not None):
+        _ignore_streaming_keys(val, "fit.val_dataloader" + (f"[{i}]" if len(vals) > 1 else ""), ignored)
+    if init.backend is not None:
+        ignored["backend"] = f"which machine runs a CS step ({', '.join(sorted(init.backend))})"
+    for key in ("logging", "loggers"):
         if getattr(init, key) is not None:
-            ignored.append(key)
-    if init.precision is not None and init.precision.precision_opt_level is not None:
-        ignored.append("precision.precision_opt_level (CS only)")
+            ignored[key] = IGNORED_REASONS[key]
+    for section in ("precision", "checkpoint"):
+        for key in sorted(getattr(getattr(init, section), "model_fields_set", ())):
+            if f"{section}.{key}" in IGNORED_REASONS:
+                ignored[f"{section}.{key}"] = IGNORED_REASONS[f"{section}.{key}"]
     return RunConfig(init=init, fit=fit, path=path, ignored=ignored)
 
 

@@ -1,0 +1,185 @@
+"""The architecture check's tables (`modelzoo_ext.run_config.architecture`) against ModelZoo 2.10.
+
+`check_architecture` counts a key the run config leaves out with ModelZoo's default, compares the
+ModelZoo-only keys that change the computation with their defaults, and skips the rest with a
+reason. The `modelzoo` tests hold those tables to ModelZoo's real config classes: every default
+equal, every key of the classes in exactly one table. The others check what the tables do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from modelzoo_ext.run_config import check_architecture, hf_to_cs_model_config
+from modelzoo_ext.run_config.architecture import (
+    MODELZOO_ALIASES,
+    MODELZOO_DEFAULTS,
+    MODELZOO_ONLY_ABSENT,
+    MODELZOO_ONLY_DEFAULTS,
+    NOT_COMPARED,
+    _normalised,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf_configs"
+RUN_CONFIG_KEYS = {"name", "loss_scaling", "loss_weight"}  # read by modelzoo_ext.run_config.params
+
+
+def real_config(model: str) -> dict:
+    return json.loads((FIXTURES / f"{model}.config.json").read_text())
+
+
+def llama31_section() -> dict:
+    """The model section `convert hf-to-cs` writes for Llama-3.1-8B (accepted as it is)."""
+    return hf_to_cs_model_config(real_config("Llama-3.1-8B"), "llama")
+
+
+def modelzoo_config_classes():
+    from cerebras.modelzoo.models.nlp.llama.model import LlamaModelConfig
+    from cerebras.modelzoo.models.nlp.mistral.model import MistralModelConfig
+
+    return {"llama": LlamaModelConfig, "mistral": MistralModelConfig}
+
+
+def yaml_name(field_name: str) -> str:
+    """The name the check reads a ModelZoo field under (its alias where ModelZoo has one)."""
+    return MODELZOO_ALIASES.get(field_name, field_name)
+
+
+# ----------------------------------------------------------------------------- against ModelZoo
+@pytest.mark.modelzoo
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_modelzoo_defaults_equal_modelzoo_config_class_defaults(family):
+    """MODELZOO_DEFAULTS and MODELZOO_ONLY_DEFAULTS are ModelZoo 2.10's field defaults, value for value."""
+    fields = {yaml_name(name): f for name, f in modelzoo_config_classes()[family].model_fields.items()}
+    for table in (MODELZOO_DEFAULTS, MODELZOO_ONLY_DEFAULTS):
+        for key, ours in table.items():
+            assert key in fields, f"{key} is not a field of ModelZoo's {family} config"
+            theirs = fields[key].get_default(call_default_factory=True)
+            assert theirs == ours and type(theirs) is type(ours), (key, theirs, ours)
+
+
+@pytest.mark.modelzoo
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_every_modelzoo_key_is_in_exactly_one_table(family):
+    """A key ModelZoo adds (or this package forgets) fails here instead of passing the check unseen."""
+    hf_map = set(hf_to_cs_model_config(real_config("Mistral-7B-v0.1"), "mistral")) | {"attention_inner_dim"}
+    compared = hf_map | set(MODELZOO_DEFAULTS)
+    tables = {
+        "compared with config.json": compared - set(NOT_COMPARED),
+        "compared with ModelZoo's default": set(MODELZOO_ONLY_DEFAULTS),
+        "must be absent": set(MODELZOO_ONLY_ABSENT),
+        "not compared": set(NOT_COMPARED) - RUN_CONFIG_KEYS,
+        "run config": RUN_CONFIG_KEYS,
+    }
+    names = {yaml_name(name) for name in modelzoo_config_classes()[family].model_fields}
+    for key in names:
+        holders = [table for table, keys in tables.items() if key in keys]
+        assert len(holders) == 1, (key, holders)
+    assert set().union(*tables.values()) <= names  # no table names a key ModelZoo does not have
+
+
+@pytest.mark.modelzoo
+def test_modelzoo_only_absent_sections_default_to_off():
+    from cerebras.modelzoo.models.nlp.llama.model import LlamaModelConfig
+
+    fields = LlamaModelConfig.model_fields
+    assert not fields["memory_tokens_config"].get_default(call_default_factory=True).memory_tokens_enabled
+    assert fields["moe_params"].get_default(call_default_factory=True).num_experts <= 1
+
+
+@pytest.mark.modelzoo
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"hidden_size": 4096, "num_heads": 32, "position_embedding_type": "rotary"},
+        {"hidden_size": 64, "num_heads": 4, "position_embedding_type": "rotary", "attention_inner_dim": 128},
+        {"hidden_size": 4096, "num_heads": 32, "position_embedding_type": "rotary", "dropout_rate": 0.0},
+        {"hidden_size": 4096, "num_heads": 32, "position_embedding_type": "rotary", "dropout_rate": 0.3},
+    ],
+)
+def test_values_left_out_are_normalised_as_modelzoo_fills_them(section):
+    """What the check reads for keys the run config leaves out is what ModelZoo builds: rotary_dim a
+    quarter of hidden_size // num_heads, embedding dropout = dropout_rate (its `post_init`)."""
+    from cerebras.modelzoo.models.nlp.llama.model import LlamaModelConfig
+
+    config = LlamaModelConfig(name="llama", **section)
+    side = {**MODELZOO_DEFAULTS, **section}
+    for key, theirs in [("rotary_dim", config.rotary_dim), ("embedding_dropout_rate", config.embd_pdrop),
+                        ("attention_dropout_rate", config.attention_dropout_rate)]:  # fmt: skip
+        assert _normalised(key, side.get(key), side) == theirs, key
+
+
+# ----------------------------------------------------------------------------- what the tables do
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("embeddings_scale", 10.0),
+        ("attention_logit_softcapping", 30.0),
+        ("mup_base_hidden_size", 256),
+        ("sliding_window_every_other_decoder_layer", True),
+        ("lr_adjustment_groups", {"embedding": {"param_paths": "*embedding*", "scale": 0.1}}),
+    ],
+)
+def test_a_modelzoo_only_key_away_from_its_default_is_refused(key, value):
+    check = check_architecture({**llama31_section(), key: value}, real_config("Llama-3.1-8B"), "llama")
+    assert len(check.mismatches) == 1 and check.mismatches[0].startswith(f"{key}: run config {value!r}")
+
+
+def test_a_modelzoo_only_key_at_its_default_is_accepted_and_recorded():
+    section = {**llama31_section(), "embeddings_scale": 1.0, "scale_qk_dot_by_d": False}
+    check = check_architecture(section, real_config("Llama-3.1-8B"), "llama")
+    assert check.ok, check.mismatches
+    assert check.as_record()["compared_with_modelzoo_default"] == ["embeddings_scale", "scale_qk_dot_by_d"]
+
+
+@pytest.mark.parametrize("key", ["moe", "moe_params", "memory_tokens"])
+def test_experts_or_memory_tokens_on_a_dense_llama_are_refused(key):
+    check = check_architecture(
+        {**llama31_section(), key: {"num_experts": 8}}, real_config("Llama-3.1-8B"), "llama"
+    )
+    assert check.mismatches == [f"{MODELZOO_ALIASES.get(key, key)}: set in the run config, but "
+                                f"{MODELZOO_ONLY_ABSENT[MODELZOO_ALIASES.get(key, key)]}: remove it"]  # fmt: skip
+
+
+def test_an_unknown_key_is_refused():
+    check = check_architecture(
+        {**llama31_section(), "hiden_size": 4096}, real_config("Llama-3.1-8B"), "llama"
+    )
+    assert check.mismatches == [
+        "hiden_size: not a key of ModelZoo 2.10's llama model config (ModelZoo refuses it too)"
+    ]
+
+
+def test_keys_that_do_not_change_the_computation_are_skipped_with_their_reason():
+    section = {**llama31_section(), "attention_softmax_fp32": False, "fold_rope_consts": True, "top_k": 5}
+    check = check_architecture(section, real_config("Llama-3.1-8B"), "llama")
+    assert check.ok, check.mismatches
+    for key in ("attention_softmax_fp32", "fold_rope_consts", "top_k", "max_position_embeddings", "name"):
+        assert check.not_compared[key] == NOT_COMPARED[key]
+
+
+def test_max_position_embeddings_is_compared_under_longrope():
+    """longrope's frequencies and attention factor depend on it (in ModelZoo and in transformers)."""
+    hf = {**real_config("Llama-3.1-8B"), "max_position_embeddings": 131072,
+          "rope_scaling": {"rope_type": "longrope", "factor": 16.0, "original_max_position_embeddings": 8192,
+                           "short_factor": [1.0] * 64, "long_factor": [2.0] * 64}}  # fmt: skip
+    section = {**hf_to_cs_model_config(hf, "llama"), "max_position_embeddings": 8192}
+    check = check_architecture(section, hf, "llama")
+    assert check.mismatches == ["max_position_embeddings: run config 8192, HF model 131072"]
+    assert check_architecture({**section, "max_position_embeddings": 131072}, hf, "llama").ok
+
+
+def test_attention_dropout_in_config_json_is_refused():
+    hf = {**real_config("Llama-3.1-8B"), "attention_dropout": 0.1}
+    check = check_architecture(llama31_section(), hf, "llama")
+    assert len(check.mismatches) == 1 and check.mismatches[0].startswith("attention_dropout: HF model 0.1")
+
+
+def test_aliases_are_read_under_the_yaml_name():
+    """ModelZoo accepts `embd_pdrop` for `embedding_dropout_rate`: a non-zero one is still found."""
+    section = {k: v for k, v in llama31_section().items() if k != "embedding_dropout_rate"}
+    check = check_architecture({**section, "embd_pdrop": 0.1}, real_config("Llama-3.1-8B"), "llama")
+    assert check.mismatches == ["embedding_dropout_rate: run config 0.1, HF model 0.0"]
