@@ -56,12 +56,13 @@ def all_reduce_(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 def _clip(trainable: list[torch.nn.Parameter], config: StepConfig) -> torch.Tensor:
-    """Clip by norm (returning the norm before clipping) or by value; returns the gradient norm."""
+    """Clip by norm or by value; returns the gradient norm before clipping (what ModelZoo logs)."""
     if config.max_norm is not None:
         return torch.nn.utils.clip_grad_norm_(trainable, config.max_norm)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None]))
     if config.max_value is not None:
         torch.nn.utils.clip_grad_value_(trainable, config.max_value)
-    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None]))
+    return norm
 
 
 def train_step(

@@ -177,8 +177,8 @@ def test_loss_falls_over_repeated_batches(fit_runs, mode):
 
 
 def test_cs_throughput_counts_each_steps_tokens_over_its_time(fit_runs, tiny_workdir):
-    """The sweep's CS-3 tokens/s: each step's non-padding tokens (from ModelZoo's data order) over
-    the step time the loss log recorded, averaged over steps 2..4."""
+    """The sweep's CS-3 throughput: the non-padding tokens of every step (from ModelZoo's data order)
+    over the total step time the loss log recorded, with the padded tokens the wafer processed."""
     from modelzoo_ext.data.hdf5 import SampleDataset
     from modelzoo_ext.loss_log import LOSS_LOG_NAME
     from modelzoo_ext.study.throughput import cs_throughput
@@ -192,9 +192,12 @@ def test_cs_throughput_counts_each_steps_tokens_over_its_time(fit_runs, tiny_wor
         sum(int(data[i][1].nonzero()[0].max()) + 1 for i in range(start, start + 4)) for start in (0, 4)
     ]
     times = {r["step"]: r["time_s"] for r in map(json.loads, (run / LOSS_LOG_NAME).read_text().splitlines())}
-    expected = (tokens[1] / times[2] + tokens[0] / times[3] + tokens[1] / times[4]) / 3
     params["trainer"]["fit"]["train_dataloader"]["data_dir"] = str(tiny_workdir / loader["data_dir"])
-    assert cs_throughput(run, params) == pytest.approx(expected, rel=1e-12)
+    throughput = cs_throughput(run, params)
+    assert throughput["tokens"] == 2 * (tokens[0] + tokens[1]) and throughput["samples"] == 16
+    assert throughput["seconds"] == pytest.approx(sum(times[s] for s in (1, 2, 3, 4)), rel=1e-12)
+    assert throughput["tokens_per_s"] == pytest.approx(throughput["tokens"] / throughput["seconds"], rel=1e-12)
+    assert throughput["padded_tokens"] == 16 * data[0].shape[-1]
 
 
 def test_s2s_merged_export_has_no_violations_and_same_logits(fit_runs, tiny_workdir):

@@ -68,9 +68,7 @@ def _texts(config: CalibrationConfig) -> tuple[list[str], dict[str, Any]]:
     evaluated = {row["passage"] for row in protocol.evaluated_rows("boolq")}
     passages = sorted({row["passage"] for row in protocol.training_rows("boolq")} - evaluated)
     random.Random(config.seed).shuffle(passages)
-    source = (
-        "passages of BoolQ's training part (bundled validation split, offline protocol), shuffled by seed"
-    )
+    source = "boolq_validation (bundled): passages of its training part no held-out question uses, shuffled"
     return passages, {"source": source, "protocol": protocol.record()}
 
 
