@@ -169,7 +169,7 @@ def convert_hf_to_cs(
         if masks is not None:
             writer = MaskWriter(tmp / CS_MASKS_NAME, naming="cs", metadata=provenance(masks))
             for name, mask, source in converted_masks(masks, family, layout, to_naming="cs"):
-                writer.add(name, mask, source_sha256=source)
+                writer.add(name, mask, source_checksum=source)
             writer.write()
     return {
         "checkpoint": str(out_dir / CHECKPOINT_NAME),

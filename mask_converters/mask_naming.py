@@ -2,7 +2,7 @@
 
 A mask in CS naming applies directly to the CS weight of the same name: its key is the CS
 parameter name and its q/k rows are permuted like the weight's. Provenance (method, sparsity,
-seed, ...) is carried over; per-tensor `source_sha256` is kept where the tensor was not permuted
+seed, ...) is carried over; per-tensor source checksums are kept where the tensor was not permuted
 (a permuted mask no longer describes the original byte order).
 """
 
@@ -41,10 +41,10 @@ _FORMAT_KEYS = {
 def converted_masks(
     masks: MaskFile, family: str, layout: RopeLayout, *, to_naming: str
 ) -> Iterator[tuple[str, torch.Tensor, str | None]]:
-    """(name, mask, source_sha256) of every mask in `to_naming` ("hf" or "cs"), one at a time."""
+    """(name, mask, source checksum) of every mask in `to_naming` ("hf" or "cs"), one at a time."""
     if masks.naming == to_naming:
         for name in masks.keys():  # noqa: SIM118 (not a dict)
-            yield name, masks.get(name), masks.info(name).get("source_sha256")
+            yield name, masks.get(name), masks.source_checksum(name)
         return
     names = masks.keys()
     cs_names = canonical_cs_names(names) if to_naming == "hf" else {}
@@ -56,7 +56,7 @@ def converted_masks(
             new_name, mask = to_cs(name, masks.get(name), family, layout)
             hf_name = name
         permuted = rope_kind(hf_name, family) is not None
-        yield new_name, mask, None if permuted else masks.info(name).get("source_sha256")
+        yield new_name, mask, None if permuted else masks.source_checksum(name)
 
 
 def provenance(masks: MaskFile) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def convert_mask_file(
         )
     writer = MaskWriter(out_path, naming=to_naming, metadata=provenance(masks))
     for name, mask, source in converted_masks(masks, family, layout, to_naming=to_naming):
-        writer.add(name, mask, source_sha256=source)
+        writer.add(name, mask, source_checksum=source)
     return writer.write()
 
 

@@ -174,7 +174,7 @@ def test_validate_against_other_model_names_tensor(sparse_lora, tiny_llama_dir, 
         "masks", "validate", masks, "--model", tiny_mistral_dir, "--report", tmp_path / "r.json"
     )
     line = error_line(err)
-    assert status == 2 and "source sha256 model.layers." in line and "Fix:" in line
+    assert status == 2 and "source blake3 model.layers." in line and "Fix:" in line
 
 
 def test_help_names_every_subcommand(sparse_lora, capsys):
