@@ -1,32 +1,30 @@
-"""Exact thresholds for 15-bit keys (bf16/fp16 magnitudes) without a full histogram.
+"""Exact thresholds for one tensor's 15-bit keys (bf16/fp16 magnitudes) from a few exact counts.
 
-A full 32,768-bin histogram costs about as much per weight as everything else together
-(`torch.bincount` is serial and widens to int64). Vectorised numpy comparisons are ~10x
-cheaper. So: a strided sample of the keys brackets the threshold [lo, hi] (6 standard errors
-of the sample quantile either side); exact counts come from one comparison (keys > hi) and a
-histogram of the few keys inside the bracket. If the threshold lies outside the bracket (it
-practically never does), `plan()` returns None and the caller falls back to the full
-histograms of `select.ThresholdFinder`. The result is identical either way: exact counts,
-ties by position in sorted-name order.
+A full 32,768-bin histogram costs more per weight than everything else together (`np.bincount`
+widens every key to int64), and gathering the keys inside a sampled bracket costs about as
+much (a scattered 4% of the keys). Counting `keys > v` is one vectorised comparison. So:
 
-Lifecycle (same tensors, same names, in any order, each pass):
-    finder = BracketFinder([kept_1, ...], numel=total, step=total // 2**22 or 1)
-    for name, keys in tensors: finder.add_sample(keys)        # pass A (cheap)
-    for name, keys in tensors: finder.add_band(name, keys)    # pass B
-    plan = finder.plan()  # name -> [(Threshold, ties kept here, ties present here)], or None
+- a strided sample of the keys guesses the threshold key t (the `kept`-th largest);
+- exact counts F(v) = #(keys > v) decide it: t is the smallest v with F(v) < kept, so the
+  search keeps lo < t <= hi with F(lo) >= kept > F(hi) and probes guesses, then steps that
+  double, then halves, until hi = lo + 1. bf16 keys near a threshold each hold ~0.2% of a
+  tensor, so the guess is right or one key off: two or three counts per level;
+- the ties at t are F(t - 1) - F(t); the first `kept - F(t)` of them (row-major) are kept.
+
+The result is exact by construction, whatever the guess: the sample only decides how many
+counts are needed. After `MAX_PROBES` counts the search gives up and returns None; the caller
+then uses the full histograms of `select.ThresholdFinder` (same answer, slower).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import torch
 
 from modelzoo_ext.masks.select import Threshold
 
 MAX_KEY = (1 << 15) - 1
-SAMPLE_TARGET = 1 << 16  # per tensor in layer scope
+SAMPLE_TARGET = 1 << 16
+MAX_PROBES = 12  # about the cost of one full histogram
 
 
 def sample_step(numel: int, target: int = SAMPLE_TARGET) -> int:
@@ -34,81 +32,75 @@ def sample_step(numel: int, target: int = SAMPLE_TARGET) -> int:
     return max(1, numel // target)
 
 
-class BracketFinder:
-    """Exact per-level thresholds over 15-bit int16 keys from a sample bracket and band counts."""
+class CountSearch:
+    """Exact per-level thresholds of one tensor's int16 keys from counts of `keys > v`."""
 
-    def __init__(self, kept: list[int], *, numel: int, step: int) -> None:
-        self.kept = kept
-        self.numel = numel
-        self.step = step
-        self.samples: list[np.ndarray] = []
-        self.above: dict[str, list[int]] = {}
-        self.bands: dict[str, list[np.ndarray]] = {}
-        self._brackets: list[tuple[int, int] | None] | None = None
+    def __init__(self, keys: np.ndarray, *, step: int) -> None:
+        self.flat = keys.reshape(-1)
+        self.sample = np.sort(self.flat[::step])
+        self.counts: dict[int, int] = {-1: self.flat.size, MAX_KEY: 0}
+        self.probes = 0
+        self._scratch = np.empty(self.flat.size, dtype=bool)
 
-    def add_sample(self, keys: torch.Tensor) -> None:
-        """Pass A: keep every `step`-th key."""
-        self.samples.append(keys.reshape(-1).numpy()[:: self.step].copy())
+    def above(self, key: int) -> int:
+        """F(key) = #(keys > key), counted once per key."""
+        if key not in self.counts:
+            np.greater(self.flat, key, out=self._scratch)
+            self.counts[key] = int(np.count_nonzero(self._scratch))
+            self.probes += 1
+        return self.counts[key]
 
-    def brackets(self) -> list[tuple[int, int] | None]:
-        """Per level (lo, hi) holding the threshold with overwhelming probability; None = keep all/none."""
-        if self._brackets is None:
-            sample = np.concatenate(self.samples)
-            self._brackets = [self._bracket(sample, k) for k in self.kept]
-            self.samples = []
-        return self._brackets
+    def guess(self, kept: int) -> int:
+        """The sample's estimate of the `kept`-th largest key."""
+        position = self.sample.size - round(kept / self.flat.size * self.sample.size)
+        return int(self.sample[min(max(position, 0), self.sample.size - 1)])
 
-    def _bracket(self, sample: np.ndarray, kept: int) -> tuple[int, int] | None:
-        if kept <= 0 or kept >= self.numel:
-            return None
-        m, q = sample.size, kept / self.numel
-        rank = m * (1.0 - q)  # ascending rank of the threshold within the sample
-        margin = 6.0 * math.sqrt(m * q * (1.0 - q)) + 16
-        lo_rank, hi_rank = max(0, math.floor(rank - margin)), min(m - 1, math.ceil(rank + margin))
-        part = np.partition(sample, [lo_rank, hi_rank])
-        lo = int(part[lo_rank]) if lo_rank > 0 else 0
-        hi = int(part[hi_rank]) if hi_rank < m - 1 else MAX_KEY
+    def _bounds(self, kept: int) -> tuple[int, int]:
+        """The tightest lo < hi among the keys counted so far: F(lo) >= kept > F(hi)."""
+        lo = max(k for k, c in self.counts.items() if c >= kept)
+        hi = min(k for k, c in self.counts.items() if c < kept)
         return lo, hi
 
-    def add_band(self, name: str, keys: torch.Tensor) -> None:
-        """Pass B: per level, how many keys lie above the bracket, and a histogram inside it."""
-        flat = keys.reshape(-1).numpy()
-        self.above[name], self.bands[name] = [], []
-        for bracket in self.brackets():
-            if bracket is None:
-                self.above[name].append(0)
-                self.bands[name].append(np.zeros(1, dtype=np.int64))
-                continue
-            lo, hi = bracket
-            self.above[name].append(int(np.count_nonzero(flat > hi)))
-            offset = (flat - np.int16(lo)).view(np.uint16)  # keys below lo wrap to large values
-            inside = offset[offset <= hi - lo]
-            self.bands[name].append(np.bincount(inside, minlength=hi - lo + 1))
+    def threshold(self, kept: int) -> tuple[Threshold, int] | None:
+        """(Threshold, ties present at it) for keeping `kept` (0 < kept < numel), or None on give-up."""
+        probe, steps, last, turned = self.guess(kept), _gallop(), None, False
+        limit = self.probes + MAX_PROBES
+        while True:
+            lo, hi = self._bounds(kept)
+            if hi == lo + 1:
+                break
+            if self.probes >= limit:
+                return None
+            if turned or not lo < probe < hi:  # t lies between two counted keys: halve
+                probe = (lo + hi) // 2
+            upward = self.above(probe) >= kept  # then t > probe
+            turned = turned or (last is not None and upward != last)
+            last = upward
+            probe += next(steps) if upward else -next(steps)
+        above = self.counts[hi]
+        return Threshold(hi, kept - above), self.counts[lo] - above
 
-    def plan(self) -> dict[str, list[tuple[Threshold, int, int]]] | None:
-        """Per tensor and level (Threshold, ties kept here, ties present here); None if a bracket missed."""
-        names = sorted(self.above)
-        plan: dict[str, list[tuple[Threshold, int, int]]] = {name: [] for name in names}
-        for level, (kept, bracket) in enumerate(zip(self.kept, self.brackets(), strict=True)):
-            if bracket is None:
-                threshold = Threshold(0, 0, keep_all=kept > 0, keep_none=kept <= 0)
-                for name in names:
-                    plan[name].append((threshold, 0, 0))
-                continue
-            lo, hi = bracket
-            above = sum(self.above[n][level] for n in names)
-            band = np.sum([self.bands[n][level] for n in names], axis=0)
-            need = kept - above
-            if need <= 0 or need > int(band.sum()):
-                return None  # the threshold is outside [lo, hi]
-            from_top = np.cumsum(band[::-1])
-            index = int(np.searchsorted(from_top, need))
-            key = hi - index
-            threshold = Threshold(key, need - (int(from_top[index]) - int(band[key - lo])))
-            budget = threshold.ties
-            for name in names:
-                present = int(self.bands[name][level][key - lo])
-                take = min(budget, present)
-                budget -= take
-                plan[name].append((threshold, take, present))
-        return plan
+
+def _gallop():
+    """Steps away from the guess while it stays on one side: 1, 1, 2, 4, 8, ..."""
+    yield 1
+    step = 1
+    while True:
+        yield step
+        step *= 2
+
+
+def tensor_plan(keys: np.ndarray, kept: list[int], *, step: int) -> list[tuple[Threshold, int, int]] | None:
+    """Per level (Threshold, ties kept, ties present) for one tensor's int16 keys, or None on give-up."""
+    search = CountSearch(keys, step=step)
+    plan = []
+    for k in kept:
+        if k <= 0 or k >= keys.size:
+            plan.append((Threshold(0, 0, keep_all=k > 0, keep_none=k <= 0), 0, 0))
+            continue
+        found = search.threshold(k)
+        if found is None:
+            return None
+        threshold, present = found
+        plan.append((threshold, threshold.ties, present))
+    return plan
