@@ -137,9 +137,12 @@ class HFCheckpoint:
                 located += sorted((header[k] for k in selected), key=lambda e: e.begin)
         return located
 
-    def read(self, entry: TensorEntry) -> np.ndarray:
-        """One tensor's raw bytes (uint8 [nbytes], row-major, little-endian) read with `os.preadv`."""
-        buffer = np.empty(entry.nbytes, dtype=np.uint8)
+    def read(self, entry: TensorEntry, out: np.ndarray | None = None) -> np.ndarray:
+        """One tensor's raw bytes (uint8 [nbytes], row-major, little-endian) read with `os.preadv`
+        (into `out`, a uint8 array of exactly `entry.nbytes`, when given)."""
+        buffer = np.empty(entry.nbytes, dtype=np.uint8) if out is None else out
+        if buffer.dtype != np.uint8 or buffer.size != entry.nbytes:
+            raise ValueError(f"out must be uint8 [{entry.nbytes}], got {buffer.dtype} [{buffer.size}]")
         view = memoryview(buffer)
         done = 0
         with open(entry.shard, "rb", buffering=0) as f:
@@ -215,6 +218,8 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorEntry]:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise corrupt(f"header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
     data_start, entries = 8 + length, {}
     for name, info in header.items():
         if name == "__metadata__":

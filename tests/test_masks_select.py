@@ -187,14 +187,14 @@ def test_partial_ties_from_either_end(budget):
 
 
 def _search_masks(tensors: dict[str, torch.Tensor], levels: list[float], step: int):
-    """Layer scope through the count search (`bracket.tensor_plan`); None where it gave up."""
-    from modelzoo_ext.masks.bracket import tensor_plan
+    """Layer scope through the count search (`bracket.tensor_masks`); None where it gave up."""
+    from modelzoo_ext.masks.bracket import tensor_masks
 
     masks = {}
     for name, tensor in tensors.items():
         keys = magnitude_keys(tensor)
-        plan = tensor_plan(keys, [kept_count(keys.size, s) for s in levels], step=step)
-        masks[name] = None if plan is None else [threshold_mask(keys, *cut)[0] for cut in plan]
+        found = tensor_masks(keys, [kept_count(keys.size, s) for s in levels], step=step)
+        masks[name] = None if found is None else [produce().copy() for produce in found[0]]
     return masks
 
 
@@ -237,8 +237,22 @@ def test_count_search_gives_up_then_histograms_are_exact(monkeypatch):
     weight.view(-1)[::4] = 5.0
     weight.view(-1)[1::4] = torch.linspace(0.01, 0.02, 1024).to(torch.bfloat16)
     keys = magnitude_keys(weight)
-    assert bracket.tensor_plan(keys, [2048], step=4) is None
-    (cut,) = compute._tensor_plan("w", keys, (0.5,))
-    mask = threshold_mask(keys, *cut)[0]
+    assert bracket.tensor_masks(keys, [2048], step=4) is None
+    (produce,), _ = compute._unstructured_masks("w", keys, (0.5,))
+    mask = produce()
     assert calls == [1]
     assert np.array_equal(mask.reshape(-1), brute_force_keep(weight.float().numpy().reshape(-1), 2048))
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.45, 0.5, 0.55, 0.9])
+def test_partial_ties_found_in_chunks_from_either_end(monkeypatch, sparsity):
+    from modelzoo_ext.masks import bracket
+
+    monkeypatch.setattr(bracket, "_SCAN_CHUNK", 7)  # many chunks: the early stop and both directions
+    generator = torch.Generator().manual_seed(11)
+    weight = (torch.randn(61, 47, generator=generator) * 4).round().to(torch.bfloat16)  # few values
+    keys = magnitude_keys(weight)
+    kept = kept_count(keys.size, sparsity)
+    (produce,), _ = bracket.tensor_masks(keys, [kept], step=3)
+    mask = produce()
+    assert np.array_equal(mask.reshape(-1), brute_force_keep(weight.float().numpy().reshape(-1), kept))

@@ -41,13 +41,14 @@ from modelzoo_ext.masks.scores import (
     DATA_DRIVEN,
     METHODS,
     Weight,
+    key_dtype,
     line_scores_source,
     require_finite,
     score_keys,
 )
 from modelzoo_ext.masks.select import Structure, Threshold, ThresholdFinder
 from modelzoo_ext.masks.stats import LevelReport, MagnitudeHistogram
-from modelzoo_ext.masks.stream import pipeline
+from modelzoo_ext.masks.stream import local_buffer, pipeline
 from modelzoo_ext.masks.targets import TargetRule
 
 SCOPES = ("layer", "global")
@@ -161,13 +162,24 @@ def _histogram_plan(kept: list[int], tensors) -> Plan:
 
 
 def _tensor_plan(name: str, keys: np.ndarray, levels) -> list[tuple[Threshold, int, int]]:
-    """Layer scope, unstructured: one tensor's exact cut per level."""
+    """Layer scope, unstructured: one tensor's exact cut per level from its full key histograms."""
     kept = [select.kept_count(keys.size, s) for s in levels]
-    if keys.dtype == np.int16:
-        plan = bracket.tensor_plan(keys, kept, step=bracket.sample_step(keys.size))
-        if plan is not None:
-            return plan
     return _histogram_plan(kept, lambda: [(name, keys)])[name]
+
+
+def _unstructured_masks(
+    name: str, keys: np.ndarray, levels
+) -> tuple[list[Callable[[], np.ndarray]], list[int]]:
+    """Layer scope: each level's exact mask (as a producer, see `bracket.tensor_masks`) and
+    threshold key; 15-bit keys by exact counts, others (or when the counts give up) by histograms."""
+    if keys.dtype == np.int16:
+        kept = [select.kept_count(keys.size, s) for s in levels]
+        found = bracket.tensor_masks(keys, kept, step=bracket.sample_step(keys.size))
+        if found is not None:
+            return found
+    plan = _tensor_plan(name, keys, levels)
+    producers = [lambda cut=cut: select.threshold_mask(keys, *cut)[0] for cut in plan]
+    return producers, [cut[0].key for cut in plan]
 
 
 @dataclass
@@ -198,8 +210,13 @@ class _Job:
 
     def _keys(self, entry: TensorEntry, raw: np.ndarray, first_pass: bool) -> tuple[Weight, np.ndarray]:
         weight = Weight.from_raw(entry, raw)
+        buffer = local_buffer("keys", entry.numel, key_dtype(weight.dtype))  # reused: no page faults
         keys = score_keys(
-            self.request.method, weight, seed=self.request.seed, statistic=self.statistics.get(entry.name)
+            self.request.method,
+            weight,
+            seed=self.request.seed,
+            statistic=self.statistics.get(entry.name),
+            out=buffer,
         )
         if first_pass:
             magnitude = keys if self.request.method == "magnitude" else None
@@ -215,10 +232,10 @@ class _Job:
         """Layer scope, the only pass: checksum, checks, keys, every level's mask."""
         result = self._result(entry, raw)
         weight, keys = self._keys(entry, raw, first_pass=True)
-        masks, result.threshold_keys = _layer_masks(
+        producers, result.threshold_keys = _layer_masks(
             self.request, self.structure, self.levels, weight, keys, self.statistics.get(entry.name)
         )
-        result.masks = [PackedMask.of(mask) for mask in masks]
+        result.masks = [PackedMask.of(produce().reshape(weight.shape)) for produce in producers]
         return result
 
     def high(self, entry: TensorEntry, raw: np.ndarray) -> TensorResult:
@@ -254,19 +271,19 @@ class _Job:
 
 def _layer_masks(
     request: MaskRequest, structure: Structure, levels, weight: Weight, keys: np.ndarray, statistic
-) -> tuple[list[np.ndarray], list[int | None]]:
-    """One tensor's mask for every level (layer scope), and each level's threshold key (or None)."""
+) -> tuple[list[Callable[[], np.ndarray]], list[int | None]]:
+    """One tensor's mask for every level (layer scope) as producers to call one at a time, and
+    each level's threshold key (or None)."""
     none = [None] * len(levels)
     if structure.kind == "N:M":
-        return [select.n_m_mask(keys, structure.n, structure.m, name=weight.name)], none
+        return [lambda: select.n_m_mask(keys, structure.n, structure.m, name=weight.name)], none
     if structure.kind in ("rows", "cols"):
         scores = line_scores_source(request.method, weight, seed=request.seed, statistic=statistic)
         pick = select.rows_mask if structure.kind == "rows" else select.cols_mask
-        return [pick(scores, s) for s in levels], none
+        return [lambda s=s: pick(scores, s) for s in levels], none
     if request.method == "wanda":  # Wanda's comparison group: each output row
-        return [select.per_row_mask(keys, s) for s in levels], none
-    plan = _tensor_plan(weight.name, keys, levels)
-    return [select.threshold_mask(keys, *cut)[0] for cut in plan], [cut[0].key for cut in plan]
+        return [lambda s=s: select.per_row_mask(keys, s) for s in levels], none
+    return _unstructured_masks(weight.name, keys, levels)
 
 
 class _Passes:

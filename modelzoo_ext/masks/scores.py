@@ -88,16 +88,29 @@ def as_weight(weight: Weight | Any) -> Weight:
     return weight if isinstance(weight, Weight) else Weight.from_torch("", weight)
 
 
-def magnitude_keys(weight: Weight | Any) -> np.ndarray:
+def magnitude_keys(weight: Weight | Any, out: np.ndarray | None = None) -> np.ndarray:
     """|W| as integer keys, same shape: int16 for bf16/fp16 (15 bits), int32 for fp32 (31 bits).
 
     Clearing the sign bit of the bit pattern: one vectorised numpy pass, no float arithmetic.
+    `out`: a flat buffer of the key dtype and at least the weight's size to write the keys into.
     """
     weight = as_weight(weight)
     if weight.dtype in ("bfloat16", "float16"):
-        return np.bitwise_and(weight.array.view(np.int16), np.int16(0x7FFF))
-    values = weight.array if weight.dtype == "float32" else weight.array.astype(np.float32)  # fp64: at fp32
-    return np.bitwise_and(values.view(np.int32), np.int32(0x7FFFFFFF))
+        bits, mask = weight.array.view(np.int16), np.int16(0x7FFF)
+    else:
+        values = (
+            weight.array if weight.dtype == "float32" else weight.array.astype(np.float32)
+        )  # fp64: at fp32
+        bits, mask = values.view(np.int32), np.int32(0x7FFFFFFF)
+    if out is None:
+        return np.bitwise_and(bits, mask)
+    keys = out[: bits.size].reshape(bits.shape)
+    return np.bitwise_and(bits, mask, out=keys)
+
+
+def key_dtype(dtype: str) -> type:
+    """numpy dtype of the magnitude keys of a weight of `dtype`."""
+    return np.int16 if dtype in ("bfloat16", "float16") else np.int32
 
 
 def float_keys(scores: torch.Tensor) -> np.ndarray:
@@ -153,10 +166,13 @@ def taylor_scores(weight: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
     return (weight.float() * gradient.float()).abs()
 
 
-def score_keys(method: str, weight: Weight, *, seed: int, statistic: torch.Tensor | None) -> np.ndarray:
-    """Integer keys [out, in] of one weight under `method` (`statistic`: input norms or gradient)."""
+def score_keys(
+    method: str, weight: Weight, *, seed: int, statistic: torch.Tensor | None, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Integer keys [out, in] of one weight under `method` (`statistic`: input norms or gradient;
+    `out`: a buffer for magnitude keys, see `magnitude_keys`)."""
     if method == "magnitude":
-        return magnitude_keys(weight)
+        return magnitude_keys(weight, out)
     if method == "random":
         return random_keys(seed, weight.name, weight.shape)
     if method not in DATA_DRIVEN:
