@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -153,18 +152,19 @@ def run_in_process(row: str, directory: Path, out: Path, sparsity: float) -> dic
 def timed_process(command: list[str], env: dict | None = None) -> dict:
     """Run a command to completion (in the repository root): wall seconds, user+sys seconds and
     peak RSS (wait4)."""
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}, cwd=REPO
-    )
-    out_thread = threading.Thread(target=process.communicate)  # drain pipes while wait4 waits
-    out_thread.start()
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    out_thread.join()
-    if process.returncode != 0:
-        raise RuntimeError(f"{command} exited with {process.returncode}")
+    with tempfile.TemporaryFile() as stderr:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, **(env or {})}, cwd=REPO
+        )
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            stderr.seek(0)
+            raise RuntimeError(
+                f"{command} exited with {process.returncode}: {stderr.read().decode()[-2000:]}"
+            )
     return {
         "seconds": seconds,
         "cpu_seconds": usage.ru_utime + usage.ru_stime,

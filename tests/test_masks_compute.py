@@ -242,3 +242,23 @@ def test_layer_fallback_when_the_count_search_gives_up(tiny_llama_dir, tmp_path,
         ma, _ = load_masks(a["mask_file"])
         mb, _ = load_masks(b["mask_file"])
         assert all(torch.equal(ma[n], mb[n]) for n in ma)
+
+
+def test_global_fallback_when_the_counts_miss(tiny_llama_dir, tmp_path, monkeypatch):
+    from modelzoo_ext.masks import bracket
+
+    bf16_dir = tmp_path / "bf16"
+    bf16_dir.mkdir()
+    from safetensors.torch import save_file
+
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(tiny_llama_dir / "model.safetensors").items()}
+    save_file(tensors, bf16_dir / "model.safetensors", metadata={"format": "pt"})
+    request = MaskRequest(scope="global", sparsities=(0.3, 0.7))
+    fast = compute_masks(bf16_dir, request, tmp_path / "fast.safetensors", plot=False)
+    # A guess far from the threshold: the counts cannot settle it, the key histograms must.
+    monkeypatch.setattr(bracket, "first_count", lambda above, size, fraction: 5000)
+    slow = compute_masks(bf16_dir, request, tmp_path / "slow.safetensors", plot=False)
+    for a, b in zip(fast, slow, strict=True):
+        ma, _ = load_masks(a["mask_file"])
+        mb, _ = load_masks(b["mask_file"])
+        assert all(torch.equal(ma[n], mb[n]) for n in ma)

@@ -256,3 +256,43 @@ def test_partial_ties_found_in_chunks_from_either_end(monkeypatch, sparsity):
     (produce,), _ = bracket.tensor_masks(keys, [kept], step=3)
     mask = produce()
     assert np.array_equal(mask.reshape(-1), brute_force_keep(weight.float().numpy().reshape(-1), kept))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=shapes,
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    levels=st.lists(st.floats(0.0, 0.99), min_size=1, max_size=3, unique=True),
+    spread=st.sampled_from([2.0, 50.0, 1000.0]),
+    sample_every=st.integers(1, 5),
+    seed=st.integers(0, 10_000),
+)
+def test_global_counts_match_brute_force(shapes, dtype, levels, spread, sample_every, seed):
+    from modelzoo_ext.masks.bracket import GlobalCounts, count_window
+    from modelzoo_ext.masks.format import unpack_bits
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        f"t{i}": (torch.randn(s, generator=generator) * spread).round().to(dtype)
+        for i, s in enumerate(shapes)
+    }
+    names = sorted(tensors)
+    keys = {name: magnitude_keys(t) for name, t in tensors.items()}
+    total = sum(k.size for k in keys.values())
+    kept = [kept_count(total, s) for s in levels]
+    sample = np.concatenate([keys[n].reshape(-1) for n in names])[::sample_every]
+    counts = GlobalCounts(kept, total, sample)
+    windows = set(counts.windows().values())
+    for name in reversed(names):  # reading order must not matter
+        counts.add(name, keys[name].shape, {w: count_window(keys[name], *w) for w in windows})
+    finished = counts.finish()
+    if finished is None:  # a miss is allowed (the caller falls back), never a wrong answer
+        return
+    values = np.concatenate([tensors[n].float().numpy().reshape(-1) for n in names])
+    for level, k in enumerate(kept):
+        masks = [finished[n][level] for n in names]
+        got = np.concatenate(
+            [unpack_bits(m.packed(), keys[n].shape).reshape(-1) for n, m in zip(names, masks, strict=False)]
+        )
+        assert got.sum() == sum(m.kept for m in masks) == k
+        assert np.array_equal(got, brute_force_keep(values, k))

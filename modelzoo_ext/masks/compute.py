@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,9 +193,11 @@ class TensorResult:
     source: str | None = None
     masks: list[PackedMask] = field(default_factory=list)
     threshold_keys: list[int | None] = field(default_factory=list)
+    shape: tuple[int, ...] = ()
     bits: int = 0
-    high: np.ndarray | None = None
+    histogram: np.ndarray | None = None  # a key sample's (15-bit keys) or the high bits' (31-bit)
     low: dict[int, np.ndarray] | None = None
+    counted: dict[tuple[int, int], bracket.Window] | None = None
 
 
 class _Job:
@@ -226,7 +229,7 @@ class _Job:
 
     def _result(self, entry: TensorEntry, raw: np.ndarray | None) -> TensorResult:
         source = None if raw is None else checksum.array_checksum(raw)
-        return TensorResult(entry.name, entry.dtype, entry.numel, source)
+        return TensorResult(entry.name, entry.dtype, entry.numel, source, shape=entry.shape)
 
     def layer(self, entry: TensorEntry, raw: np.ndarray) -> TensorResult:
         """Layer scope, the only pass: checksum, checks, keys, every level's mask."""
@@ -238,11 +241,29 @@ class _Job:
         result.masks = [PackedMask.of(produce().reshape(weight.shape)) for produce in producers]
         return result
 
-    def high(self, entry: TensorEntry, raw: np.ndarray) -> TensorResult:
-        """Global scope, first pass: checksum, checks, the high (or only) key histogram."""
-        result = self._result(entry, raw)
-        _, keys = self._keys(entry, raw, first_pass=True)
-        result.bits, result.high = select.key_bits(keys), select.high_histogram(keys)
+    def first(
+        self, windows: set[tuple[int, int]] | None
+    ) -> Callable[[TensorEntry, np.ndarray], TensorResult]:
+        """Global scope, first pass: checksum, checks, and for 15-bit keys the counts in each
+        window around a guessed threshold (`bracket.GlobalCounts`), for 31-bit keys (`windows`
+        None) the exact high-bits histogram."""
+
+        def work(entry: TensorEntry, raw: np.ndarray) -> TensorResult:
+            result = self._result(entry, raw)
+            _, keys = self._keys(entry, raw, first_pass=True)
+            result.bits = select.key_bits(keys)
+            if windows is None:
+                result.histogram = select.high_histogram(keys)
+            elif result.bits == 15:
+                result.counted = {w: bracket.count_window(keys, *w) for w in windows}
+            return result
+
+        return work
+
+    def histograms(self, entry: TensorEntry, raw: np.ndarray) -> TensorResult:
+        """Global scope, 15-bit keys when the counts missed: exact key histograms."""
+        result = self._result(entry, None)
+        result.histogram = select.high_histogram(self._keys(entry, raw, first_pass=False)[1])
         return result
 
     def low(self, buckets: set[int]) -> Callable[[TensorEntry, np.ndarray], TensorResult]:
@@ -308,23 +329,62 @@ class _Passes:
                 yield result
 
 
-def _global_plan(passes: _Passes, job: _Job, kept: list[int], sources: dict[str, tuple[str, str]]) -> Plan:
-    """Global scope: exact cuts over all targeted tensors from their key histograms."""
-    finder = None
-    for result in passes.run(job.high, "global scope: checks and histograms"):
+def _global_results(passes: _Passes, job: _Job, kept: list[int], sources: dict[str, tuple[str, str]]):
+    """Global scope: every tensor's masks (`TensorResult`s) from exact cuts over all targets.
+
+    15-bit keys (bf16/fp16 magnitudes): a sample of a few MB guesses the thresholds, and one
+    pass counts around them and yields the masks (`bracket.GlobalCounts`). 31-bit keys, or
+    when a guess missed: exact key histograms (`select.ThresholdFinder`), then a masks pass.
+    """
+    counts, windows = None, None
+    if job.request.method == "magnitude" and all(e.dtype in ("bfloat16", "float16") for e in passes.entries):
+        pieces = bracket.sample_chunks(passes.entries)
+        sample = [np.bitwise_and(passes.checkpoint.read(p).view(np.int16), np.int16(0x7FFF)) for p in pieces]
+        counts = bracket.GlobalCounts(kept, passes.total, np.concatenate(sample))
+        windows = set(counts.windows().values())
+    bits, histograms = None, {}
+    for result in passes.run(job.first(windows), "global scope: checks and counts"):
         sources[result.name] = (result.dtype, result.source)
-        finder = finder or ThresholdFinder(kept, result.bits)
-        if result.bits != finder.bits:
+        bits = bits or result.bits
+        if result.bits != bits:
             raise UserError(
                 "global scope needs one key width: the targeted weights mix 16-bit and 32-bit floats",
                 where=result.name,
                 fix="use --scope layer, or select tensors of one dtype with --include/--exclude",
             )
-        finder.add_high(result.name, None, result.high)
+        if counts is not None:
+            counts.add(result.name, result.shape, result.counted)
+        else:
+            histograms[result.name] = result.histogram
+    if counts is not None:
+        finished = counts.finish()
+        if finished is not None:
+            return _packed_results(finished, counts.shapes, sources, passes.workers)
+        counts = None  # free the counts before the histogram passes
+        for result in passes.run(job.histograms, "global scope: histograms"):
+            histograms[result.name] = result.histogram
+    finder = ThresholdFinder(kept, bits)
+    for name, histogram in histograms.items():
+        finder.add_high(name, None, histogram)
     if finder.needs_low_pass():
         for result in passes.run(job.low(finder.low_buckets()), "global scope: histograms"):
             finder.set_low(result.name, result.low)
-    return finder.plan()
+    return passes.run(job.masks(finder.plan()), "global scope: masks")
+
+
+def _packed_results(finished, shapes, sources, workers: int) -> list[TensorResult]:
+    """`TensorResult`s from `GlobalCounts.finish()`: bits set and checksums on `workers` threads."""
+
+    def result(name: str) -> TensorResult:
+        shape = shapes[name]
+        out = TensorResult(name, sources[name][0], int(np.prod(shape)), shape=shape)
+        for level in finished[name]:
+            out.masks.append(PackedMask.of_packed(level.packed(), shape, level.kept))
+            out.threshold_keys.append(level.key)
+        return out
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(result, sorted(finished)))
 
 
 def compute_masks(
@@ -377,8 +437,7 @@ def compute_masks(
         if request.scope == "layer":
             results = passes.run(job.layer, "masks (layer scope)")
         else:
-            plan = _global_plan(passes, job, [select.kept_count(total, s) for s in levels], sources)
-            results = passes.run(job.masks(plan), "global scope: masks")
+            results = _global_results(passes, job, [select.kept_count(total, s) for s in levels], sources)
         for result in results:
             _, source = sources.setdefault(result.name, (result.dtype, result.source))
             for i, mask in enumerate(result.masks):

@@ -120,6 +120,11 @@ class PackedMask:
     checksum: str
 
     @classmethod
+    def of_packed(cls, packed: np.ndarray, shape: tuple[int, ...], kept: int) -> PackedMask:
+        """From bits packed like `pack_bits` and their count (known exactly where they were set)."""
+        return cls(packed, tuple(shape), kept, checksum.array_checksum(packed))
+
+    @classmethod
     def of(cls, mask) -> PackedMask:
         """Pack a bool mask (numpy array or torch tensor) and count what it keeps."""
         mask = _as_bool_array(mask)
