@@ -122,6 +122,47 @@ def targeted(directory: Path) -> tuple:
     return checkpoint, checkpoint.entries([n for n in checkpoint.keys() if TargetRule().matches(n)])  # noqa: SIM118
 
 
+def stage_seconds(directory: Path, sparsity: float) -> dict[str, float]:
+    """CPU seconds of each step of layer-scope magnitude masks, one thread, warm cache: what bounds
+    the rows above (the same functions `compute_masks` runs on its workers)."""
+    import contextlib
+
+    import numpy as np
+
+    from modelzoo_ext.masks import bracket, checksum, select
+    from modelzoo_ext.masks.format import PackedMask
+    from modelzoo_ext.masks.scores import Weight, magnitude_keys, require_finite
+    from modelzoo_ext.masks.stream import local_buffer
+
+    checkpoint, entries = targeted(directory)
+    seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(name: str):
+        started = time.thread_time()
+        yield
+        seconds[name] = seconds.get(name, 0.0) + time.thread_time() - started
+
+    for entry in entries:
+        with step("read (copy from page cache)"):
+            raw = checkpoint.read(entry, local_buffer("raw", entry.nbytes, np.uint8))
+        with step("checksum (BLAKE3)"):
+            checksum.array_checksum(raw)
+        weight = Weight.from_raw(entry, raw)
+        with step("keys"):
+            keys = magnitude_keys(weight, local_buffer("keys", entry.numel, np.int16))
+        with step("inf/nan check"):
+            require_finite(entry.name, weight, "", keys)
+        with step("counts (threshold)"):
+            kept = [select.kept_count(keys.size, sparsity)]
+            (produce,), _ = bracket.tensor_masks(keys, kept, step=bracket.sample_step(keys.size))
+        with step("mask (ties)"):
+            mask = produce()
+        with step("pack + count + mask checksum"):
+            PackedMask.of(mask.reshape(weight.shape))
+    return seconds
+
+
 def run_in_process(row: str, directory: Path, out: Path, sparsity: float) -> dict:
     """One in-process row, timed after its imports (a fresh child process runs this)."""
     from modelzoo_ext.masks import checksum
@@ -214,22 +255,55 @@ def run_row(row: str, directory: Path, workdir: Path, sparsity: float, cold: boo
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def checksum_rates(nbytes: int = 1 << 26) -> dict[str, float]:
+    """GB/s of each checksum candidate on one core, in memory (best of 5 on 64 MiB)."""
+    import hashlib
+
+    import blake3
+    import numpy as np
+
+    data = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
+    candidates = {"sha256": hashlib.sha256, "blake3": blake3.blake3}
+    try:
+        import xxhash
+
+        candidates["xxh3-128"] = xxhash.xxh3_128
+    except ImportError:
+        pass
+    rates = {}
+    for name, hasher in candidates.items():
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            hasher(data).hexdigest()
+            best = min(best, time.perf_counter() - started)
+        rates[name] = round(nbytes / best / 1e9, 2)
+    return rates
+
+
+def median_run(results: list[dict]) -> dict:
+    """The run with the median wall time (its cpu time), and the highest peak RSS of all runs."""
+    ordered = sorted(results, key=lambda r: r["seconds"])
+    middle = ordered[(len(ordered) - 1) // 2]
+    spread = f"{ordered[0]['seconds']:.2f}-{ordered[-1]['seconds']:.2f}"
+    return {**middle, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results), "spread": spread}
+
+
 def free_cores() -> float:
-    """How many cores a compute-bound job gets right now: time of 2 jobs on 1 vs 2 threads."""
-    code = (
-        "import threading,time,math\n"
-        "def f():\n sum(math.sqrt(i) for i in range(1500000))\n"  # GIL-bound: use processes
-    )
+    """About how many cores a compute-bound job gets now: one job's time over two parallel
+    jobs' time, times two (each timing the best of 2), at most the machine's cores."""
+    code = "import math; sum(math.sqrt(i) for i in range(2000000))"
 
     def run(n: int) -> float:
-        started = time.perf_counter()
-        procs = [subprocess.Popen([sys.executable, "-c", code + "f()"]) for _ in range(n)]
-        for p in procs:
-            p.wait()
-        return time.perf_counter() - started
+        best = float("inf")
+        for _ in range(2):
+            started = time.perf_counter()
+            for p in [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]:
+                p.wait()
+            best = min(best, time.perf_counter() - started)
+        return best
 
-    one = run(1)
-    return round(2 * one / run(2), 2)
+    return round(min(2 * run(1) / run(2), os.cpu_count() or 1), 1)
 
 
 def main() -> None:
@@ -241,12 +315,23 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--cache", choices=("warm", "cold", "both"), default="both")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of every row; the median is shown (default 3)"
+    )
     parser.add_argument("--workdir", help="where to write the checkpoints (default: a temporary directory)")
-    parser.add_argument("--worker", choices=IN_PROCESS + ("bytes",), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", choices=IN_PROCESS + ("bytes", "hashes", "stages"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--write", choices=SHAPES, help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == "stages":
+        print(json.dumps(stage_seconds(Path(args.dir), args.sparsity)))
+        return
+    if args.worker == "hashes":
+        print(json.dumps(checksum_rates()))
+        return
     if args.worker == "bytes":
         print(sum(e.nbytes for e in targeted(Path(args.dir))[1]))
         return
@@ -276,22 +361,54 @@ def main() -> None:
         shard_sizes = [p.stat().st_size for p in directory.glob("*.safetensors")]
         weight_bytes = _targeted_bytes(directory)
         cores = free_cores()
-        rows: dict[tuple[str, str], dict] = {}
-        for cache in caches:
-            if cache == "warm":
-                run_row("cat", directory, tmp, args.sparsity, cold=False)  # untimed: fill the page cache
-            for row in args.rows:
-                rows[(row, cache)] = run_row(row, directory, tmp, args.sparsity, cold=cache == "cold")
-                print(
-                    f"  {row} ({cache}): {rows[(row, cache)]['seconds']:.2f} s", file=sys.stderr, flush=True
-                )
+        hashes = json.loads(
+            subprocess.run(
+                [sys.executable, __file__, "--worker", "hashes"],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, **child_env()},
+            ).stdout  # fmt: skip
+        )
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for repeat in range(args.repeat):  # rounds over all rows: a busy spell hits one run of each
+            for cache in caches:
+                if cache == "warm":
+                    run_row("cat", directory, tmp, args.sparsity, cold=False)  # untimed: fill the page cache
+                for row in args.rows:
+                    result = run_row(row, directory, tmp, args.sparsity, cold=cache == "cold")
+                    runs.setdefault((row, cache), []).append(result)
+                    print(
+                        f"  {row} ({cache}, run {repeat + 1}): {result['seconds']:.2f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        rows = {key: median_run(results) for key, results in runs.items()}
+        command = [sys.executable, __file__, "--worker", "stages", "--dir", str(directory)]
+        command += ["--sparsity", str(args.sparsity)]
+        run_row("cat", directory, tmp, args.sparsity, cold=False)  # warm again for the stage timings
+        stages = json.loads(
+            subprocess.run(
+                command, check=True, capture_output=True, text=True, env={**os.environ, **child_env()}
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         tiny_out = tmp / "tiny.safetensors"
         startups = [
             timed_process(cli_command(directories["tiny1"], tiny_out, "layer", args.sparsity), child_env())
-            for _ in range(3)
+            for _ in range(max(3, args.repeat))
         ]
     startup = statistics.median(r["seconds"] for r in startups)
     report(args, rows, startups, startup, weight_bytes, shard_sizes, cores)
+    total = sum(stages.values())
+    print(
+        f"\nwhat bounds layer scope: CPU seconds per step, one thread, warm ({total:.2f} s = "
+        f"{total / (weight_bytes / 1e9):.2f} core-s per GB; on 2 free cores at best {2 * weight_bytes / 1e9 / total:.2f} GB/s):"
+    )
+    for name, seconds in sorted(stages.items(), key=lambda item: -item[1]):
+        print(f"  {name:<32} {seconds:6.2f} s  {seconds / total:4.0%}")
+    print("\nchecksums on one core, in memory (GB/s): " + ", ".join(f"{k} {v}" for k, v in hashes.items()))
 
 
 def _targeted_bytes(directory: Path) -> int:
@@ -311,7 +428,10 @@ def report(args, rows, startups, startup, weight_bytes, shard_sizes, cores) -> N
         f"targeted {numel / 1e9:.3f} G weights ({weight_bytes / 1e9:.2f} GB), sparsity {args.sparsity}; "
         f"{os.cpu_count()} cores, {cores} free for compute at the start of the run"
     )
-    header = f"{'row':<11} {'cache':<5} {'seconds':>8} {'GB/s':>6} {'x read':>6} {'cpu s':>6} {'peak RSS GB':>11} {'file MB':>8} {'file/(n/8)':>10}"
+    header = (
+        f"{'row':<11} {'cache':<5} {'seconds':>8} {'(range)':>11} {'GB/s':>6} {'x read':>6} {'cpu s':>6} "
+        f"{'peak RSS GB':>11} {'file MB':>8} {'file/(n/8)':>10}"
+    )
     print(header)
     print("-" * len(header))
     for (row, cache), r in rows.items():
@@ -320,7 +440,7 @@ def report(args, rows, startups, startup, weight_bytes, shard_sizes, cores) -> N
         file_mb = f"{r['file_bytes'] / 1e6:.1f}" if r["file_bytes"] else "-"
         file_ratio = f"{r['file_bytes'] / (numel / 8):.4f}" if r["file_bytes"] else "-"
         print(
-            f"{row:<11} {cache:<5} {r['seconds']:>8.2f} {weight_bytes / r['seconds'] / 1e9:>6.2f} {ratio:>6} "
+            f"{row:<11} {cache:<5} {r['seconds']:>8.2f} {r['spread']:>11} {weight_bytes / r['seconds'] / 1e9:>6.2f} {ratio:>6} "
             f"{r['cpu_seconds']:>6.2f} {r['peak_rss_bytes'] / 1e9:>11.2f} {file_mb:>8} {file_ratio:>10}"
         )
     times = ", ".join(f"{r['seconds']:.2f}" for r in startups)
