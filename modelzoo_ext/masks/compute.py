@@ -10,11 +10,12 @@ two workers each take a whole tensor: checksum of its bytes (BLAKE3), checks, ke
 selection, packing. Memory: the tensors in flight (a byte budget of a few of the largest
 tensors) and their keys, plus the packed masks (numel/8 bytes per level, kept until written).
 
-Passes over the weights: `layer` scope one. `global` scope two for 15-bit keys (bf16/fp16
-magnitudes: exact key histograms, then masks) and three for 31-bit keys (fp32, random,
-data-driven scores: the two histogram passes of `select.ThresholdFinder`, then masks). One
-scoring pass serves every requested level, and the masks of the levels are nested (same
-keys, same tie order).
+Passes over the weights: `layer` scope one. `global` scope one for 15-bit keys (bf16/fp16
+magnitudes: a 4 MB sample guesses the thresholds, the pass counts around them and keeps what
+the masks need, `bracket.GlobalCounts`; three when a guess misses) and three for 31-bit keys
+(fp32, random, data-driven scores: the two histogram passes of `select.ThresholdFinder`, then
+masks). One scoring pass serves every requested level, and the masks of the levels are
+nested (same keys, same tie order).
 
 Magnitude and random masks import numpy but not torch (start-up); the data-driven methods
 (calibration) and `rows`/`cols` (line sums) import torch when they run.
@@ -195,7 +196,7 @@ class TensorResult:
     threshold_keys: list[int | None] = field(default_factory=list)
     shape: tuple[int, ...] = ()
     bits: int = 0
-    histogram: np.ndarray | None = None  # a key sample's (15-bit keys) or the high bits' (31-bit)
+    histogram: np.ndarray | None = None  # exact counts of the key's top 15 bits
     low: dict[int, np.ndarray] | None = None
     counted: dict[tuple[int, int], bracket.Window] | None = None
 
