@@ -245,7 +245,7 @@ def test_layer_fallback_when_the_count_search_gives_up(tiny_llama_dir, tmp_path,
 
 
 def test_global_fallback_when_the_counts_miss(tiny_llama_dir, tmp_path, monkeypatch):
-    from modelzoo_ext.masks import bracket
+    from modelzoo_ext.masks import window
 
     bf16_dir = tmp_path / "bf16"
     bf16_dir.mkdir()
@@ -256,8 +256,14 @@ def test_global_fallback_when_the_counts_miss(tiny_llama_dir, tmp_path, monkeypa
     request = MaskRequest(scope="global", sparsities=(0.3, 0.7))
     fast = compute_masks(bf16_dir, request, tmp_path / "fast.safetensors", plot=False)
     # A guess far from the threshold: the counts cannot settle it, the key histograms must.
-    monkeypatch.setattr(bracket, "first_count", lambda above, size, fraction: 5000)
+    monkeypatch.setattr(window, "first_count", lambda above, size, fraction: 5000)
+    finished = []
+    finish = window.GlobalCounts.finish
+    monkeypatch.setattr(
+        window.GlobalCounts, "finish", lambda self: finished.append(finish(self)) or finished[-1]
+    )
     slow = compute_masks(bf16_dir, request, tmp_path / "slow.safetensors", plot=False)
+    assert finished == [None]  # the counts missed: the histograms decided
     for a, b in zip(fast, slow, strict=True):
         ma, _ = load_masks(a["mask_file"])
         mb, _ = load_masks(b["mask_file"])

@@ -268,8 +268,8 @@ def test_partial_ties_found_in_chunks_from_either_end(monkeypatch, sparsity):
     seed=st.integers(0, 10_000),
 )
 def test_global_counts_match_brute_force(shapes, dtype, levels, spread, sample_every, seed):
-    from modelzoo_ext.masks.bracket import GlobalCounts, count_window
     from modelzoo_ext.masks.format import unpack_bits
+    from modelzoo_ext.masks.window import GlobalCounts, count_window
 
     generator = torch.Generator().manual_seed(seed)
     tensors = {

@@ -12,7 +12,7 @@ tensors) and their keys, plus the packed masks (numel/8 bytes per level, kept un
 
 Passes over the weights: `layer` scope one. `global` scope one for 15-bit keys (bf16/fp16
 magnitudes: a 4 MB sample guesses the thresholds, the pass counts around them and keeps what
-the masks need, `bracket.GlobalCounts`; three when a guess misses) and three for 31-bit keys
+the masks need, `window.GlobalCounts`; three when a guess misses) and three for 31-bit keys
 (fp32, random, data-driven scores: the two histogram passes of `select.ThresholdFinder`, then
 masks). One scoring pass serves every requested level, and the masks of the levels are
 nested (same keys, same tie order).
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.hf_checkpoint import HFCheckpoint, TensorEntry, read_safetensors_header
-from modelzoo_ext.masks import bracket, checksum, select
+from modelzoo_ext.masks import bracket, checksum, select, window
 from modelzoo_ext.masks.calibration import CalibrationConfig
 from modelzoo_ext.masks.format import MaskWriter, PackedMask
 from modelzoo_ext.masks.scores import (
@@ -198,7 +198,7 @@ class TensorResult:
     bits: int = 0
     histogram: np.ndarray | None = None  # exact counts of the key's top 15 bits
     low: dict[int, np.ndarray] | None = None
-    counted: dict[tuple[int, int], bracket.Window] | None = None
+    counted: dict[tuple[int, int], window.Window] | None = None
 
 
 class _Job:
@@ -246,7 +246,7 @@ class _Job:
         self, windows: set[tuple[int, int]] | None
     ) -> Callable[[TensorEntry, np.ndarray], TensorResult]:
         """Global scope, first pass: checksum, checks, and for 15-bit keys the counts in each
-        window around a guessed threshold (`bracket.GlobalCounts`), for 31-bit keys (`windows`
+        window around a guessed threshold (`window.GlobalCounts`), for 31-bit keys (`windows`
         None) the exact high-bits histogram."""
 
         def work(entry: TensorEntry, raw: np.ndarray) -> TensorResult:
@@ -256,7 +256,7 @@ class _Job:
             if windows is None:
                 result.histogram = select.high_histogram(keys)
             elif result.bits == 15:
-                result.counted = {w: bracket.count_window(keys, *w) for w in windows}
+                result.counted = {w: window.count_window(keys, *w) for w in windows}
             return result
 
         return work
@@ -334,14 +334,14 @@ def _global_results(passes: _Passes, job: _Job, kept: list[int], sources: dict[s
     """Global scope: every tensor's masks (`TensorResult`s) from exact cuts over all targets.
 
     15-bit keys (bf16/fp16 magnitudes): a sample of a few MB guesses the thresholds, and one
-    pass counts around them and yields the masks (`bracket.GlobalCounts`). 31-bit keys, or
+    pass counts around them and yields the masks (`window.GlobalCounts`). 31-bit keys, or
     when a guess missed: exact key histograms (`select.ThresholdFinder`), then a masks pass.
     """
     counts, windows = None, None
     if job.request.method == "magnitude" and all(e.dtype in ("bfloat16", "float16") for e in passes.entries):
-        pieces = bracket.sample_chunks(passes.entries)
+        pieces = window.sample_chunks(passes.entries)
         sample = [np.bitwise_and(passes.checkpoint.read(p).view(np.int16), np.int16(0x7FFF)) for p in pieces]
-        counts = bracket.GlobalCounts(kept, passes.total, np.concatenate(sample))
+        counts = window.GlobalCounts(kept, passes.total, np.concatenate(sample))
         windows = set(counts.windows().values())
     bits, histograms = None, {}
     for result in passes.run(job.first(windows), "global scope: checks and counts"):
