@@ -183,3 +183,22 @@ def test_converters_carry_source_checksums(golden_bf16, tmp_path):
                 assert converted.source_checksum(name) is None
             else:  # carried over as recorded, with its algorithm
                 assert converted.source_checksum(name) == original.source_checksum(name) is not None
+
+
+def test_the_writer_writes_what_safetensors_writes(tmp_path):
+    from safetensors.numpy import save_file as save_numpy
+
+    from modelzoo_ext.masks.format import write_safetensors
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        f"model.layers.{i}.mlp.up_proj.weight": rng.integers(0, 256, 13 * i + 5, dtype=np.uint8)
+        for i in range(12)
+    }
+    metadata = {
+        METADATA_KEY: json.dumps({"a": 'quote " backslash \\ newline \n', "b": [1, 2]}, sort_keys=True)
+    }
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    write_safetensors(ours, tensors, metadata)
+    save_numpy(tensors, str(theirs), metadata=metadata)
+    assert ours.read_bytes() == theirs.read_bytes()
