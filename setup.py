@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2",
     "protobuf>=3.20",
     "safetensors>=0.4.5",
+    # mask files checksum source weights and masks with BLAKE3 (docs/masks.md: "Checksums")
+    "blake3>=0.4",
     "h5py>=3.10",
     "pydantic>=2.8.2,<3",
     "pyyaml>=6",

@@ -30,7 +30,7 @@ def write_view(
         out_path, naming=view.naming, metadata=view.file.provenance() if metadata is None else metadata
     )
     for name in view.keys():  # noqa: SIM118 (not a dict)
-        writer.add(name, view.get(name), source_sha256=view.source_checksum(name))
+        writer.add(name, view.get(name), source_checksum=view.source_checksum(name))
     return writer.write()
 
 

@@ -8,20 +8,32 @@ Every shard is opened through `open_shard`, the one guarded open: a truncated or
 (safetensors checks that its header and data fit the file) becomes a UserError naming the file,
 and every shard is opened once when the checkpoint is constructed, so a bad file stops a command
 before it has computed or written anything.
+
+`entries()` and `read()` give the same tensors without torch: the location of each tensor's
+bytes from the safetensors header, read with `os.preadv` into a numpy buffer (the read releases
+the GIL, so a thread can read the next tensor while others compute), so a torch-free command
+(`masks compute` with magnitude scores) does not pay torch's import. Header-only questions
+(keys, shapes, dtypes) open shards with the numpy framework for the same reason.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from safetensors import safe_open
 
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.fingerprint import fingerprint_files
+
+if TYPE_CHECKING:
+    import torch
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -30,10 +42,11 @@ CONFIG_FILE = "config.json"
 
 
 @contextlib.contextmanager
-def open_shard(path: str | Path) -> Iterator:
-    """`safe_open(path)` with unreadable files (truncated, corrupt, not safetensors) as one UserError."""
+def open_shard(path: str | Path, framework: str = "pt") -> Iterator:
+    """`safe_open(path, framework)` with unreadable files (truncated, corrupt, not safetensors) as
+    one UserError. framework="numpy" for header-only work (keys, shapes, dtypes): no torch import."""
     try:
-        handle = safe_open(str(path), framework="pt")
+        handle = safe_open(str(path), framework=framework)
     except Exception as exc:  # safetensors raises SafetensorError, OSError, ... for bad files
         raise UserError(
             f"cannot read the weights file (truncated or corrupt: {exc})",
@@ -87,7 +100,7 @@ class HFCheckpoint:
                 self._check_shard(shard, [k for k, s in layout.items() if s == shard])
             return layout
         if single.exists():
-            with open_shard(single) as f:
+            with open_shard(single, framework="numpy") as f:
                 return {key: single for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         if any((self.directory / name).exists() for name in PICKLE_FILES):
             raise UserError(
@@ -105,7 +118,7 @@ class HFCheckpoint:
     @staticmethod
     def _check_shard(shard: Path, indexed: list[str]) -> None:
         """The shard opens, and holds every tensor the index places in it."""
-        with open_shard(shard) as f:
+        with open_shard(shard, framework="numpy") as f:
             absent = sorted(set(indexed) - set(f.keys()))
         if absent:
             raise UserError(
@@ -170,21 +183,21 @@ class HFCheckpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of one tensor, read from the shard header (no data loaded)."""
-        with open_shard(self._require(key)) as f:
+        with open_shard(self._require(key), framework="numpy") as f:
             return tuple(f.get_slice(key).get_shape())
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """name -> shape for every tensor, reading each shard's header once."""
         shapes = {}
         for shard, keys in self.shards().items():
-            with open_shard(shard) as f:
+            with open_shard(shard, framework="numpy") as f:
                 for key in keys:
                     shapes[key] = tuple(f.get_slice(key).get_shape())
         return shapes
 
     def dtype_name(self, key: str) -> str:
         """The safetensors dtype of one tensor ("BF16", "F32", ...), from the header."""
-        with open_shard(self._require(key)) as f:
+        with open_shard(self._require(key), framework="numpy") as f:
             return f.get_slice(key).get_dtype()
 
     def get(self, key: str) -> torch.Tensor:
@@ -204,3 +217,115 @@ class HFCheckpoint:
             with open_shard(shard) as f:
                 for key in selected:
                     yield key, f.get_tensor(key)
+
+    def entries(self, keys: Iterable[str]) -> list[TensorEntry]:
+        """Where each of `keys` lies on disk, in reading order: shard by shard, by file offset."""
+        wanted = set(keys)
+        for key in wanted:
+            self._require(key)
+        located = []
+        for shard, shard_keys in self.shards().items():
+            selected = [k for k in shard_keys if k in wanted]
+            if selected:
+                header = read_safetensors_header(shard)
+                located += sorted((header[k] for k in selected), key=lambda e: e.begin)
+        return located
+
+    def read(self, entry: TensorEntry, out: np.ndarray | None = None) -> np.ndarray:
+        """One tensor's raw bytes (uint8 [nbytes], row-major, little-endian) read with `os.preadv`
+        (into `out`, a uint8 array of exactly `entry.nbytes`, when given)."""
+        buffer = np.empty(entry.nbytes, dtype=np.uint8) if out is None else out
+        if buffer.dtype != np.uint8 or buffer.size != entry.nbytes:
+            raise ValueError(f"out must be uint8 [{entry.nbytes}], got {buffer.dtype} [{buffer.size}]")
+        view = memoryview(buffer)
+        done = 0
+        with open(entry.shard, "rb", buffering=0) as f:
+            while done < entry.nbytes:
+                got = os.preadv(f.fileno(), [view[done:]], entry.begin + done)
+                if got == 0:
+                    raise UserError(
+                        f"shard ends inside tensor {entry.name!r} (truncated file)",
+                        where=str(entry.shard),
+                        fix="re-download or re-save the checkpoint",
+                    )
+                done += got
+        return buffer
+
+
+# safetensors dtype -> (torch dtype name, bytes per element)
+SAFETENSORS_DTYPES = {
+    "BF16": ("bfloat16", 2),
+    "F16": ("float16", 2),
+    "F32": ("float32", 4),
+    "F64": ("float64", 8),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "I16": ("int16", 2),
+    "I32": ("int32", 4),
+    "I64": ("int64", 8),
+    "BOOL": ("bool", 1),
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes lie: shard file, [begin, end) absolute offsets, dtype and shape."""
+
+    name: str
+    shard: Path
+    dtype: str  # torch's name: "bfloat16", "float32", ...
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorEntry]:
+    """Parse a safetensors header (8-byte little-endian length, then JSON) into `TensorEntry`s.
+
+    Checked: the header fits the file, each tensor's byte range lies inside the data section
+    and matches its dtype and shape; anything else is a corrupt or truncated shard.
+    """
+    path = Path(path)
+
+    def corrupt(what: str) -> UserError:
+        return UserError(
+            f"not a valid safetensors file: {what}", where=str(path), fix="re-download or re-save it"
+        )
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise corrupt("shorter than its 8-byte header length")
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8:
+            raise corrupt(f"header length {length} exceeds the file size {size}")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise corrupt(f"header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    data_start, entries = 8 + length, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, itemsize = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (data_start + int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise corrupt(f"tensor {name!r} has an unreadable or unsupported entry {info!r}") from exc
+        entry = TensorEntry(name, path, dtype, shape, begin, end)
+        if not (data_start <= begin <= end <= size) or entry.nbytes != entry.numel * itemsize:
+            raise corrupt(f"tensor {name!r} has byte range [{begin}, {end}) inconsistent with {info!r}")
+        entries[name] = entry
+    return entries

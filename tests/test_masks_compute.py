@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
-from modelzoo_ext.masks import MaskFile, TargetRule, load_masks, tensor_sha256
+from modelzoo_ext.masks import MaskFile, TargetRule, load_masks, tensor_checksum
 from modelzoo_ext.masks.calibration import CalibrationConfig
 from modelzoo_ext.masks.compute import MaskRequest, compute_masks, level_paths
 
@@ -61,7 +61,8 @@ def test_layer_scope_magnitude_equals_brute_force_and_metadata(tiny_llama_dir, t
     for name, mask in masks.items():
         kept = mask.numel() - round(0.3 * mask.numel())
         assert np.array_equal(mask.numpy().reshape(-1), stable_keep(w[name].numpy().reshape(-1), kept))
-        assert meta["tensors"][name]["source_sha256"] == tensor_sha256(w[name])
+        assert meta["tensors"][name]["source_checksum"] == tensor_checksum(w[name])
+        assert meta["tensors"][name]["source_checksum"].startswith("blake3:")
     assert meta["method"] == "magnitude" and meta["scope"] == "layer" and meta["requested_sparsity"] == 0.3
     assert meta["target_rule"]["default"] is True
     assert meta["source_model"]["directory"] == str(tiny_llama_dir.resolve())
@@ -224,8 +225,27 @@ def test_non_finite_weight_is_refused(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
-def test_global_fallback_when_the_bracket_misses(tiny_llama_dir, tmp_path, monkeypatch):
-    from modelzoo_ext.masks.bracket import BracketFinder
+def test_layer_fallback_when_the_count_search_gives_up(tiny_llama_dir, tmp_path, monkeypatch):
+    from modelzoo_ext.masks import bracket
+
+    bf16_dir = tmp_path / "bf16"
+    bf16_dir.mkdir()
+    from safetensors.torch import save_file
+
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(tiny_llama_dir / "model.safetensors").items()}
+    save_file(tensors, bf16_dir / "model.safetensors", metadata={"format": "pt"})
+    request = MaskRequest(scope="layer", sparsities=(0.3, 0.7))
+    fast = compute_masks(bf16_dir, request, tmp_path / "fast.safetensors", plot=False)
+    monkeypatch.setattr(bracket, "MAX_PROBES", 0)  # every search gives up: full histograms decide
+    slow = compute_masks(bf16_dir, request, tmp_path / "slow.safetensors", plot=False)
+    for a, b in zip(fast, slow, strict=True):
+        ma, _ = load_masks(a["mask_file"])
+        mb, _ = load_masks(b["mask_file"])
+        assert all(torch.equal(ma[n], mb[n]) for n in ma)
+
+
+def test_global_fallback_when_the_counts_miss(tiny_llama_dir, tmp_path, monkeypatch):
+    from modelzoo_ext.masks import window
 
     bf16_dir = tmp_path / "bf16"
     bf16_dir.mkdir()
@@ -235,8 +255,15 @@ def test_global_fallback_when_the_bracket_misses(tiny_llama_dir, tmp_path, monke
     save_file(tensors, bf16_dir / "model.safetensors", metadata={"format": "pt"})
     request = MaskRequest(scope="global", sparsities=(0.3, 0.7))
     fast = compute_masks(bf16_dir, request, tmp_path / "fast.safetensors", plot=False)
-    monkeypatch.setattr(BracketFinder, "plan", lambda self: None)
+    # A guess far from the threshold: the counts cannot settle it, the key histograms must.
+    monkeypatch.setattr(window, "first_count", lambda above, size, fraction: 5000)
+    finished = []
+    finish = window.GlobalCounts.finish
+    monkeypatch.setattr(
+        window.GlobalCounts, "finish", lambda self: finished.append(finish(self)) or finished[-1]
+    )
     slow = compute_masks(bf16_dir, request, tmp_path / "slow.safetensors", plot=False)
+    assert finished == [None]  # the counts missed: the histograms decided
     for a, b in zip(fast, slow, strict=True):
         ma, _ = load_masks(a["mask_file"])
         mb, _ = load_masks(b["mask_file"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.masks import load_masks, tensor_sha256
+from modelzoo_ext.masks import load_masks, tensor_checksum
 from modelzoo_ext.masks.apply import apply_masks
 from modelzoo_ext.masks.compute import MaskRequest, compute_masks
 from modelzoo_ext.masks.importers import import_masks
@@ -39,7 +39,7 @@ def test_seed_pt_needs_opt_in_then_loads_weights_only(reference, tiny_llama_dir,
     from modelzoo_ext.hf_checkpoint import HFCheckpoint
 
     weight = HFCheckpoint(tiny_llama_dir).get("model.layers.0.mlp.up_proj.weight")
-    assert meta["tensors"]["model.layers.0.mlp.up_proj.weight"]["source_sha256"] == tensor_sha256(weight)
+    assert meta["tensors"]["model.layers.0.mlp.up_proj.weight"]["source_checksum"] == tensor_checksum(weight)
 
 
 class NotATensor:

@@ -104,13 +104,13 @@ def test_exact_counts_and_brute_force(dtype, sparsity):
     mask = top_k_mask(magnitude_keys(weight), kept)
     assert int(mask.sum()) == kept
     expected = brute_force_keep(weight.float().numpy().reshape(-1), kept)
-    assert np.array_equal(mask.numpy().reshape(-1), expected)
+    assert np.array_equal(mask.reshape(-1), expected)
 
 
 def _global_masks(tensors: dict[str, torch.Tensor], levels: list[float], read_order: list[str]):
     total = sum(t.numel() for t in tensors.values())
     keys = {name: magnitude_keys(t) for name, t in tensors.items()}
-    bits = 15 if next(iter(keys.values())).dtype == torch.int16 else 31
+    bits = 15 if next(iter(keys.values())).dtype == np.int16 else 31
     finder = ThresholdFinder([kept_count(total, s) for s in levels], bits)
     for name in read_order:
         finder.add_high(name, keys[name])
@@ -143,7 +143,7 @@ def test_global_scope_matches_brute_force(shapes, dtype, levels, spread, seed):
     concatenated = np.concatenate([tensors[n].float().numpy().reshape(-1) for n in names])
     for level, masks in zip(levels, _global_masks(tensors, levels, read_order), strict=True):
         kept = kept_count(concatenated.size, level)
-        got = np.concatenate([masks[n].numpy().reshape(-1) for n in names])
+        got = np.concatenate([masks[n].reshape(-1) for n in names])
         assert got.sum() == kept
         assert np.array_equal(got, brute_force_keep(concatenated, kept))
 
@@ -160,10 +160,10 @@ def test_levels_are_nested():
 
 def test_random_keys_depend_on_seed_and_name_only():
     a = random_keys(1, "model.layers.0.mlp.up_proj.weight", (8, 16))
-    assert torch.equal(a, random_keys(1, "model.layers.0.mlp.up_proj.weight", (8, 16)))
-    assert not torch.equal(a, random_keys(2, "model.layers.0.mlp.up_proj.weight", (8, 16)))
-    assert not torch.equal(a, random_keys(1, "model.layers.1.mlp.up_proj.weight", (8, 16)))
-    assert a.dtype == torch.int32 and int(a.min()) >= 0
+    assert np.array_equal(a, random_keys(1, "model.layers.0.mlp.up_proj.weight", (8, 16)))
+    assert not np.array_equal(a, random_keys(2, "model.layers.0.mlp.up_proj.weight", (8, 16)))
+    assert not np.array_equal(a, random_keys(1, "model.layers.1.mlp.up_proj.weight", (8, 16)))
+    assert a.dtype == np.int32 and int(a.min()) >= 0
 
 
 @pytest.mark.parametrize("budget", [1, 2, 500, 1999, 2999, 3000])
@@ -173,33 +173,29 @@ def test_partial_ties_from_either_end(budget):
     keys = torch.randint(0, 3, (600, 1000), generator=generator, dtype=torch.int16) * 10
     keys.view(-1)[torch.randperm(keys.numel(), generator=generator)[:3000]] = 15
     threshold = Threshold(15, budget)
-    with_count, used = threshold_mask(keys, threshold, budget, 3000)
-    without_count, _ = threshold_mask(keys, threshold, budget)
+    with_count, used = threshold_mask(keys.numpy(), threshold, budget, 3000)
+    without_count, _ = threshold_mask(keys.numpy(), threshold, budget)
     flat = keys.reshape(-1)
     ties = torch.nonzero(flat == 15).reshape(-1)
     expected = flat > 15
     expected[ties[:budget]] = True
     assert (
         used == budget
-        and torch.equal(with_count.reshape(-1), expected)
-        and torch.equal(without_count, with_count)
+        and np.array_equal(with_count.reshape(-1), expected.numpy())
+        and np.array_equal(without_count, with_count)
     )
 
 
-def _bracket_masks(tensors: dict[str, torch.Tensor], levels: list[float], step: int):
-    from modelzoo_ext.masks.bracket import BracketFinder
+def _search_masks(tensors: dict[str, torch.Tensor], levels: list[float], step: int):
+    """Layer scope through the count search (`bracket.tensor_masks`); None where it gave up."""
+    from modelzoo_ext.masks.bracket import tensor_masks
 
-    total = sum(t.numel() for t in tensors.values())
-    keys = {name: magnitude_keys(t) for name, t in tensors.items()}
-    finder = BracketFinder([kept_count(total, s) for s in levels], numel=total, step=step)
-    for name in reversed(sorted(keys)):
-        finder.add_sample(keys[name])
-    for name in reversed(sorted(keys)):
-        finder.add_band(name, keys[name])
-    plan = finder.plan()
-    if plan is None:
-        return None
-    return [{n: threshold_mask(keys[n], *plan[n][i])[0] for n in keys} for i in range(len(levels))]
+    masks = {}
+    for name, tensor in tensors.items():
+        keys = magnitude_keys(tensor)
+        found = tensor_masks(keys, [kept_count(keys.size, s) for s in levels], step=step)
+        masks[name] = None if found is None else [produce().copy() for produce in found[0]]
+    return masks
 
 
 @settings(max_examples=60, deadline=None)
@@ -211,41 +207,92 @@ def _bracket_masks(tensors: dict[str, torch.Tensor], levels: list[float], step: 
     step=st.integers(1, 7),
     seed=st.integers(0, 10_000),
 )
-def test_bracket_thresholds_match_brute_force(shapes, dtype, levels, spread, step, seed):
+def test_count_search_thresholds_match_brute_force(shapes, dtype, levels, spread, step, seed):
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        f"t{i}": (torch.randn(s, generator=generator) * spread).round().to(dtype)
+        for i, s in enumerate(shapes)
+    }
+    for name, level_masks in _search_masks(tensors, levels, step).items():
+        if level_masks is None:  # giving up is allowed (the caller falls back), never a wrong answer
+            continue
+        values = tensors[name].float().numpy().reshape(-1)
+        for level, mask in zip(levels, level_masks, strict=True):
+            kept = kept_count(values.size, level)
+            assert np.array_equal(mask.reshape(-1), brute_force_keep(values, kept))
+
+
+def test_count_search_gives_up_then_histograms_are_exact(monkeypatch):
+    from modelzoo_ext.masks import bracket, compute
+
+    calls = []
+    histogram_plan = compute._histogram_plan
+    monkeypatch.setattr(compute, "_histogram_plan", lambda *a: calls.append(1) or histogram_plan(*a))
+    monkeypatch.setattr(bracket, "MAX_PROBES", 2)
+
+    # Every 4th weight (what a step-4 sample sees) is large, the rest tiny: the sample's guess
+    # is far from the true median, so the search runs out of counts and must say so.
+    monkeypatch.setattr(bracket, "sample_step", lambda numel, target=0: 4)
+    weight = torch.full((64, 64), 0.001).to(torch.bfloat16)
+    weight.view(-1)[::4] = 5.0
+    weight.view(-1)[1::4] = torch.linspace(0.01, 0.02, 1024).to(torch.bfloat16)
+    keys = magnitude_keys(weight)
+    assert bracket.tensor_masks(keys, [2048], step=4) is None
+    (produce,), _ = compute._unstructured_masks("w", keys, (0.5,))
+    mask = produce()
+    assert calls == [1]
+    assert np.array_equal(mask.reshape(-1), brute_force_keep(weight.float().numpy().reshape(-1), 2048))
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.45, 0.5, 0.55, 0.9])
+def test_partial_ties_found_in_chunks_from_either_end(monkeypatch, sparsity):
+    from modelzoo_ext.masks import bracket
+
+    monkeypatch.setattr(bracket, "_SCAN_CHUNK", 7)  # many chunks: the early stop and both directions
+    generator = torch.Generator().manual_seed(11)
+    weight = (torch.randn(61, 47, generator=generator) * 4).round().to(torch.bfloat16)  # few values
+    keys = magnitude_keys(weight)
+    kept = kept_count(keys.size, sparsity)
+    (produce,), _ = bracket.tensor_masks(keys, [kept], step=3)
+    mask = produce()
+    assert np.array_equal(mask.reshape(-1), brute_force_keep(weight.float().numpy().reshape(-1), kept))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=shapes,
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    levels=st.lists(st.floats(0.0, 0.99), min_size=1, max_size=3, unique=True),
+    spread=st.sampled_from([2.0, 50.0, 1000.0]),
+    sample_every=st.integers(1, 5),
+    seed=st.integers(0, 10_000),
+)
+def test_global_counts_match_brute_force(shapes, dtype, levels, spread, sample_every, seed):
+    from modelzoo_ext.masks.format import unpack_bits
+    from modelzoo_ext.masks.window import GlobalCounts, count_window
+
     generator = torch.Generator().manual_seed(seed)
     tensors = {
         f"t{i}": (torch.randn(s, generator=generator) * spread).round().to(dtype)
         for i, s in enumerate(shapes)
     }
     names = sorted(tensors)
-    concatenated = np.concatenate([tensors[n].float().numpy().reshape(-1) for n in names])
-    masks = _bracket_masks(tensors, levels, step)
-    if masks is None:  # a missed bracket is allowed (the caller falls back), never a wrong answer
+    keys = {name: magnitude_keys(t) for name, t in tensors.items()}
+    total = sum(k.size for k in keys.values())
+    kept = [kept_count(total, s) for s in levels]
+    sample = np.concatenate([keys[n].reshape(-1) for n in names])[::sample_every]
+    counts = GlobalCounts(kept, total, sample)
+    windows = set(counts.windows().values())
+    for name in reversed(names):  # reading order must not matter
+        counts.add(name, keys[name].shape, {w: count_window(keys[name], *w) for w in windows})
+    finished = counts.finish()
+    if finished is None:  # a miss is allowed (the caller falls back), never a wrong answer
         return
-    for level, level_masks in zip(levels, masks, strict=True):
-        kept = kept_count(concatenated.size, level)
-        got = np.concatenate([level_masks[n].numpy().reshape(-1) for n in names])
-        assert np.array_equal(got, brute_force_keep(concatenated, kept))
-
-
-def test_missed_bracket_falls_back_to_exact_histograms(monkeypatch):
-    from modelzoo_ext.masks import compute
-
-    calls = []
-    histogram_plan = compute._histogram_plan
-    monkeypatch.setattr(compute, "sample_step", lambda numel, target=0: 4)
-    monkeypatch.setattr(compute, "_histogram_plan", lambda *a: calls.append(1) or histogram_plan(*a))
-
-    # Every 4th weight (what a step-4 sample sees) is large, the rest tiny: the sample's
-    # bracket misses the true median, so `plan()` must say so and the fallback must be exact.
-    weight = torch.full((64, 64), 0.001).to(torch.bfloat16)
-    weight.view(-1)[::4] = 5.0
-    weight.view(-1)[1::4] = torch.linspace(0.01, 0.02, 1024).to(torch.bfloat16)
-    assert _bracket_masks({"w": weight}, [0.5], step=4) is None
-    keys = magnitude_keys(weight)
-    (cut,) = compute._tensor_plan("w", keys, (0.5,))
-    mask = threshold_mask(keys, *cut)[0]
-    assert calls == [1]
-    assert np.array_equal(
-        mask.numpy().reshape(-1), brute_force_keep(weight.float().numpy().reshape(-1), 2048)
-    )
+    values = np.concatenate([tensors[n].float().numpy().reshape(-1) for n in names])
+    for level, k in enumerate(kept):
+        masks = [finished[n][level] for n in names]
+        got = np.concatenate(
+            [unpack_bits(m.packed(), keys[n].shape).reshape(-1) for n, m in zip(names, masks, strict=False)]
+        )
+        assert got.sum() == sum(m.kept for m in masks) == k
+        assert np.array_equal(got, brute_force_keep(values, k))

@@ -37,7 +37,7 @@ def test_valid_file_passes_every_check(llama_masks, tiny_llama_dir):
     assert report["valid"] and report["failures"] == 0
     checks = {c["check"].split(" model.")[0] for c in report["checks"]}
     assert {
-        "source sha256",
+        "source blake3",
         "shape",
         "checksum",
         "every targeted tensor has a mask",

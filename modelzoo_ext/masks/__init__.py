@@ -14,6 +14,7 @@ _EXPORTS = {
     "load_masks": "modelzoo_ext.masks.format",
     "save_masks": "modelzoo_ext.masks.format",
     "tensor_sha256": "modelzoo_ext.masks.format",
+    "tensor_checksum": "modelzoo_ext.masks.checksum",
     "DEFAULT_INCLUDE": "modelzoo_ext.masks.targets",
     "TargetRule": "modelzoo_ext.masks.targets",
 }

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from modelzoo_ext.atomic import atomic_dir
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.hf_checkpoint import HFCheckpoint, open_shard
-from modelzoo_ext.masks.format import MaskFile, tensor_sha256
+from modelzoo_ext.masks import checksum
+from modelzoo_ext.masks.format import MaskFile
 from modelzoo_ext.masks.provenance import PRUNING_RECORD, pruning_record
 
 # Weights in other formats are never copied next to the pruned safetensors.
@@ -93,8 +94,8 @@ def apply_masks(model_dir: str | Path, mask_path: str | Path, out_dir: str | Pat
                 for name in names:
                     weight = f.get_tensor(name)
                     if name in mask_file:
-                        expected = mask_file.info(name).get("source_sha256")
-                        if expected and tensor_sha256(weight) != expected:
+                        expected = mask_file.source_checksum(name)
+                        if expected and not checksum.matches(expected, weight):
                             raise UserError(
                                 f"weight {name!r} differs from the one the masks were computed for",
                                 where=f"{shard} vs {mask_file.path}",

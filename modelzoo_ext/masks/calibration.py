@@ -16,7 +16,8 @@ Calibration data never comes from evaluated examples. It is, in order of prefere
 Source, token count, sequence length and seed are recorded in the mask file.
 
 Limit: the model is loaded whole (in its checkpoint dtype) on `device`; the gradient methods also
-hold one gradient per targeted weight. Magnitude and random never load the model.
+hold one gradient per targeted weight. Magnitude and random never load the model, and
+importing this module (for `CalibrationConfig`) imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 from modelzoo_ext.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -106,11 +107,13 @@ def calibration_batches(tokenizer, config: CalibrationConfig) -> tuple[torch.Ten
         ids, record = _prepared_token_ids(config)
     else:
         texts, record = _texts(config)
-        ids = []
+        ids: list[int] = []
         for text in texts:  # tokenize only as many passages as needed
             ids.extend(tokenizer(text + "\n\n")["input_ids"])
             if len(ids) >= needed:
                 break
+    import torch
+
     if len(ids) < needed:
         raise UserError(
             f"calibration text has {len(ids)} tokens, {needed} requested",
@@ -140,6 +143,8 @@ def load_model(model_dir: str | Path, device: str):
 
 
 def _target_modules(model, names: list[str]) -> dict[str, torch.nn.Module]:
+    import torch
+
     modules = dict(model.named_modules())
     found = {}
     for name in names:
@@ -156,6 +161,9 @@ def _target_modules(model, names: list[str]) -> dict[str, torch.nn.Module]:
 
 def input_channel_norms(model, names: list[str], batches: torch.Tensor) -> dict[str, torch.Tensor]:
     """name -> fp32 [in]: ||X_j||_2 over every calibration token reaching that Linear."""
+    import torch
+    from tqdm import tqdm
+
     modules = _target_modules(model, names)
     sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in modules.items()}
 
@@ -179,6 +187,8 @@ def input_channel_norms(model, names: list[str], batches: torch.Tensor) -> dict[
 
 def accumulated_gradients(model, names: list[str], batches: torch.Tensor) -> dict[str, torch.Tensor]:
     """name -> fp32 [out, in]: dL/dW of the mean LM loss, summed over calibration sequences."""
+    from tqdm import tqdm
+
     modules = _target_modules(model, names)
     for param in model.parameters():
         param.requires_grad_(False)

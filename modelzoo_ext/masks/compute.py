@@ -5,36 +5,52 @@ Lifecycle:
     results = compute_masks("path/to/hf_model", request, "masks.safetensors")
     # -> masks_sparsity0.5.safetensors, masks_sparsity0.7.safetensors (+ .stats.json, .png each)
 
-Memory: one weight tensor (and its keys) at a time, plus the packed masks (numel/8 bytes per
-level). `layer` scope reads the weights once. `global` scope reads them three times for bf16/
-fp16 magnitudes (checks and a sample, counts inside the sampled bracket, masks; `bracket.py`)
-and three times for 31-bit keys (fp32, random, data-driven scores: two histogram passes of
-`select.ThresholdFinder`, then masks). One scoring pass serves every requested level, and the
-masks of the levels are nested (same keys, same tie order).
+Pipeline (`stream.py`): one thread reads the next tensors (`os.preadv`, in file order) while
+two workers each take a whole tensor: checksum of its bytes (BLAKE3), checks, keys,
+selection, packing. Memory: the tensors in flight (a byte budget of a few of the largest
+tensors) and their keys, plus the packed masks (numel/8 bytes per level, kept until written).
+
+Passes over the weights: `layer` scope one. `global` scope one for 15-bit keys (bf16/fp16
+magnitudes: a 4 MB sample guesses the thresholds, the pass counts around them and keeps what
+the masks need, `window.GlobalCounts`; three when a guess misses) and three for 31-bit keys
+(fp32, random, data-driven scores: the two histogram passes of `select.ThresholdFinder`, then
+masks). One scoring pass serves every requested level, and the masks of the levels are
+nested (same keys, same tie order).
+
+Magnitude and random masks import numpy but not torch (start-up); the data-driven methods
+(calibration) and `rows`/`cols` (line sums) import torch when they run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from tqdm import tqdm
 
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.hf_checkpoint import HFCheckpoint
-from modelzoo_ext.masks import select
-from modelzoo_ext.masks.bracket import BracketFinder, sample_step
-from modelzoo_ext.masks.calibration import CalibrationConfig, calibration_statistics
-from modelzoo_ext.masks.format import MaskWriter, tensor_sha256
-from modelzoo_ext.masks.scores import DATA_DRIVEN, METHODS, line_scores_source, require_finite, score_keys
+from modelzoo_ext.hf_checkpoint import HFCheckpoint, TensorEntry
+from modelzoo_ext.masks import bracket, checksum, select, window
+from modelzoo_ext.masks.calibration import CalibrationConfig
+from modelzoo_ext.masks.format import MaskWriter, PackedMask
+from modelzoo_ext.masks.scores import (
+    DATA_DRIVEN,
+    METHODS,
+    Weight,
+    key_dtype,
+    line_scores_source,
+    require_finite,
+    score_keys,
+)
 from modelzoo_ext.masks.select import Structure, Threshold, ThresholdFinder
 from modelzoo_ext.masks.stats import LevelReport, MagnitudeHistogram
+from modelzoo_ext.masks.stream import local_buffer, pipeline
 from modelzoo_ext.masks.targets import TargetRule
 
 SCOPES = ("layer", "global")
@@ -98,65 +114,23 @@ def source_record(checkpoint: HFCheckpoint) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Selection is memory-bound elementwise work; the second core hashes weights meanwhile.
+def _one_torch_thread(needed: bool) -> Iterator[None]:
+    """Torch work (data-driven scores, line sums) runs on the two workers: one torch thread each.
 
-    With intra-op threads competing against the hashing thread (or other processes), torch's
-    thread pool was measured several times slower than one thread on a 2-core machine.
+    Intra-op threads competing with the other worker and the reader were measured several
+    times slower than one thread on a 2-core machine. Without torch work, torch is not imported.
     """
+    if not needed:
+        yield
+        return
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-class _Scorer:
-    """Reads targeted weights shard by shard, checks and hashes them once, and turns them into keys.
-
-    The sha256 of each weight is computed on a worker thread (hashlib releases the GIL) while
-    the main thread selects the masks; at most one hash is in flight, so at most two weights
-    are in memory.
-    """
-
-    def __init__(self, checkpoint: HFCheckpoint, request: MaskRequest, statistics: dict[str, torch.Tensor]):
-        self.checkpoint = checkpoint
-        self.request = request
-        self.statistics = statistics
-        self.dtypes: dict[str, torch.dtype] = {}
-        self._hashes: dict[str, Future] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-
-    def sha256(self, name: str) -> str:
-        """The source weight's sha256 (waits for the worker thread if needed)."""
-        return self._hashes[name].result()
-
-    def stream(self, names: list[str], total: int, desc: str):
-        """Yield (name, weight, keys) shard by shard, with a progress bar counting weights."""
-        first_pass = not self.dtypes
-        in_flight: Future | None = None
-        with tqdm(total=total, desc=desc, unit="weights", unit_scale=True, leave=False) as bar:
-            for name, weight in self.checkpoint.iter_tensors(names):
-                keys = score_keys(
-                    self.request.method,
-                    name,
-                    weight,
-                    seed=self.request.seed,
-                    statistic=self.statistics.get(name),
-                )
-                if first_pass:
-                    magnitude = keys if self.request.method == "magnitude" else None
-                    require_finite(name, weight, str(self.checkpoint.directory), magnitude)
-                    if in_flight is not None:
-                        in_flight.result()
-                    in_flight = self._hashes[name] = self._pool.submit(tensor_sha256, weight)
-                    self.dtypes[name] = weight.dtype
-                bar.update(weight.numel())
-                yield name, weight, keys
-        if first_pass:
-            for future in self._hashes.values():
-                future.result()
 
 
 Plan = dict[str, list[tuple[Threshold, int, int]]]
@@ -175,70 +149,239 @@ def _histogram_plan(kept: list[int], tensors) -> Plan:
     return finder.plan()
 
 
-def _tensor_plan(name: str, keys: torch.Tensor, levels) -> list[tuple[Threshold, int, int]]:
-    """Layer scope, unstructured: one tensor's exact cut per level."""
-    kept = [select.kept_count(keys.numel(), s) for s in levels]
-    if keys.dtype == torch.int16:
-        finder = BracketFinder(kept, numel=keys.numel(), step=sample_step(keys.numel()))
-        finder.add_sample(keys)
-        finder.add_band(name, keys)
-        plan = finder.plan()
-        if plan is not None:
-            return plan[name]
+def _tensor_plan(name: str, keys: np.ndarray, levels) -> list[tuple[Threshold, int, int]]:
+    """Layer scope, unstructured: one tensor's exact cut per level from its full key histograms."""
+    kept = [select.kept_count(keys.size, s) for s in levels]
     return _histogram_plan(kept, lambda: [(name, keys)])[name]
 
 
+def _unstructured_masks(
+    name: str, keys: np.ndarray, levels
+) -> tuple[list[Callable[[], np.ndarray]], list[int]]:
+    """Layer scope: each level's exact mask (as a producer, see `bracket.tensor_masks`) and
+    threshold key; 15-bit keys by exact counts, others (or when the counts give up) by histograms."""
+    if keys.dtype == np.int16:
+        kept = [select.kept_count(keys.size, s) for s in levels]
+        found = bracket.tensor_masks(keys, kept, step=bracket.sample_step(keys.size))
+        if found is not None:
+            return found
+    plan = _tensor_plan(name, keys, levels)
+    producers = [lambda cut=cut: select.threshold_mask(keys, *cut)[0] for cut in plan]
+    return producers, [cut[0].key for cut in plan]
+
+
+@dataclass
+class TensorResult:
+    """What a worker hands back for one tensor: its source checksum and, per pass, its share."""
+
+    name: str
+    dtype: str
+    numel: int
+    source: str | None = None
+    masks: list[PackedMask] = field(default_factory=list)
+    threshold_keys: list[int | None] = field(default_factory=list)
+    shape: tuple[int, ...] = ()
+    bits: int = 0
+    histogram: np.ndarray | None = None  # exact counts of the key's top 15 bits
+    low: dict[int, np.ndarray] | None = None
+    counted: dict[tuple[int, int], window.Window] | None = None
+
+
+class _Job:
+    """The per-tensor work of each pass, run on the worker threads (`stream.pipeline`)."""
+
+    def __init__(self, checkpoint, request, structure, levels, statistics, histogram) -> None:
+        self.checkpoint = checkpoint
+        self.request = request
+        self.structure = structure
+        self.levels = levels
+        self.statistics = statistics
+        self.histogram = histogram
+
+    def _keys(self, entry: TensorEntry, raw: np.ndarray, first_pass: bool) -> tuple[Weight, np.ndarray]:
+        weight = Weight.from_raw(entry, raw)
+        buffer = local_buffer("keys", entry.numel, key_dtype(weight.dtype))  # reused: no page faults
+        keys = score_keys(
+            self.request.method,
+            weight,
+            seed=self.request.seed,
+            statistic=self.statistics.get(entry.name),
+            out=buffer,
+        )
+        if first_pass:
+            magnitude = keys if self.request.method == "magnitude" else None
+            require_finite(entry.name, weight, str(self.checkpoint.directory), magnitude)
+            self.histogram.add(weight, magnitude)
+        return weight, keys
+
+    def _result(self, entry: TensorEntry, raw: np.ndarray | None) -> TensorResult:
+        source = None if raw is None else checksum.array_checksum(raw)
+        return TensorResult(entry.name, entry.dtype, entry.numel, source, shape=entry.shape)
+
+    def layer(self, entry: TensorEntry, raw: np.ndarray) -> TensorResult:
+        """Layer scope, the only pass: checksum, checks, keys, every level's mask."""
+        result = self._result(entry, raw)
+        weight, keys = self._keys(entry, raw, first_pass=True)
+        producers, result.threshold_keys = _layer_masks(
+            self.request, self.structure, self.levels, weight, keys, self.statistics.get(entry.name)
+        )
+        result.masks = [PackedMask.of(produce().reshape(weight.shape)) for produce in producers]
+        return result
+
+    def first(
+        self, windows: set[tuple[int, int]] | None
+    ) -> Callable[[TensorEntry, np.ndarray], TensorResult]:
+        """Global scope, first pass: checksum, checks, and for 15-bit keys the counts in each
+        window around a guessed threshold (`window.GlobalCounts`), for 31-bit keys (`windows`
+        None) the exact high-bits histogram."""
+
+        def work(entry: TensorEntry, raw: np.ndarray) -> TensorResult:
+            result = self._result(entry, raw)
+            _, keys = self._keys(entry, raw, first_pass=True)
+            result.bits = select.key_bits(keys)
+            if windows is None:
+                result.histogram = select.high_histogram(keys)
+            elif result.bits == 15:
+                result.counted = {w: window.count_window(keys, *w) for w in windows}
+            return result
+
+        return work
+
+    def histograms(self, entry: TensorEntry, raw: np.ndarray) -> TensorResult:
+        """Global scope, 15-bit keys when the counts missed: exact key histograms."""
+        result = self._result(entry, None)
+        result.histogram = select.high_histogram(self._keys(entry, raw, first_pass=False)[1])
+        return result
+
+    def low(self, buckets: set[int]) -> Callable[[TensorEntry, np.ndarray], TensorResult]:
+        """Global scope, 31-bit keys: the low-bits histograms inside the threshold buckets."""
+
+        def work(entry: TensorEntry, raw: np.ndarray) -> TensorResult:
+            result = self._result(entry, None)
+            result.low = select.low_histograms(self._keys(entry, raw, first_pass=False)[1], buckets)
+            return result
+
+        return work
+
+    def masks(self, plan: Plan) -> Callable[[TensorEntry, np.ndarray], TensorResult]:
+        """Global scope, last pass: every level's mask from the global plan."""
+
+        def work(entry: TensorEntry, raw: np.ndarray) -> TensorResult:
+            result = self._result(entry, None)
+            keys = self._keys(entry, raw, first_pass=False)[1]
+            for cut in plan[entry.name]:
+                result.masks.append(PackedMask.of(select.threshold_mask(keys, *cut)[0]))
+                result.threshold_keys.append(cut[0].key)
+            return result
+
+        return work
+
+
 def _layer_masks(
-    request: MaskRequest, structure: Structure, levels, name: str, weight, keys, statistic
-) -> tuple[list[torch.Tensor], list[int | None]]:
-    """One tensor's mask for every level (layer scope), and each level's threshold key (or None)."""
+    request: MaskRequest, structure: Structure, levels, weight: Weight, keys: np.ndarray, statistic
+) -> tuple[list[Callable[[], np.ndarray]], list[int | None]]:
+    """One tensor's mask for every level (layer scope) as producers to call one at a time, and
+    each level's threshold key (or None)."""
     none = [None] * len(levels)
     if structure.kind == "N:M":
-        return [select.n_m_mask(keys, structure.n, structure.m, name=name)], none
+        return [lambda: select.n_m_mask(keys, structure.n, structure.m, name=weight.name)], none
     if structure.kind in ("rows", "cols"):
-        scores = line_scores_source(request.method, name, weight, seed=request.seed, statistic=statistic)
+        scores = line_scores_source(request.method, weight, seed=request.seed, statistic=statistic)
         pick = select.rows_mask if structure.kind == "rows" else select.cols_mask
-        return [pick(scores, s) for s in levels], none
+        return [lambda s=s: pick(scores, s) for s in levels], none
     if request.method == "wanda":  # Wanda's comparison group: each output row
-        return [select.per_row_mask(keys, s) for s in levels], none
-    plan = _tensor_plan(name, keys, levels)
-    return [select.threshold_mask(keys, *cut)[0] for cut in plan], [cut[0].key for cut in plan]
+        return [lambda s=s: select.per_row_mask(keys, s) for s in levels], none
+    return _unstructured_masks(weight.name, keys, levels)
 
 
-def _global_plan(scorer: _Scorer, names: list[str], total: int, levels, histogram) -> Plan:
-    """Global scope: exact cuts over all targeted tensors, in streaming passes.
+class _Passes:
+    """Runs passes of a `_Job` over the targeted tensors through the read-ahead pipeline."""
 
-    15-bit keys: a sampling pass (also the first pass: checks, hashes), then band counts
-    (`bracket.py`); 31-bit keys, or a missed bracket: full key histograms.
+    def __init__(self, checkpoint: HFCheckpoint, entries: list[TensorEntry], workers: int) -> None:
+        self.checkpoint = checkpoint
+        self.entries = entries
+        self.workers = workers
+        self.total = sum(e.numel for e in entries)
+        largest = max(e.nbytes for e in entries)
+        # Enough read-ahead to keep the disk busy while both workers compute; bounded so that
+        # peak memory stays a few tensors above the packed masks.
+        self.budget = max(64 << 20, 2 * largest)
+
+    def run(self, work, desc: str) -> Iterator[TensorResult]:
+        """`work(entry, raw)` for every targeted tensor, in file order, with a progress bar."""
+        results = pipeline(self.checkpoint.read, self.entries, work, workers=self.workers, budget=self.budget)
+        with tqdm(total=self.total, desc=desc, unit="weights", unit_scale=True, leave=False) as bar:
+            for result in results:
+                bar.update(result.numel)
+                yield result
+
+
+def _global_results(passes: _Passes, job: _Job, kept: list[int], sources: dict[str, tuple[str, str]]):
+    """Global scope: every tensor's masks (`TensorResult`s) from exact cuts over all targets.
+
+    15-bit keys (bf16/fp16 magnitudes): a sample of a few MB guesses the thresholds, and one
+    pass counts around them and yields the masks (`window.GlobalCounts`). 31-bit keys, or
+    when a guess missed: exact key histograms (`select.ThresholdFinder`), then a masks pass.
     """
-    kept = [select.kept_count(total, s) for s in levels]
-    bracket = BracketFinder(kept, numel=total, step=sample_step(total, 1 << 22))
-    narrow = True
-    for _, weight, keys in scorer.stream(names, total, "global scope: checks and samples"):
-        histogram.add(weight, keys if scorer.request.method == "magnitude" else None)
-        narrow = narrow and keys.dtype == torch.int16
-        if narrow:
-            bracket.add_sample(keys)
-    if narrow:
-        for name, _, keys in scorer.stream(names, total, "global scope: counts"):
-            bracket.add_band(name, keys)
-        plan = bracket.plan()
-        if plan is not None:
-            return plan
+    counts, windows = None, None
+    if job.request.method == "magnitude" and all(e.dtype in ("bfloat16", "float16") for e in passes.entries):
+        pieces = window.sample_chunks(passes.entries)
+        sample = [np.bitwise_and(passes.checkpoint.read(p).view(np.int16), np.int16(0x7FFF)) for p in pieces]
+        counts = window.GlobalCounts(kept, passes.total, np.concatenate(sample))
+        windows = set(counts.windows().values())
+    bits, histograms = None, {}
+    for result in passes.run(job.first(windows), "global scope: checks and counts"):
+        sources[result.name] = (result.dtype, result.source)
+        bits = bits or result.bits
+        if result.bits != bits:
+            raise UserError(
+                "global scope needs one key width: the targeted weights mix 16-bit and 32-bit floats",
+                where=result.name,
+                fix="use --scope layer, or select tensors of one dtype with --include/--exclude",
+            )
+        if counts is not None:
+            counts.add(result.name, result.shape, result.counted)
+        else:
+            histograms[result.name] = result.histogram
+    if counts is not None:
+        finished = counts.finish()
+        if finished is not None:
+            return _packed_results(finished, counts.shapes, sources, passes.workers)
+        counts = None  # free the counts before the histogram passes
+        for result in passes.run(job.histograms, "global scope: histograms"):
+            histograms[result.name] = result.histogram
+    finder = ThresholdFinder(kept, bits)
+    for name, histogram in histograms.items():
+        finder.add_high(name, None, histogram)
+    if finder.needs_low_pass():
+        for result in passes.run(job.low(finder.low_buckets()), "global scope: histograms"):
+            finder.set_low(result.name, result.low)
+    return passes.run(job.masks(finder.plan()), "global scope: masks")
 
-    def tensors():
-        return ((name, keys) for name, _, keys in scorer.stream(names, total, "global scope: histograms"))
 
-    return _histogram_plan(kept, tensors)
+def _packed_results(finished, shapes, sources, workers: int) -> list[TensorResult]:
+    """`TensorResult`s from `GlobalCounts.finish()`: bits set and checksums on `workers` threads."""
+
+    def result(name: str) -> TensorResult:
+        shape = shapes[name]
+        out = TensorResult(name, sources[name][0], int(np.prod(shape)), shape=shape)
+        for level in finished[name]:
+            out.masks.append(PackedMask.of_packed(level.packed(), shape, level.kept))
+            out.threshold_keys.append(level.key)
+        return out
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(result, sorted(finished)))
 
 
 def compute_masks(
-    model_dir: str | Path, request: MaskRequest, out: str | Path, *, plot: bool = True
+    model_dir: str | Path, request: MaskRequest, out: str | Path, *, plot: bool = True, workers: int = 2
 ) -> list[dict[str, Any]]:
     """Compute masks for every level in `request`; returns each level's stats (also written as JSON).
 
     Output per level: the mask file (see `format.py`), `<file stem>.stats.json` and, unless
-    `plot=False`, `<file stem>.png`. Nothing is written when any input is bad.
+    `plot=False`, `<file stem>.png`. Nothing is written when any input is bad. `workers`:
+    threads selecting masks of different tensors at once (2 uses two cores).
     """
     started = time.perf_counter()
     structure, levels = request.checked()
@@ -250,11 +393,12 @@ def compute_masks(
 
     statistics, calibration = {}, None
     if request.method in DATA_DRIVEN:
-        statistics, calibration = calibration_statistics(
+        from modelzoo_ext.masks import calibration as calibration_module
+
+        statistics, calibration = calibration_module.calibration_statistics(
             model_dir, request.method, names, request.calibration
         )
 
-    scorer = _Scorer(checkpoint, request, statistics)
     provenance = {
         "method": request.method,
         "structure": str(structure),
@@ -271,34 +415,28 @@ def compute_masks(
     ]
     thresholds: list[dict[str, int | None]] = [{} for _ in levels]
     histogram = MagnitudeHistogram(enabled=plot)
-    magnitude = request.method == "magnitude"
+    job = _Job(checkpoint, request, structure, levels, statistics, histogram)
+    passes = _Passes(checkpoint, checkpoint.entries(names), workers)
+    sources: dict[str, tuple[str, str]] = {}  # name -> (dtype, source checksum), from the first pass
+    needs_torch = request.method in DATA_DRIVEN or structure.kind in ("rows", "cols")
 
-    with _one_torch_thread():
+    with _one_torch_thread(needs_torch):
         if request.scope == "layer":
-            for name, weight, keys in scorer.stream(names, total, "masks (layer scope)"):
-                histogram.add(weight, keys if magnitude else None)
-                level_masks, level_keys = _layer_masks(
-                    request, structure, levels, name, weight, keys, statistics.get(name)
-                )
-                for i, mask in enumerate(level_masks):
-                    writers[i].add(name, mask, source_sha256=scorer.sha256(name))
-                    thresholds[i][name] = level_keys[i]
+            results = passes.run(job.layer, "masks (layer scope)")
         else:
-            plan = _global_plan(scorer, names, total, levels, histogram)
-            for name, _, keys in scorer.stream(names, total, "global scope: masks"):
-                for i, cut in enumerate(plan[name]):
-                    writers[i].add(
-                        name, select.threshold_mask(keys, *cut)[0], source_sha256=scorer.sha256(name)
-                    )
-                    thresholds[i][name] = cut[0].key
+            results = _global_results(passes, job, [select.kept_count(total, s) for s in levels], sources)
+        for result in results:
+            _, source = sources.setdefault(result.name, (result.dtype, result.source))
+            for i, mask in enumerate(result.masks):
+                writers[i].add_packed(result.name, mask, source_checksum=source)
+                thresholds[i][result.name] = result.threshold_keys[i]
 
+    dtypes = {name: dtype for name, (dtype, _) in sources.items()}
     results = []
     for i, writer in enumerate(writers):
-        writer.metadata["weight_dtypes"] = sorted(
-            {str(d).removeprefix("torch.") for d in scorer.dtypes.values()}
-        )
+        writer.metadata["weight_dtypes"] = sorted(set(dtypes.values()))
         metadata = writer.write()
         writers[i] = None  # free this level's packed masks once written
-        report = LevelReport(writer.path, metadata, thresholds[i], scorer.dtypes, histogram)
+        report = LevelReport(writer.path, metadata, thresholds[i], dtypes, histogram)
         results.append(report.write(plot=plot, seconds=time.perf_counter() - started))
     return results

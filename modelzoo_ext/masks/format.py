@@ -6,18 +6,28 @@ little-endian bit order; True = kept). The header's `__metadata__["sparse_lora_m
 JSON document:
 
     {
-      "format": "sparse-lora-masks", "format_version": 1,
+      "format": "sparse-lora-masks", "format_version": 2,
       "naming": "hf" | "cs",                 # whose parameter names the keys are
       "tensors": {name: {"shape": [out, in], "numel": n, "kept": k, "sparsity": s,
-                         "mask_sha256": hex, "source_sha256": hex | null}},
+                         "mask_checksum": "blake3:<hex>",                 # of the packed bytes
+                         "source_checksum": "blake3:<hex>" | "sha256:<hex>" | null}},
       "achieved_sparsity": s,                # over all tensors in the file
       ... provenance given by the writer (method, structure, scope, target rule, seed,
           requested sparsity, calibration, source model, tool version, creation time) ...
       "metadata_sha256": hex                 # over the canonical JSON of everything above
     }
 
-Every mask's packed bytes and the metadata itself carry a sha256, so a single flipped bit
-anywhere in the file is detected when it is read.
+Every checksum names its algorithm (`checksum.py`): this tool writes BLAKE3; a source checksum
+carried over from an older file keeps its sha256. The metadata digest stays sha256: the header
+is small, and other stages record it as the file's identity.
+
+Format version 1 (files written before BLAKE3) is still read and verified: its tensors hold
+`mask_sha256` / `source_sha256` (bare sha256 hex); `MaskFile.mask_checksum()` and
+`source_checksum()` give both versions as `algorithm:hex`.
+
+Every mask's packed bytes and the metadata itself carry a checksum, so a single flipped bit
+anywhere in the file is detected when it is read. Reading and writing need numpy only;
+`MaskFile.get` returns a torch tensor (torch is imported then).
 """
 
 from __future__ import annotations
@@ -26,19 +36,23 @@ import datetime as _dt
 import hashlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.masks import checksum
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "sparse-lora-masks"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "sparse_lora_masks"
 NAMINGS = ("hf", "cs")
 # Metadata entries `MaskWriter.write` computes itself; everything else is provenance.
@@ -58,32 +72,96 @@ def tool_version() -> str:
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's raw bytes (row-major), whatever its dtype."""
-    flat = tensor.detach().contiguous().reshape(-1).cpu()
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()  # buffer protocol: no copy
+    """sha256 (bare hex) of a tensor's raw bytes (row-major), whatever its dtype."""
+    return checksum.tensor_checksum(tensor, "sha256").removeprefix("sha256:")
+
+
+def pack_bits(mask: np.ndarray) -> np.ndarray:
+    """Bool array of any shape -> uint8 [ceil(numel / 8)], 1 bit per element, little-endian bits."""
+    return np.packbits(mask.reshape(-1), bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `pack_bits`: uint8 [ceil(numel / 8)] -> bool array of `shape`."""
+    numel = int(np.prod(shape)) if shape else 1
+    return np.unpackbits(packed, count=numel, bitorder="little").view(bool).reshape(shape)
+
+
+def _as_bool_array(mask) -> np.ndarray:
+    """A numpy bool array from a numpy array or a torch tensor; anything else is refused."""
+    if not isinstance(mask, np.ndarray):
+        mask = mask.detach().contiguous().cpu().numpy()
+    if mask.dtype != np.bool_:
+        raise UserError(f"masks must be bool, got {mask.dtype}", fix="pass `weight != 0` or a bool tensor")
+    return mask
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bool mask of any shape -> uint8 [ceil(numel / 8)], 1 bit per element, little-endian bits."""
-    if mask.dtype != torch.bool:
-        raise UserError(
-            f"masks must be torch.bool, got {mask.dtype}", fix="pass `weight != 0` or a bool tensor"
-        )
-    bits = mask.detach().contiguous().reshape(-1).cpu().numpy()
-    return torch.from_numpy(np.packbits(bits, bitorder="little"))
+    """Bool torch mask of any shape -> uint8 tensor [ceil(numel / 8)] (see `pack_bits`)."""
+    import torch
+
+    return torch.from_numpy(pack_bits(_as_bool_array(mask)))
 
 
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of `pack_mask`: uint8 [ceil(numel / 8)] -> bool tensor of `shape`."""
-    numel = int(np.prod(shape)) if shape else 1
-    bits = np.unpackbits(packed.numpy(), count=numel, bitorder="little").astype(bool)
-    return torch.from_numpy(bits).reshape(shape)
+    import torch
+
+    return torch.from_numpy(unpack_bits(packed.numpy(), shape))
 
 
-def _sha256_bytes(packed: torch.Tensor) -> str:
-    return hashlib.sha256(packed.numpy()).hexdigest()
+@dataclass(frozen=True)
+class PackedMask:
+    """One mask ready for the file: packed bits, shape, kept count and checksum of the packed bytes.
+
+    Made where the mask is computed (e.g. a worker thread), then handed to `MaskWriter.add_packed`.
+    """
+
+    packed: np.ndarray
+    shape: tuple[int, ...]
+    kept: int
+    checksum: str
+
+    @classmethod
+    def of_packed(cls, packed: np.ndarray, shape: tuple[int, ...], kept: int) -> PackedMask:
+        """From bits packed like `pack_bits` and their count (known exactly where they were set)."""
+        return cls(packed, tuple(shape), kept, checksum.array_checksum(packed))
+
+    @classmethod
+    def of(cls, mask) -> PackedMask:
+        """Pack a bool mask (numpy array or torch tensor) and count what it keeps."""
+        mask = _as_bool_array(mask)
+        packed = pack_bits(mask)
+        kept = int(np.count_nonzero(mask))
+        return cls(packed, tuple(mask.shape), kept, checksum.array_checksum(packed))
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Write uint8 1-D arrays as a safetensors file, byte for byte what `safetensors.numpy.save_file`
+    writes, but streaming each array from memory.
+
+    `save_file` first copies every tensor into a bytes object, which doubled peak memory at the
+    end of a 7B run (the packed masks are ~0.8 GB per level); `tests/test_masks_format.py`
+    checks the output against `save_file`'s. The layout (safetensors' serializer): 8-byte
+    little-endian header length, the JSON header (`__metadata__`, then the tensors in name order
+    with contiguous data offsets) padded with spaces to a multiple of 8, then the data.
+    """
+    names = sorted(tensors)
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name in names:
+        array = tensors[name]
+        if array.dtype != np.uint8 or array.ndim != 1:
+            raise ValueError(f"{name}: expected a 1-D uint8 array, got {array.dtype} {array.shape}")
+        header[name] = {"dtype": "U8", "shape": [array.size], "data_offsets": [offset, offset + array.size]}
+        offset += array.size
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for name in names:
+            f.write(memoryview(np.ascontiguousarray(tensors[name])))
 
 
 def _metadata_digest(metadata: dict[str, Any]) -> str:
@@ -106,23 +184,43 @@ class MaskWriter:
         self.path = Path(path)
         self.naming = naming
         self.metadata = dict(metadata or {})
-        self.packed: dict[str, torch.Tensor] = {}
+        self.packed: dict[str, np.ndarray] = {}
         self.tensors: dict[str, dict[str, Any]] = {}
 
-    def add(self, name: str, mask: torch.Tensor, *, source_sha256: str | None = None) -> None:
-        """Add one mask (bool, True = kept) under its parameter name."""
+    def add(
+        self,
+        name: str,
+        mask,
+        *,
+        source_checksum: str | None = None,
+        source_sha256: str | None = None,
+    ) -> None:
+        """Add one mask (bool numpy array or torch tensor, True = kept) under its parameter name.
+
+        `source_checksum` (`algorithm:hex`) identifies the weight the mask was computed for;
+        `source_sha256` (bare hex) is the same for callers that hold a sha256.
+        """
+        if source_sha256 is not None:
+            if source_checksum is not None:
+                raise ValueError("pass source_checksum or source_sha256, not both")
+            source_checksum = checksum.from_v1(source_sha256)
+        self.add_packed(name, PackedMask.of(mask), source_checksum=source_checksum)
+
+    def add_packed(self, name: str, mask: PackedMask, *, source_checksum: str | None = None) -> None:
+        """Add a mask packed by `PackedMask.of` (the cheap part, for the thread that writes)."""
         if name in self.packed:
             raise UserError(f"mask {name!r} added twice", where=str(self.path))
-        packed = pack_mask(mask)
-        kept = int(np.count_nonzero(mask.detach().cpu().numpy()))  # far faster than torch's bool .sum()
-        self.packed[name] = packed
+        if source_checksum is not None:
+            checksum.algorithm_of(source_checksum)
+        numel = int(np.prod(mask.shape)) if mask.shape else 1
+        self.packed[name] = mask.packed
         self.tensors[name] = {
             "shape": list(mask.shape),
-            "numel": mask.numel(),
-            "kept": kept,
-            "sparsity": 1.0 - kept / max(mask.numel(), 1),
-            "mask_sha256": _sha256_bytes(packed),
-            "source_sha256": source_sha256,
+            "numel": numel,
+            "kept": mask.kept,
+            "sparsity": 1.0 - mask.kept / max(numel, 1),
+            "mask_checksum": mask.checksum,
+            "source_checksum": source_checksum,
         }
 
     def write(self) -> dict[str, Any]:
@@ -145,7 +243,7 @@ class MaskWriter:
         }
         metadata["metadata_sha256"] = _metadata_digest(metadata)
         with atomic_file(self.path) as tmp:
-            save_file(self.packed, str(tmp), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+            write_safetensors(tmp, self.packed, {METADATA_KEY: json.dumps(metadata, sort_keys=True)})
         return metadata
 
     def __enter__(self) -> MaskWriter:
@@ -170,7 +268,7 @@ class MaskFile:
                 fix="bring it in with `sparse-lora masks import`",
             )
         try:
-            self._handle = safe_open(str(self.path), framework="pt")
+            self._handle = safe_open(str(self.path), framework="numpy")
             raw = (self._handle.metadata() or {}).get(METADATA_KEY)
             self.metadata: dict[str, Any] = json.loads(raw) if raw is not None else {}
         except Exception as exc:  # safetensors raises several types for truncated/corrupt files
@@ -189,9 +287,10 @@ class MaskFile:
                 where=str(self.path),
                 fix="bring foreign masks in with `sparse-lora masks import`",
             )
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise UserError(
-                f"mask format version {meta.get('format_version')} is not supported (this tool reads {FORMAT_VERSION})",
+                f"mask format version {meta.get('format_version')} is not supported (this tool reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))})",
                 where=str(self.path),
                 fix="upgrade modelzoo-sparse-lora",
             )
@@ -238,34 +337,65 @@ class MaskFile:
     def __len__(self) -> int:
         return len(self.metadata["tensors"])
 
+    @property
+    def version(self) -> int:
+        """The file's format version (1: sha256 checksums; 2: checksums name their algorithm)."""
+        return self.metadata["format_version"]
+
     def info(self, name: str) -> dict[str, Any]:
-        """Per-tensor metadata: shape, numel, kept, sparsity, mask_sha256, source_sha256."""
+        """Per-tensor metadata as stored: shape, numel, kept, sparsity and checksums."""
         if name not in self:
             raise UserError(f"no mask for {name!r}", where=str(self.path))
         return self.metadata["tensors"][name]
+
+    def mask_checksum(self, name: str) -> str:
+        """`algorithm:hex` of the packed mask bytes (version 1 files: `sha256:hex`)."""
+        info = self.info(name)
+        value = checksum.from_v1(info.get("mask_sha256")) if self.version == 1 else info.get("mask_checksum")
+        if not isinstance(value, str):
+            raise UserError(f"mask {name!r} has no checksum", where=str(self.path), fix="recompute the masks")
+        return value
+
+    def source_checksum(self, name: str) -> str | None:
+        """`algorithm:hex` of the weight the mask was computed for, or None when not recorded."""
+        info = self.info(name)
+        return (
+            checksum.from_v1(info.get("source_sha256")) if self.version == 1 else info.get("source_checksum")
+        )
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of the unpacked mask."""
         return tuple(self.info(name)["shape"])
 
-    def get(self, name: str, *, verify: bool = True) -> torch.Tensor:
-        """One mask as a bool tensor [out, in] (True = kept); the checksum is verified first."""
+    def packed(self, name: str, *, verify: bool = True) -> np.ndarray:
+        """One mask's packed bytes (uint8), checksum verified first."""
         info = self.info(name)
         packed = self._handle.get_tensor(name)
         expected_bytes = (info["numel"] + 7) // 8
-        if packed.dtype != torch.uint8 or packed.numel() != expected_bytes:
+        if packed.dtype != np.uint8 or packed.size != expected_bytes:
             raise UserError(
-                f"mask {name!r} has {packed.numel()} bytes of {packed.dtype}, expected {expected_bytes} uint8",
+                f"mask {name!r} has {packed.size} bytes of {packed.dtype}, expected {expected_bytes} uint8",
                 where=str(self.path),
                 fix="recompute the masks",
             )
-        if verify and _sha256_bytes(packed) != info["mask_sha256"]:
+        expected = self.mask_checksum(name)
+        if verify and checksum.array_checksum(packed, checksum.algorithm_of(expected)) != expected:
             raise UserError(
                 f"checksum mismatch for mask {name!r} (the file was modified or corrupted)",
                 where=str(self.path),
                 fix="recompute the masks",
             )
-        return unpack_mask(packed, tuple(info["shape"]))
+        return packed
+
+    def get_array(self, name: str, *, verify: bool = True) -> np.ndarray:
+        """One mask as a numpy bool array [out, in] (True = kept); the checksum is verified first."""
+        return unpack_bits(self.packed(name, verify=verify), self.shape(name))
+
+    def get(self, name: str, *, verify: bool = True) -> torch.Tensor:
+        """One mask as a bool tensor [out, in] (True = kept); the checksum is verified first."""
+        import torch
+
+        return torch.from_numpy(self.get_array(name, verify=verify))
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, mask) for every mask, one unpacked at a time."""
@@ -293,11 +423,17 @@ def save_masks(
     *,
     naming: str = "hf",
     source_sha256: dict[str, str] | None = None,
+    source_checksums: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Write `masks` (name -> bool [out, in], True = kept) to `path`; returns the file's metadata."""
+    """Write `masks` (name -> bool [out, in], True = kept) to `path`; returns the file's metadata.
+
+    Source weights are identified by `source_checksums` (`algorithm:hex`) or `source_sha256` (hex).
+    """
+    sources = dict(source_checksums or {})
+    sources.update({n: checksum.from_v1(h) for n, h in (source_sha256 or {}).items()})
     writer = MaskWriter(path, naming=naming, metadata=metadata)
     for name in sorted(masks):
-        writer.add(name, masks[name], source_sha256=(source_sha256 or {}).get(name))
+        writer.add(name, masks[name], source_checksum=sources.get(name))
     return writer.write()
 
 

@@ -10,7 +10,7 @@ Sources (chosen by what OLD is):
 
 Module names (`model.layers.0.self_attn.q_proj`) become parameter names (`...q_proj.weight`).
 Every mask is checked against `--model` (tensor exists, same shape), every tensor the target
-rule selects must have a mask, and the `--model` weights' sha256 are recorded.
+rule selects must have a mask, and the `--model` weights' checksums (BLAKE3) are recorded.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import torch
 
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
+from modelzoo_ext.masks.checksum import tensor_checksum
 from modelzoo_ext.masks.compute import source_record
-from modelzoo_ext.masks.format import MaskWriter, tensor_sha256
+from modelzoo_ext.masks.format import MaskWriter
 from modelzoo_ext.masks.targets import TargetRule
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
@@ -183,5 +184,5 @@ def import_masks(
         },
     )
     for name, weight in checkpoint.iter_tensors(sorted(masks)):
-        writer.add(name, masks[name], source_sha256=tensor_sha256(weight))
+        writer.add(name, masks[name], source_checksum=tensor_checksum(weight))
     return writer.write()

@@ -10,25 +10,32 @@ non-negative floats keep their order when their bits are read as integers; bf16/
   (row-major within a tensor; tensors in sorted-name order in global scope). Masks of several
   sparsity levels computed from the same keys are therefore nested.
 - The threshold comes from exact histograms of the key bits (`bracket.py` finds the same
-  threshold for 15-bit keys with fewer, cheaper passes): one 32,768-bin histogram for
-  15-bit keys, a second 65,536-bin histogram of the low bits inside the one high bucket that
-  holds the threshold for 31-bit keys (radix select). Histograms add across tensors, so the
-  global threshold is found in a streaming pass with bounded memory.
+  threshold for one tensor's 15-bit keys from a few exact counts): one 32,768-bin histogram
+  for 15-bit keys, a second 65,536-bin histogram of the low bits inside the one high bucket
+  that holds the threshold for 31-bit keys (radix select). Histograms add across tensors, so
+  the global threshold is found in a streaming pass with bounded memory.
+
+Keys and masks are numpy arrays (no torch needed); `rows`/`cols` rank lines by float64 sums
+computed with torch, as the scores they sum are (`scores.line_scores_source`).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from modelzoo_ext.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 HIGH_BINS = 1 << 15  # key >> LOW_BITS of a 31-bit key, or a whole 15-bit key
 LOW_BITS = 16
 LOW_BINS = 1 << LOW_BITS
+_CHUNK = 1 << 18  # np.bincount widens its input to int64: chunks keep that copy in cache
 STRUCTURES = ("unstructured", "N:M", "rows", "cols")
 
 
@@ -83,35 +90,44 @@ class Structure:
 # ---------------------------------------------------------------- thresholds from histograms
 
 
-def key_bits(keys: torch.Tensor) -> int:
+def key_bits(keys: np.ndarray) -> int:
     """15 for int16 keys (bf16/fp16 scores), 31 for int32 keys (fp32 scores, random)."""
-    if keys.dtype == torch.int16:
+    if keys.dtype == np.int16:
         return 15
-    if keys.dtype == torch.int32:
+    if keys.dtype == np.int32:
         return 31
     raise TypeError(f"keys must be int16 or int32, got {keys.dtype}")
 
 
-def high_histogram(keys: torch.Tensor) -> torch.Tensor:
+def _bincount(values: np.ndarray, bins: int) -> np.ndarray:
+    """int64 [bins]: counts of non-negative integer `values` (< bins), in cache-sized chunks."""
+    flat = values.reshape(-1)
+    counts = np.zeros(bins, dtype=np.int64)
+    for start in range(0, flat.size, _CHUNK):
+        counts += np.bincount(flat[start : start + _CHUNK], minlength=bins)
+    return counts
+
+
+def high_histogram(keys: np.ndarray) -> np.ndarray:
     """int64 [32768]: counts of the top 15 bits of each key."""
     flat = keys.reshape(-1)
-    if keys.dtype == torch.int32:
+    if keys.dtype == np.int32:
         flat = flat >> LOW_BITS
-    return torch.bincount(flat, minlength=HIGH_BINS)
+    return _bincount(flat, HIGH_BINS)
 
 
-def low_histogram(keys: torch.Tensor, high: int) -> torch.Tensor:
+def low_histogram(keys: np.ndarray, high: int) -> np.ndarray:
     """int64 [65536]: counts of the low 16 bits of the int32 keys whose top bits equal `high`."""
     flat = keys.reshape(-1)
     inside = flat[(flat >> LOW_BITS) == high]
-    return torch.bincount(inside & (LOW_BINS - 1), minlength=LOW_BINS)
+    return _bincount(inside & (LOW_BINS - 1), LOW_BINS)
 
 
-def _digit_for_rank(hist: torch.Tensor, rank: int) -> tuple[int, int]:
+def _digit_for_rank(hist: np.ndarray, rank: int) -> tuple[int, int]:
     """The bin d holding the `rank`-th largest element (rank >= 1) and how many lie above it."""
-    from_top = torch.flip(hist, [0]).cumsum(0)
-    index = int(torch.searchsorted(from_top, torch.tensor(rank, dtype=from_top.dtype)))
-    digit = hist.numel() - 1 - index
+    from_top = np.cumsum(hist[::-1])
+    index = int(np.searchsorted(from_top, rank))
+    digit = hist.size - 1 - index
     return digit, int(from_top[index]) - int(hist[digit])
 
 
@@ -146,21 +162,21 @@ class ThresholdFinder:
     def __init__(self, kept: list[int], bits: int) -> None:
         self.kept = kept
         self.bits = bits
-        self.high: dict[str, torch.Tensor] = {}
-        self.low: dict[str, dict[int, torch.Tensor]] = {}
+        self.high: dict[str, np.ndarray] = {}
+        self.low: dict[str, dict[int, np.ndarray]] = {}
         self._digits: list[tuple[int, int] | None] | None = None
 
-    def add_high(self, name: str, keys: torch.Tensor, hist: torch.Tensor | None = None) -> None:
+    def add_high(self, name: str, keys: np.ndarray | None, hist: np.ndarray | None = None) -> None:
         """Count one tensor's keys (pass `hist` when `high_histogram(keys)` is already known)."""
-        self.high[name] = (high_histogram(keys) if hist is None else hist).to(torch.int32)
+        self.high[name] = (high_histogram(keys) if hist is None else hist).astype(np.int32)
 
     @property
     def numel(self) -> int:
-        return int(sum(int(h.sum(dtype=torch.int64)) for h in self.high.values()))
+        return int(sum(int(h.sum(dtype=np.int64)) for h in self.high.values()))
 
-    def total_high(self) -> torch.Tensor:
+    def total_high(self) -> np.ndarray:
         """int64 [32768]: the summed high histogram."""
-        return torch.stack(list(self.high.values())).sum(dim=0, dtype=torch.int64)
+        return np.sum(list(self.high.values()), axis=0, dtype=np.int64)
 
     def high_digits(self) -> list[tuple[int, int] | None]:
         """Per level: (high bin holding the threshold, count above it), or None for keep-all/none."""
@@ -173,10 +189,17 @@ class ThresholdFinder:
         """31-bit keys need a second pass to resolve the low 16 bits."""
         return self.bits > 15 and any(d is not None for d in self.high_digits())
 
-    def add_low(self, name: str, keys: torch.Tensor) -> None:
+    def add_low(self, name: str, keys: np.ndarray) -> None:
         """Second pass (31-bit keys only): count low bits inside each level's high bucket."""
-        buckets = {d[0] for d in self.high_digits() if d is not None}
-        self.low[name] = {high: low_histogram(keys, high).to(torch.int32) for high in buckets}
+        self.set_low(name, low_histograms(keys, self.low_buckets()))
+
+    def low_buckets(self) -> set[int]:
+        """The high buckets holding a level's threshold (what `low_histograms` must count)."""
+        return {d[0] for d in self.high_digits() if d is not None}
+
+    def set_low(self, name: str, histograms: dict[int, np.ndarray]) -> None:
+        """Second pass, counted elsewhere (e.g. a worker thread) with `low_histograms`."""
+        self.low[name] = {high: h.astype(np.int32) for high, h in histograms.items()}
 
     def _threshold(self, level: int) -> Threshold:
         k, digit = self.kept[level], self.high_digits()[level]
@@ -185,7 +208,7 @@ class ThresholdFinder:
         high, above = digit
         if self.bits <= 15:
             return Threshold(high, k - above)
-        low_total = torch.stack([h[high] for h in self.low.values()]).sum(dim=0, dtype=torch.int64)
+        low_total = np.sum([h[high] for h in self.low.values()], axis=0, dtype=np.int64)
         low, above_low = _digit_for_rank(low_total, k - above)
         return Threshold((high << LOW_BITS) | low, k - above - above_low)
 
@@ -210,31 +233,35 @@ class ThresholdFinder:
         return plan
 
 
+def low_histograms(keys: np.ndarray, buckets: set[int]) -> dict[int, np.ndarray]:
+    """`low_histogram` of `keys` for each high bucket in `buckets`."""
+    return {high: low_histogram(keys, high) for high in buckets}
+
+
 def threshold_mask(
-    keys: torch.Tensor, threshold: Threshold, ties_budget: int, ties_present: int | None = None
-) -> tuple[torch.Tensor, int]:
+    keys: np.ndarray, threshold: Threshold, ties_budget: int, ties_present: int | None = None
+) -> tuple[np.ndarray, int]:
     """Bool mask of keys above the threshold plus the first `ties_budget` ties (row-major order).
 
     Returns (mask, ties used). `ties_present` (how many keys equal the threshold, known from
-    the histograms) saves locating the ties when all of them are kept. The comparisons run in
-    numpy, whose vectorised int16/int32 compares were ~10x faster than torch's here.
+    the histograms) saves locating the ties when all of them are kept.
     """
     if threshold.keep_all:
-        return torch.ones(keys.shape, dtype=torch.bool), 0
+        return np.ones(keys.shape, dtype=bool), 0
     if threshold.keep_none:
-        return torch.zeros(keys.shape, dtype=torch.bool), 0
-    flat = keys.reshape(-1).numpy()
+        return np.zeros(keys.shape, dtype=bool), 0
+    flat = keys.reshape(-1)
     if ties_budget <= 0:
-        return torch.from_numpy(flat > threshold.key).reshape(keys.shape), 0
+        return (flat > threshold.key).reshape(keys.shape), 0
     if ties_present is not None and ties_budget >= ties_present:
-        return torch.from_numpy(flat >= threshold.key).reshape(keys.shape), ties_present
+        return (flat >= threshold.key).reshape(keys.shape), ties_present
     mask = flat > threshold.key
     ties = np.flatnonzero(flat == threshold.key)[:ties_budget]
     mask[ties] = True
-    return torch.from_numpy(mask).reshape(keys.shape), int(ties.size)
+    return mask.reshape(keys.shape), int(ties.size)
 
 
-def top_k_mask(keys: torch.Tensor, kept: int) -> torch.Tensor:
+def top_k_mask(keys: np.ndarray, kept: int) -> np.ndarray:
     """Exactly `kept` True entries at the largest keys, ties to the earliest positions."""
     finder = ThresholdFinder([kept], key_bits(keys))
     finder.add_high("", keys)
@@ -247,21 +274,22 @@ def top_k_mask(keys: torch.Tensor, kept: int) -> torch.Tensor:
 # ---------------------------------------------------------------- structured selections
 
 
-def _top_along_last(keys: torch.Tensor, kept: int) -> torch.Tensor:
+def _top_along_last(keys: np.ndarray, kept: int) -> np.ndarray:
     """Keep the `kept` largest keys along the last dim (stable: ties to the lower index)."""
-    mask = torch.zeros(keys.shape, dtype=torch.bool)
+    mask = np.zeros(keys.shape, dtype=bool)
     if kept > 0:
-        order = torch.sort(keys, dim=-1, descending=True, stable=True).indices
-        mask.scatter_(-1, order[..., :kept], True)
+        descending = np.negative(keys, dtype=np.float64 if keys.dtype.kind == "f" else np.int64)
+        order = np.argsort(descending, axis=-1, kind="stable")
+        np.put_along_axis(mask, order[..., :kept], True, axis=-1)
     return mask
 
 
-def per_row_mask(keys: torch.Tensor, sparsity: float) -> torch.Tensor:
+def per_row_mask(keys: np.ndarray, sparsity: float) -> np.ndarray:
     """Each output row keeps exactly its share of its own inputs (Wanda's comparison group)."""
     return _top_along_last(keys, kept_count(keys.shape[1], sparsity))
 
 
-def n_m_mask(keys: torch.Tensor, n: int, m: int, *, name: str = "") -> torch.Tensor:
+def n_m_mask(keys: np.ndarray, n: int, m: int, *, name: str = "") -> np.ndarray:
     """Exactly n kept of every m consecutive inputs of each row; keys [out, in] with in % m == 0."""
     out_features, in_features = keys.shape
     if in_features % m:
@@ -274,18 +302,18 @@ def n_m_mask(keys: torch.Tensor, n: int, m: int, *, name: str = "") -> torch.Ten
     return _top_along_last(groups, n).reshape(out_features, in_features)
 
 
-def line_mask(line_scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+def line_mask(line_scores: np.ndarray, sparsity: float) -> np.ndarray:
     """Bool [lines]: keep the best-scoring whole lines (rows or columns), ties to the lower index."""
-    return _top_along_last(line_scores, kept_count(line_scores.numel(), sparsity))
+    return _top_along_last(line_scores, kept_count(line_scores.size, sparsity))
 
 
-def rows_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+def rows_mask(scores: torch.Tensor, sparsity: float) -> np.ndarray:
     """Whole output rows kept or pruned; a row's score is the float64 sum of its element scores."""
-    keep = line_mask(scores.double().sum(dim=1), sparsity)
-    return keep[:, None].expand(scores.shape).clone()
+    keep = line_mask(scores.double().sum(dim=1).numpy(), sparsity)
+    return np.repeat(keep[:, None], scores.shape[1], axis=1)
 
 
-def cols_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+def cols_mask(scores: torch.Tensor, sparsity: float) -> np.ndarray:
     """Whole input columns kept or pruned; a column's score is the float64 sum of its scores."""
-    keep = line_mask(scores.double().sum(dim=0), sparsity)
-    return keep[None, :].expand(scores.shape).clone()
+    keep = line_mask(scores.double().sum(dim=0).numpy(), sparsity)
+    return np.repeat(keep[None, :], scores.shape[0], axis=0)

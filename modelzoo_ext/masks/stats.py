@@ -10,49 +10,64 @@ from __future__ import annotations
 import json
 import re
 import statistics as pystats
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from modelzoo_ext.atomic import atomic_file
+from modelzoo_ext.masks.scores import Weight
 from modelzoo_ext.masks.select import HIGH_BINS, high_histogram
+
+
+def bf16_magnitude_bits(values: np.ndarray) -> np.ndarray:
+    """|x| of float32 values as bf16 bit patterns (int16), rounded to nearest even like torch."""
+    bits = np.abs(values.astype(np.float32)).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.int16)
 
 
 class MagnitudeHistogram:
     """Histogram of |W| in bf16 bit space (int64 [32768]) over a 1-in-`stride` sample of each weight.
 
     For the figure only (exact counts live in the stats); sampling keeps it off the hot path.
+    `add` may be called from several threads at once.
     """
 
     def __init__(self, enabled: bool = True, stride: int = 16) -> None:
         self.enabled = enabled
         self.stride = stride
-        self.counts = torch.zeros(HIGH_BINS, dtype=torch.int64)
+        self.counts = np.zeros(HIGH_BINS, dtype=np.int64)
+        self._lock = threading.Lock()
 
-    def add(self, weight: torch.Tensor, magnitude_keys: torch.Tensor | None = None) -> None:
+    def add(self, weight: Weight, magnitude_keys: np.ndarray | None = None) -> None:
         """Count one weight (reuses its magnitude keys when they are bf16 or fp32 keys)."""
         if not self.enabled:
             return
-        if magnitude_keys is not None and weight.dtype in (torch.bfloat16, torch.float32):
-            sample = magnitude_keys.reshape(-1)[:: self.stride].contiguous()
+        if magnitude_keys is not None and weight.dtype in ("bfloat16", "float32"):
+            sample = magnitude_keys.reshape(-1)[:: self.stride]  # fp32 keys >> 16: bf16 bits (truncated)
+        elif weight.dtype == "bfloat16":
+            sample = weight.array.reshape(-1)[:: self.stride] & np.int16(0x7FFF)
         else:
-            sample = weight.reshape(-1)[:: self.stride].to(torch.bfloat16).view(torch.int16) & 0x7FFF
-        self.counts += high_histogram(sample) * self.stride
+            sample = bf16_magnitude_bits(weight.array.reshape(-1)[:: self.stride])
+        counts = high_histogram(np.ascontiguousarray(sample)) * self.stride
+        with self._lock:
+            self.counts += counts
 
     def values_and_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """(|w| value of each non-empty bin, its count)."""
-        keys = torch.nonzero(self.counts).reshape(-1)
-        values = keys.to(torch.int16).view(torch.bfloat16).float().numpy()
-        return values, self.counts[keys].numpy()
+        keys = np.flatnonzero(self.counts)
+        values = (keys.astype(np.uint32) << 16).view(np.float32)
+        return values, self.counts[keys]
 
 
-def key_to_value(key: int, dtype: torch.dtype) -> float:
-    """A magnitude key back to |w| in the weight's dtype."""
-    if dtype in (torch.bfloat16, torch.float16):
-        return float(torch.tensor(key, dtype=torch.int16).view(dtype))
-    return float(torch.tensor(key, dtype=torch.int32).view(torch.float32))
+def key_to_value(key: int, dtype: str) -> float:
+    """A magnitude key back to |w| in the weight's dtype ("bfloat16", "float16", "float32", ...)."""
+    if dtype == "bfloat16":
+        return float(np.array([key << 16], dtype=np.uint32).view(np.float32)[0])
+    if dtype == "float16":
+        return float(np.array([key], dtype=np.uint16).view(np.float16)[0])
+    return float(np.array([key], dtype=np.uint32).view(np.float32)[0])
 
 
 def _short(name: str) -> str:
@@ -71,7 +86,7 @@ class LevelReport:
         path: Path,
         metadata: dict[str, Any],
         thresholds: dict[str, int | None],
-        dtypes: dict[str, torch.dtype],
+        dtypes: dict[str, str],
         histogram: MagnitudeHistogram,
     ) -> None:
         self.path = Path(path)

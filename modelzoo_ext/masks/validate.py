@@ -8,7 +8,9 @@ all hold):
 - the N:M pattern, when the file's structure is N:M (exactly N kept in every M inputs);
 - with `--expected-sparsity S --tolerance T`: |achieved - S| <= T;
 - with `--model`: every mask names a tensor of the model with the same shape, every tensor the
-  recorded target rule selects has a mask, and each weight's sha256 matches the one recorded.
+  recorded target rule selects has a mask, and each weight's checksum matches the one recorded
+  (check `source <algorithm> <name>`: blake3, or sha256 for format-version-1 files). The
+  weights are read ahead and hashed on two threads (`stream.py`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from tqdm import tqdm
 
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
-from modelzoo_ext.masks.format import MaskFile, tensor_sha256
+from modelzoo_ext.masks import checksum
+from modelzoo_ext.masks.format import MaskFile
 from modelzoo_ext.masks.select import Structure
+from modelzoo_ext.masks.stream import pipeline
 from modelzoo_ext.masks.targets import TargetRule
 
 
@@ -99,16 +103,24 @@ def _check_against_model(mask_file: MaskFile, model_dir: str | Path, report: Rep
     if rule is not None:
         missing = rule.missing(present, mask_file.keys())
         report.add("every targeted tensor has a mask", not missing, f"missing: {missing[:10]}")
-    recorded = {n: mask_file.info(n).get("source_sha256") for n in usable}
-    to_hash = [n for n in usable if recorded[n]]
-    for name, weight in tqdm(
-        checkpoint.iter_tensors(to_hash), total=len(to_hash), desc="hash weights", unit="tensor", leave=False
+    recorded = {n: mask_file.source_checksum(n) for n in usable}
+    entries = checkpoint.entries([n for n in usable if recorded[n]])
+    if not entries:
+        return
+
+    def same_source(entry, raw) -> tuple[str, str, bool]:
+        algorithm = checksum.algorithm_of(recorded[entry.name])
+        return entry.name, algorithm, checksum.array_checksum(raw, algorithm) == recorded[entry.name]
+
+    budget = max(64 << 20, 2 * max(e.nbytes for e in entries))
+    results = pipeline(checkpoint.read, entries, same_source, workers=2, budget=budget)
+    for name, algorithm, same in tqdm(
+        results, total=len(entries), desc="hash weights", unit="tensor", leave=False
     ):
-        actual = tensor_sha256(weight)
         report.add(
-            f"source sha256 {name}",
-            actual == recorded[name],
-            "" if actual == recorded[name] else "the weight differs from the one the mask was computed for",
+            f"source {algorithm} {name}",
+            same,
+            "" if same else "the weight differs from the one the mask was computed for",
         )
 
 

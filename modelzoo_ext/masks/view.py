@@ -123,7 +123,7 @@ class MaskView:
         hf_name = name if self.naming == "hf" else key
         if self.converted and rope_kind(hf_name, self.family) is not None:
             return None
-        return self.file.info(key).get("source_sha256")
+        return self.file.source_checksum(key)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, mask) for every mask, one at a time."""
