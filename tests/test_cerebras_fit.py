@@ -196,7 +196,9 @@ def test_cs_throughput_counts_each_steps_tokens_over_its_time(fit_runs, tiny_wor
     throughput = cs_throughput(run, params)
     assert throughput["tokens"] == 2 * (tokens[0] + tokens[1]) and throughput["samples"] == 16
     assert throughput["seconds"] == pytest.approx(sum(times[s] for s in (1, 2, 3, 4)), rel=1e-12)
-    assert throughput["tokens_per_s"] == pytest.approx(throughput["tokens"] / throughput["seconds"], rel=1e-12)
+    assert throughput["tokens_per_s"] == pytest.approx(
+        throughput["tokens"] / throughput["seconds"], rel=1e-12
+    )
     assert throughput["padded_tokens"] == 16 * data[0].shape[-1]
 
 

@@ -65,7 +65,9 @@ def test_paired_difference_is_deterministic_and_pairs_the_examples():
 def test_verdict_needs_an_interval_that_excludes_zero_and_enough_examples():
     assert stats.verdict(stats.Estimate(0.05, 0.01, 0.09, 100, "m"), "s2s", "s2d") == "s2s better"
     assert stats.verdict(stats.Estimate(-0.05, -0.09, -0.01, 100, "m"), "s2s", "s2d") == "s2d better"
-    assert stats.verdict(stats.Estimate(0.02, -0.01, 0.05, 100, "m"), "s2s", "s2d") == "no detectable difference"
+    assert (
+        stats.verdict(stats.Estimate(0.02, -0.01, 0.05, 100, "m"), "s2s", "s2d") == "no detectable difference"
+    )
     # Lower is better (a loss): a negative difference favours the first.
     assert stats.verdict(stats.Estimate(-0.1, -0.2, -0.05, 100, "m"), "s2s", "s2d", False) == "s2s better"
     few = stats.Estimate(0.5, 0.4, 0.6, stats.MIN_EXAMPLES_FOR_VERDICT - 1, "m")
