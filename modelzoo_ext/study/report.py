@@ -383,7 +383,8 @@ def _errorbar(ax, rows: list[dict[str, Any]], **style) -> None:
     y = np.array([r["mean"] for r in rows])
     low = np.array([r["ci95_low"] for r in rows])
     high = np.array([r["ci95_high"] for r in rows])
-    yerr = np.nan_to_num(np.vstack([y - low, high - y]), nan=0.0)
+    # A percentile bootstrap interval need not contain its estimate: draw no bar on that side.
+    yerr = np.clip(np.nan_to_num(np.vstack([y - low, high - y]), nan=0.0), 0.0, None)
     ax.errorbar(x, y, yerr=yerr, capsize=3, marker="o", markersize=3, **style)
 
 

@@ -67,7 +67,8 @@ def wilson(successes: float, n: int) -> tuple[float, float]:
     denominator = 1 + Z95**2 / n
     centre = (p + Z95**2 / (2 * n)) / denominator
     half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # The interval contains p in exact arithmetic; at p = 0 or 1 rounding could put p outside by ~1e-17.
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def per_example_mean(scores: np.ndarray | list[float]) -> Estimate:
@@ -141,7 +142,10 @@ def paired_ratio_difference(
 
 
 def verdict(difference: Estimate, first: str, second: str, higher_is_better: bool = True) -> str:
-    """ "no detectable difference" when the interval covers 0; else which side is better."""
+    """ "no detectable difference" when the interval covers 0; else which side is better; no
+    verdict below `MIN_EXAMPLES_FOR_VERDICT` examples (the bootstrap interval is not trusted there)."""
+    if difference.n < MIN_EXAMPLES_FOR_VERDICT:
+        return f"no verdict (fewer than {MIN_EXAMPLES_FOR_VERDICT} examples)"
     if math.isnan(difference.low) or difference.covers(0.0):
         return "no detectable difference"
     better_first = (difference.value > 0) == higher_is_better
