@@ -426,7 +426,8 @@ class RopeLayout:
         if model.get("attention_module") == "multiquery_attention":
             kv_heads = int(model["extra_attention_params"]["num_kv_groups"])
         head_dim = inner // heads
-        experts = int((model.get("moe") or {}).get("num_experts") or 0)
+        moe = model.get("moe") or model.get("moe_params") or {}  # YAML alias / pydantic field name
+        experts = int(moe.get("num_experts") or 0)
         return cls(heads, kv_heads, head_dim, int(model.get("rotary_dim") or head_dim), experts)
 
     def heads_for(self, rope: str) -> int:

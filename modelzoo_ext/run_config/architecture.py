@@ -6,10 +6,14 @@ One key map serves three uses:
 - `check_architecture`: does a run config describe this HF model? The reference trainer asks it
   before reading any weight, so both backends of a grid point train the same network.
 
-The map is ModelZoo 2.10's stock `llama`/`mistral` config converters' (tested against them where
-ModelZoo is installed), minus `norm_first` and `use_ff_layer1_dropout`, which the stock
-converter writes but 2.10's `GPT2LMHeadModelConfig` rejects. Written here so users without
-ModelZoo can convert; no `cerebras` import.
+The map is ModelZoo 2.10's stock `llama`/`mistral`/`mixtral` config converters' (tested against
+them where ModelZoo is installed), minus `norm_first` and `use_ff_layer1_dropout`, which the stock
+converter writes but 2.10's `GPT2LMHeadModelConfig` rejects. Mixtral adds the `moe:` block
+(`num_local_experts` -> `num_experts`, `num_experts_per_tok` -> `top_k`, `router_aux_loss_coef` ->
+`load_balancing_loss_coef`, plus `moe_implementation: optimized`, the fused experts of
+`sparse_lora_mixtral`); the architecture check compares every `moe` key that changes what the
+network or its training loss computes. Written here so users without ModelZoo can convert; no
+`cerebras` import.
 """
 
 from __future__ import annotations
@@ -75,6 +79,39 @@ def hf_rope(hf_config: dict[str, Any]) -> tuple[float, dict | None]:
     return float(hf_config.get("rope_theta", 10000.0)), hf_config.get("rope_scaling")
 
 
+# What HF Mixtral computes, in ModelZoo's `moe:` keys: learned softmax routing over all experts,
+# top-k renormalised, no router bias, no shared or null experts (transformers'
+# MixtralSparseMoeBlock; ModelZoo's SparseMoEBlock with these values computes the same, in fp32).
+MIXTRAL_MOE_FIXED = {
+    "router_use_bias": False,
+    "router_fp32": True,
+    "routing_algorithm": "learned",
+    "router_selection_nonlinearity": "softmax",
+    "expert_weighting_nonlinearity": "softmax",
+    "expert_weighting_normalization": True,
+    "null_expert_bias": 0.0,
+    "num_shared_experts": None,
+    "probability_before_ffn": False,
+}
+
+
+def _moe_to_cs(hf_config: dict[str, Any], implementation: str) -> dict[str, Any]:
+    """The `moe:` block of a HF Mixtral config (ModelZoo's `ConfigConverter_Mixtral_HF_CS23`)."""
+    jitter = float(hf_config.get("router_jitter_noise") or 0.0)
+    if jitter:
+        raise UserError(
+            f"router_jitter_noise {jitter} has no ModelZoo equivalent (ModelZoo's router has no jitter)",
+            where="config.json",
+            fix="set router_jitter_noise to 0.0 (Mixtral-8x7B's value)",
+        )
+    return {
+        "num_experts": int(hf_config["num_local_experts"]),
+        "top_k": int(hf_config["num_experts_per_tok"]),
+        "load_balancing_loss_coef": float(hf_config.get("router_aux_loss_coef", 0.0)),
+        "moe_implementation": implementation,
+    }
+
+
 def hf_to_cs_model_config(hf_config: dict[str, Any], family: str) -> dict[str, Any]:
     """HF config dict -> the ModelZoo `model:` section (name = the stock family name)."""
     expected_type = get_family(family).hf_model_type
@@ -117,8 +154,11 @@ def hf_to_cs_model_config(hf_config: dict[str, Any], family: str) -> dict[str, A
         model["extra_attention_params"] = {"num_kv_groups": kv_heads}
     if head_dim * heads != hidden:
         model["attention_inner_dim"] = head_dim * heads
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         model["attention_sliding_window_length"] = hf_config.get("sliding_window")
+    implementation = get_family(family).moe_implementation
+    if implementation:
+        model["moe"] = _moe_to_cs(hf_config, implementation)
     return model
 
 
@@ -159,10 +199,17 @@ def cs_to_hf_config(model: dict[str, Any], family: str) -> dict[str, Any]:
         "tie_word_embeddings": bool(model.get("share_embedding_weights", False)),
         "attention_bias": bool(model.get("use_projection_bias_in_attention", False)),
     }
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         config["sliding_window"] = model.get("attention_sliding_window_length")
     else:
         config["mlp_bias"] = bool(model.get("use_ffn_bias", False))
+    if get_family(family).moe_implementation:
+        moe = model.get("moe") or {}
+        config["num_local_experts"] = int(moe["num_experts"])
+        config["num_experts_per_tok"] = int(moe["top_k"])
+        config["router_aux_loss_coef"] = float(moe.get("load_balancing_loss_coef", 0.0))
+        config["router_jitter_noise"] = 0.0
+        config["output_router_logits"] = False
     return config
 
 
@@ -196,6 +243,14 @@ MODELZOO_DEFAULTS: dict[str, Any] = {
     "attention_inner_dim": None,
     "attention_sliding_window_length": None,
 }
+# ModelZoo 2.10's `MoEConfig` defaults (`layers/FeedForwardNetwork.py`), for `moe.<key>` left out.
+MOE_DEFAULTS: dict[str, Any] = {
+    "num_experts": 0,
+    "top_k": 1,
+    "load_balancing_loss_coef": 0.0,
+    "moe_implementation": "experimental",
+    **MIXTRAL_MOE_FIXED,
+}
 
 # Keys of the converted section that do not change what the network computes, and why.
 NOT_COMPARED: dict[str, str] = {
@@ -205,6 +260,8 @@ NOT_COMPARED: dict[str, str] = {
     "config.json value 131072 train the same network on sequences shorter than both",
     "initializer_range": "initialises weights that the checkpoint then overwrites; LoRA factors use their "
     "own seeded rule (sparse_lora.init_seed)",
+    "moe.moe_implementation": "how ModelZoo lays out the experts (every implementation computes the same "
+    "function); sparse_lora_mixtral requires and sets `optimized`",
 }
 
 
@@ -253,13 +310,27 @@ def _equal(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _flat_moe(section: dict[str, Any], defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """`moe: {k: v}` as `moe.k` keys (so a mismatch names the key), over `defaults` for the keys
+    the section leaves out; sections without `moe` stay as they are when `defaults` is None."""
+    flat = {k: v for k, v in section.items() if k != "moe"}
+    if "moe" not in section and defaults is None:
+        return flat
+    moe = {**(defaults or {}), **(section.get("moe") or {})}
+    flat.update({f"moe.{k}": v for k, v in moe.items() if k in MOE_DEFAULTS})
+    return flat
+
+
 def check_architecture(
     model_section: dict[str, Any], hf_config: dict[str, Any], family: str
 ) -> ArchitectureCheck:
     """Compare every key that changes the computation; a key the run config leaves out counts with
     ModelZoo's default (what a CS-3 run would use). Raises nothing: see `ArchitectureCheck.ok`."""
-    expected = hf_to_cs_model_config(hf_config, family)
-    yaml_side = {**MODELZOO_DEFAULTS, **model_section}
+    converted = hf_to_cs_model_config(hf_config, family)
+    moe = "moe" in converted
+    # HF side: what transformers' Mixtral computes; run config side: ModelZoo's defaults.
+    expected = _flat_moe(converted, MIXTRAL_MOE_FIXED if moe else None)
+    yaml_side = {**MODELZOO_DEFAULTS, **_flat_moe(model_section, MOE_DEFAULTS if moe else None)}
     check = ArchitectureCheck(not_compared={k: NOT_COMPARED[k] for k in NOT_COMPARED if k in expected})
     no_scaling = (
         float(expected.get("pos_scaling_factor", 1.0)) == 1.0 == float(yaml_side["pos_scaling_factor"])
@@ -274,8 +345,8 @@ def check_architecture(
         have = _normalised(key, yaml_side.get(key), yaml_side)
         check.compared.append(key)
         if not _equal(want, have):
-            stated = "" if key in model_section else " (not set: ModelZoo's default)"
+            stated = "" if key in _flat_moe(model_section, None) else " (not set: ModelZoo's default)"
             check.mismatches.append(f"{key}: run config {have!r}{stated}, HF model {want!r}")
-    known = set(expected) | set(MODELZOO_DEFAULTS)
+    known = set(expected) | set(MODELZOO_DEFAULTS) | {"moe"}
     check.not_architecture = sorted(k for k in model_section if k not in known)
     return check
