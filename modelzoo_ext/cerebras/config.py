@@ -56,18 +56,27 @@ def _check_targets(sparse_lora: SparseLoRAConfig, family: str) -> SparseLoRAConf
 
 
 def _with_moe_implementation(data, spec: ModelFamily):
-    """`moe.moe_implementation` defaults to the family's and must equal it (raises ValueError)."""
-    if spec.moe_implementation is None or not isinstance(data, dict):
+    """`moe.moe_implementation` defaults to the family's and must equal it (raises ValueError).
+
+    Runs on the raw YAML (`moe:` a dict) and again when pydantic revalidates the built config
+    (`moe_params` then holds the MoEConfig object, which is only checked).
+    """
+    key = next((k for k in ("moe", "moe_params") if isinstance(data, dict) and k in data), None)
+    if spec.moe_implementation is None or key is None:
         return data
-    key = "moe" if "moe" in data or "moe_params" not in data else "moe_params"
-    moe = dict(data.get(key) or {})
-    chosen = moe.setdefault("moe_implementation", spec.moe_implementation)
+    moe = data[key]
+    if moe is not None and not isinstance(moe, dict):
+        chosen = getattr(moe, "moe_implementation", spec.moe_implementation)
+    else:
+        moe = dict(moe or {})
+        chosen = moe.setdefault("moe_implementation", spec.moe_implementation)
+        data = {**data, key: moe}
     if chosen != spec.moe_implementation:
         raise ValueError(
             f"{spec.sparse_lora_model} needs moe.moe_implementation: {spec.moe_implementation} (experts fused "
             f"into [out, E, in], the layout of `sparse-lora convert hf-to-cs` and ModelZoo's converter); got {chosen!r}"
         )
-    return {**data, key: moe}
+    return data
 
 
 def stock_config_class(family: ModelFamily) -> type:
