@@ -275,7 +275,7 @@ def test_every_model_config_passes_modelzoo_validation(tmp_path):
         for folder in data_dirs(yaml.safe_load(config.read_text())):
             (tmp_path / folder).mkdir(parents=True, exist_ok=True)
     code = (
-        "import sys, yaml, modelzoo_ext\n"
+        "import sys, yaml, modelzoo_ext.cerebras  # registers our names when ModelZoo loads\n"
         "from cerebras.modelzoo.trainer.validate import validate_trainer_params\n"
         "for path in sys.argv[1:]:\n"
         "    init = validate_trainer_params(yaml.safe_load(open(path)))[0].init\n"
@@ -296,6 +296,6 @@ def test_every_model_config_passes_modelzoo_validation(tmp_path):
     assert len(lines) == len(configs)
     for line in lines:
         name, model, mode, has_callback, sparsity = line.split()
-        assert model in ("sparse_lora_llama", "sparse_lora_mistral"), line
+        assert model in ("sparse_lora_llama", "sparse_lora_mistral", "sparse_lora_mixtral"), line
         assert mode in ("sparse_to_dense", "sparse_to_sparse") and has_callback == "True", line
         assert sparsity == "None", line  # never the YAML `sparsity:` section (it breaks frozen weights)

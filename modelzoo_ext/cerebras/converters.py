@@ -78,11 +78,12 @@ def converter_classes() -> dict[str, type]:
                 new_config = super().post_config_convert(
                     model, original_config, old_config, new_config, indices, drop
                 )
-                if indices.direction == 0:
+                if indices.direction == 0:  # to CS: ModelZoo wraps the section as {"model": {...}}
+                    section = new_config.get("model", new_config)
                     for key in REJECTED_BY_2_10:
-                        new_config.pop(key, None)
-                    if moe_implementation and "moe" in new_config:
-                        new_config["moe"] = {**new_config["moe"], "moe_implementation": moe_implementation}
+                        section.pop(key, None)
+                    if moe_implementation and "moe" in section:
+                        section["moe"] = {**section["moe"], "moe_implementation": moe_implementation}
                 return new_config
 
         return Config
