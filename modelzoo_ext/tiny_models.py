@@ -102,7 +102,7 @@ def save_tiny_model(
     model = AutoModelForCausalLM.from_config(tiny_config(family))
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("block_sparse_moe.gate.weight"):
+            if name.endswith(("block_sparse_moe.gate.weight", "mlp.gate.weight")):  # transformers 4 / 5
                 param.normal_(0.0, ROUTER_STD)
     kwargs = {"safe_serialization": True}
     if max_shard_size:
