@@ -405,3 +405,28 @@ def test_train_step_adds_the_router_loss_and_fills_unrouted_experts_gradients(ti
     assert (
         RouterLoss.from_model_section({"moe": {"num_experts": 8, "top_k": 2}}) is None
     )  # coef 0: nothing added
+
+
+@pytest.mark.parametrize(
+    "method,structure,scope",
+    [("wanda", "unstructured", "global"), ("gradient", "unstructured", "layer"), ("taylor", "2:4", "layer"),
+     ("random", "rows", "layer"), ("magnitude", "cols", "layer")],
+)  # fmt: skip
+def test_every_method_and_structure_masks_every_expert_and_never_the_router(
+    tiny_mixtral_dir, tmp_path, method, structure, scope
+):
+    from modelzoo_ext.masks.calibration import CalibrationConfig
+    from modelzoo_ext.masks.compute import MaskRequest, compute_masks
+    from modelzoo_ext.masks.format import MaskFile
+
+    if method in ("wanda", "gradient", "taylor") and transformers_major() >= 5:
+        pytest.skip("calibration hooks the per-expert nn.Linear modules of transformers 4.x")
+    request = MaskRequest(
+        method=method, structure=structure, scope=scope, sparsities=(0.5,),
+        calibration=CalibrationConfig(tokens=128, seq_len=32),
+    )  # fmt: skip
+    (result,) = compute_masks(tiny_mixtral_dir, request, tmp_path / "m.safetensors", plot=False)
+    masks = MaskFile(tmp_path / "m.safetensors")
+    assert result["achieved_sparsity"] == 0.5
+    assert len([k for k in masks.keys() if ".experts." in k]) == 2 * E * 3  # noqa: SIM118
+    assert len(masks) == 2 * (4 + E * 3) and not any(".gate." in k for k in masks.keys())  # noqa: SIM118
