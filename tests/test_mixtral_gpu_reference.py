@@ -51,7 +51,7 @@ def torchrun(params: Path, hf: Path, out: Path, *extra: str) -> Path:
 
 
 def step_losses(run: Path) -> list[float]:
-    return [row["loss"] for row in read_metrics(run) if row.get("split") != "eval"]
+    return [row["loss"] for row in read_metrics(run / "metrics.jsonl") if row.get("split") != "eval"]
 
 
 @pytest.mark.parametrize("extra", [(), ("--fsdp",)], ids=["ddp", "fsdp"])
