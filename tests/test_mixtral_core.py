@@ -430,3 +430,31 @@ def test_every_method_and_structure_masks_every_expert_and_never_the_router(
     assert result["achieved_sparsity"] == 0.5
     assert len([k for k in masks.keys() if ".experts." in k]) == 2 * E * 3  # noqa: SIM118
     assert len(masks) == 2 * (4 + E * 3) and not any(".gate." in k for k in masks.keys())  # noqa: SIM118
+
+
+def test_mask_writer_streams_to_disk_and_writes_what_save_file_writes(tmp_path):
+    """The writer holds one mask at a time (Mixtral-8x7B's masks are 5.6 GB packed) and still writes
+    the exact bytes `safetensors.save_file` would, in any order of `add`."""
+    from safetensors.torch import save_file
+
+    from modelzoo_ext.masks.format import METADATA_KEY, MaskFile, MaskWriter, pack_mask
+
+    gen = torch.Generator().manual_seed(0)
+    masks = {f"model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight": torch.rand(9, 5, generator=gen) < 0.5
+             for i in range(2) for e in range(3)}  # fmt: skip
+    writer = MaskWriter(
+        tmp_path / "m.safetensors", naming="hf", metadata={"source_model": {"directory": "/données"}}
+    )
+    for name in reversed(list(masks)):
+        writer.add(name, masks[name])
+    assert not hasattr(writer, "packed")  # nothing kept in memory but the per-tensor records
+    metadata = writer.write()
+    reference = {name: pack_mask(mask) for name, mask in masks.items()}
+    save_file(
+        reference,
+        str(tmp_path / "ref.safetensors"),
+        metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)},
+    )
+    assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert all(torch.equal(MaskFile(tmp_path / "m.safetensors").get(k), m) for k, m in masks.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "ref.safetensors"]  # no spool left

@@ -18,6 +18,11 @@ JSON document:
 
 Every mask's packed bytes and the metadata itself carry a sha256, so a single flipped bit
 anywhere in the file is detected when it is read.
+
+Writing streams: `MaskWriter.add` appends each packed mask to a spool file beside the output, and
+`write` assembles the safetensors file from it (the layout `safetensors.save_file` writes, byte
+for byte), so memory holds one mask at a time, not the whole file (Mixtral-8x7B's masks are
+5.6 GB packed).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.errors import UserError
@@ -106,16 +112,27 @@ class MaskWriter:
         self.path = Path(path)
         self.naming = naming
         self.metadata = dict(metadata or {})
-        self.packed: dict[str, torch.Tensor] = {}
         self.tensors: dict[str, dict[str, Any]] = {}
+        self._spooled: dict[str, tuple[int, int]] = {}  # name -> (offset in the spool, bytes)
+        self._spool = None  # opened on the first add, beside the output (same file system)
+
+    def _spool_file(self):
+        if self._spool is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".spool", dir=self.path.parent)
+            os.unlink(name)  # anonymous: gone with the writer, whatever happens
+            self._spool = os.fdopen(fd, "w+b")
+        return self._spool
 
     def add(self, name: str, mask: torch.Tensor, *, source_sha256: str | None = None) -> None:
         """Add one mask (bool, True = kept) under its parameter name."""
-        if name in self.packed:
+        if name in self.tensors:
             raise UserError(f"mask {name!r} added twice", where=str(self.path))
         packed = pack_mask(mask)
         kept = int(np.count_nonzero(mask.detach().cpu().numpy()))  # far faster than torch's bool .sum()
-        self.packed[name] = packed
+        spool = self._spool_file()
+        self._spooled[name] = (spool.seek(0, os.SEEK_END), packed.numel())
+        spool.write(packed.numpy().tobytes())
         self.tensors[name] = {
             "shape": list(mask.shape),
             "numel": mask.numel(),
@@ -127,7 +144,7 @@ class MaskWriter:
 
     def write(self) -> dict[str, Any]:
         """Write the file (temporary name, then rename) and return its metadata."""
-        if not self.packed:
+        if not self.tensors:
             raise UserError(
                 "no masks to write", where=str(self.path), fix="check the target rule matched tensors"
             )
@@ -144,9 +161,30 @@ class MaskWriter:
             "tensors": self.tensors,
         }
         metadata["metadata_sha256"] = _metadata_digest(metadata)
-        with atomic_file(self.path) as tmp:
-            save_file(self.packed, str(tmp), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        with atomic_file(self.path) as tmp, open(tmp, "wb") as out:
+            self._write_safetensors(out, json.dumps(metadata, sort_keys=True))
+        self._spool.close()
+        self._spool, self._spooled = None, {}
         return metadata
+
+    def _write_safetensors(self, out, metadata_json: str) -> None:
+        """The safetensors layout `save_file` writes for uint8 tensors: an 8-byte little-endian
+        header size, the JSON header (metadata first, tensors by name, padded with spaces to 8
+        bytes), then each tensor's bytes in name order, copied from the spool in chunks."""
+        header: dict[str, Any] = {"__metadata__": {METADATA_KEY: metadata_json}}
+        offset = 0
+        for name in sorted(self._spooled):
+            size = self._spooled[name][1]
+            header[name] = {"dtype": "U8", "shape": [size], "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        out.write(len(encoded).to_bytes(8, "little"))
+        out.write(encoded)
+        for name in sorted(self._spooled):
+            start, size = self._spooled[name]
+            self._spool.seek(start)
+            _copy_bytes(self._spool, out, size)
 
     def __enter__(self) -> MaskWriter:
         return self
@@ -154,6 +192,16 @@ class MaskWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.write()
+
+
+def _copy_bytes(source, target, size: int, chunk: int = 1 << 24) -> None:
+    """Copy `size` bytes from `source`'s position to `target`, 16 MiB at a time."""
+    while size:
+        data = source.read(min(chunk, size))
+        if not data:
+            raise UserError("the mask spool file ended early", fix="check the disk is not full")
+        target.write(data)
+        size -= len(data)
 
 
 class MaskFile:
