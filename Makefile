@@ -46,6 +46,7 @@ demo: $(VENV)/.installed-cs
 
 tiny-assets: $(VENV)/.installed-cs
 	$(PY) -m modelzoo_ext.study.tiny_assets --out build/tiny
+	$(PY) -m modelzoo_ext.study.tiny_assets --out build/tiny_mixtral --family mixtral
 
 lint: $(VENV)/.installed-cs
 	$(PY) -m ruff check .

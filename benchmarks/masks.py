@@ -3,6 +3,8 @@
     python benchmarks/masks.py                 # 1.1B-like (hidden 2048, intermediate 5632, 22 layers)
     python benchmarks/masks.py --shape 7b      # 7B-like (hidden 4096, intermediate 11008, 32 layers)
     python benchmarks/masks.py --shape small   # quick check (a few hundred MB)
+    python benchmarks/masks.py --shape mixtral-scaled  # Mixtral-8x7B's depth, 8 experts and 19 shards,
+                                               # width / 4 (~5.8 GB; benchmarks/masks_mixtral.py)
     python benchmarks/masks.py --cache cold    # only the cold rows (default: cold and warm)
 
 Every row runs in a fresh process on the same files, in one run. `cold`: the checkpoint's pages
@@ -42,6 +44,7 @@ SHAPES = {  # hidden, intermediate, layers, attention heads, kv heads, vocab
     "7b": (4096, 11008, 32, 32, 32, 32000),
     "tiny1": (256, 704, 1, 4, 2, 1000),  # the start-up row's one-layer model
 }
+MIXTRAL_SHAPES = ("mixtral-small", "mixtral-scaled")  # benchmarks/masks_mixtral.py's small / scaled
 IN_PROCESS = ("read", "checksum", "layer", "global")
 CLI = ("cli layer", "cli global")
 ROWS = ("cat",) + IN_PROCESS + CLI
@@ -49,7 +52,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def model_tensors(shape: str) -> list[tuple[str, tuple[int, int]]]:
-    """(name, shape) of a Llama-like model in Hugging Face naming and order."""
+    """(name, shape) of a Llama-like (or Mixtral-like) model in Hugging Face naming and order."""
+    if shape in MIXTRAL_SHAPES:
+        return _mixtral().model_tensors(shape.removeprefix("mixtral-"))
     hidden, inter, layers, heads, kv_heads, vocab = SHAPES[shape]
     kv = hidden // heads * kv_heads
     names = [("model.embed_tokens.weight", (vocab, hidden))]
@@ -100,9 +105,17 @@ def write_checkpoint(directory: Path, shape: str, shard_bytes: int) -> None:
         del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    (directory / "config.json").write_text(
-        json.dumps({"model_type": "llama", "_name_or_path": f"synthetic-{shape}"})
-    )
+    config = {"model_type": "llama"}
+    if shape in MIXTRAL_SHAPES:
+        config = _mixtral().hf_config(shape.removeprefix("mixtral-"))
+    (directory / "config.json").write_text(json.dumps({**config, "_name_or_path": f"synthetic-{shape}"}))
+
+
+def _mixtral():
+    sys.path.insert(0, str(Path(__file__).parent))
+    import masks_mixtral
+
+    return masks_mixtral
 
 
 def peak_rss_bytes() -> int:
@@ -310,7 +323,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny1"], default="1.1b")
+    parser.add_argument(
+        "--shape", choices=[s for s in SHAPES if s != "tiny1"] + list(MIXTRAL_SHAPES), default="1.1b"
+    )
     parser.add_argument("--shard-gb", type=float, default=1.0, help="approximate shard size (default 1 GB)")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
@@ -322,7 +337,7 @@ def main() -> None:
     parser.add_argument(
         "--worker", choices=IN_PROCESS + ("bytes", "hashes", "stages"), help=argparse.SUPPRESS
     )
-    parser.add_argument("--write", choices=SHAPES, help=argparse.SUPPRESS)
+    parser.add_argument("--write", choices=list(SHAPES) + list(MIXTRAL_SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -54,7 +54,14 @@ def export_run(
         with atomic_file(run_dir / "masks.safetensors") as tmp:
             shutil.copyfile(masks_file, tmp)
     if config.export_kind == "adapter":
-        save_adapter(model, run_dir / "adapter", base_model_name_or_path=str(hf_model))
+        # Mixtral: PEFT's transformers-5 fused-expert wrapper refuses lora_dropout != 0 (inference ignores it).
+        moe = getattr(getattr(model, "config", None), "num_local_experts", None)
+        save_adapter(
+            model,
+            run_dir / "adapter",
+            base_model_name_or_path=str(hf_model),
+            lora_dropout=0.0 if moe else None,
+        )
         return "adapter"
     merge_sparse_lora_(model)
     with atomic_dir(run_dir / "merged") as tmp:

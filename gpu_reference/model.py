@@ -48,6 +48,7 @@ def open_base(hf_model: str | Path, cfg: RunConfig) -> BaseModel:
         )
     hf_config = read_json(config_path, CONFIG_FILE)
     family = resolve_family(None, model_name=cfg.init.model.name, hf_config=hf_config, where=cfg.path).name
+    _require_per_expert_linears(family)
     architecture = check_architecture(cfg.init.model.architecture, hf_config, family)
     if not architecture.ok:
         raise UserError(
@@ -57,6 +58,19 @@ def open_base(hf_model: str | Path, cfg: RunConfig) -> BaseModel:
         )
     checkpoint = HFCheckpoint(hf_model)  # every shard's header: no weights / a bad shard is one error
     return BaseModel(checkpoint, family, architecture)
+
+
+def _require_per_expert_linears(family: str) -> None:
+    """Mixtral trains on transformers 4.x, whose experts are `nn.Linear`s (w1/w2/w3) that sparse
+    LoRA wraps one by one; transformers 5 fuses them into 3-D parameters it cannot wrap."""
+    import transformers
+
+    if family == "mixtral" and int(transformers.__version__.split(".")[0]) >= 5:
+        raise UserError(
+            f"the reference trainer runs Mixtral on transformers 4.x (per-expert nn.Linear experts); "
+            f"transformers {transformers.__version__} fuses the experts into 3-D parameters",
+            fix="use transformers 4.57 (the ModelZoo 2.10 stack: pip install 'transformers==4.57.1')",
+        )
 
 
 def load_masks(

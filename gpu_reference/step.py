@@ -9,6 +9,12 @@ of every global batch; the loss of a slice is divided by the *global* token coun
 compute what one process computes on the whole batch), clips by norm or value, and steps the
 optimizer. `on_grads`, if given, is called once the step's gradients are whole (summed over the
 micro-batches and ranks) and before they are clipped: where ModelZoo's `ComputeNorm` reads them.
+A MoE run (`StepConfig.router`) adds ModelZoo's load-balancing loss to each pass's
+loss: coef * (the passes' `aux_loss_sum` over all ranks) / the global batch size.
+
+Every trainable parameter gets a gradient, zero where the step did not reach it (an expert no
+token was routed to: transformers skips it): ModelZoo's fused experts get exact zeros there, so
+the optimizer steps them alike (moments, weight decay), and every rank all-reduces the same set.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from gpu_reference.loss import loss_sums, normalise
+from gpu_reference.loss import RouterLoss, loss_sums, normalise
 from gpu_reference.metrics import non_padding_tokens
 
 
@@ -35,6 +41,7 @@ class StepConfig:
     max_value: float | None = None
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    router: RouterLoss | None = None
 
 
 @dataclass
@@ -78,9 +85,11 @@ def train_step(
     step_loss = torch.zeros((), device=device)
     tokens = loss_tokens = samples = 0
     for batch in micro_batches:
-        loss_sum, count = loss_sums(model, batch, config.autocast, device)
+        loss_sum, count, *aux = loss_sums(model, batch, config.autocast, device, config.router)
         global_count = all_reduce_(count.detach().float().clone(), world)
         loss = normalise(loss_sum, global_count, config.loss_scaling, config.batch_size, config.loss_weight)
+        if config.router is not None:  # each rank's slice of sum_b over the global batch size
+            loss = loss + config.router.coef * aux[0] / config.batch_size
         loss = loss / len(micro_batches)
         loss.backward()
         step_loss += loss.detach().float()
@@ -88,8 +97,9 @@ def train_step(
         loss_tokens += int(global_count)
         samples += batch["input_ids"].shape[0] * world
     for p in trainable:  # sum the slices' gradients: the gradient of the global batch's loss
-        if p.grad is not None:
-            all_reduce_(p.grad, world)
+        if p.grad is None:  # not reached this step (an un-routed expert): zero, as on ModelZoo
+            p.grad = torch.zeros_like(p)
+        all_reduce_(p.grad, world)
     all_reduce_(step_loss, world)
     if on_grads is not None:
         on_grads()

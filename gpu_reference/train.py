@@ -6,7 +6,7 @@
 
 It reads the run config the Cerebras run reads (`params_sparse_lora*.yaml`) and computes what
 ModelZoo's Trainer computes on it: the transformers model from HF_DIR with the shared sparse-LoRA
-layers (`modelzoo_ext.sparse_lora`), ModelZoo's GPT loss (`gpu_reference.loss`),
+layers (`modelzoo_ext.sparse_lora`), ModelZoo's GPT loss (`gpu_reference.loss`; for Mixtral plus ModelZoo's router load-balancing loss),
 cerebras-pytorch's AdamW/SGD and per-step LR formulas (`gpu_reference.optim`,
 `gpu_reference.schedulers`), gradient clipping, bf16 autocast when `precision.enabled`, gradient
 accumulation (`gpu_reference.step`), and the batches `GptHDF5MapDataProcessor` yields for the
@@ -60,7 +60,7 @@ from gpu_reference.checkpoint import (
 from gpu_reference.data import collate, global_batches, rank_slice
 from gpu_reference.distributed import check_fsdp_request, load_lora_factors_, lora_factors, shard_frozen_base
 from gpu_reference.export import export_run, whole_model
-from gpu_reference.loss import validation_loss
+from gpu_reference.loss import RouterLoss, validation_loss
 from gpu_reference.metrics import MetricsWriter, peak_memory_bytes
 from gpu_reference.model import BaseModel, load_hf_model, load_masks, open_base
 from gpu_reference.optim import build_optimizer
@@ -132,6 +132,7 @@ def _step_config(cfg: RunConfig, world_size: int, device: torch.device) -> StepC
         max_value=precision.max_gradient_value if precision else None,
         world_size=world_size,
         device=device,
+        router=RouterLoss.from_model_section(cfg.init.model.architecture),
     )
 
 

@@ -13,6 +13,13 @@ Both hold `sparse_lora_masks.safetensors`, the masks in HF naming.
 Masks come from `--masks` (either naming), else from the checkpoint's `<param>_mask` entries,
 else from `sparse_lora.mask_path` of the config; where a file and the checkpoint both hold a
 mask they must be equal. Tensors are read, converted and written one at a time.
+
+Mixtral: a fused expert tensor [out, E, in] (weight, `expert_weights_mask`, stacked LoRA
+factors) is unstacked into the E per-expert HF tensors first (`name_map.to_hf_parts`); each
+expert then merges through the same `SparseLoRALinear.merged_weight` and is checked like any
+weight, and the adapter holds one `lora_A`/`lora_B` per expert (PEFT's Mixtral layout,
+`target_modules` w1/w2/w3, `lora_dropout` 0.0: PEFT's transformers-5 fused-expert wrapper refuses
+any other value).
 """
 
 from __future__ import annotations
@@ -41,10 +48,10 @@ from modelzoo_ext.name_map import (
     MASK_SUFFIX,
     RopeLayout,
     cs_aliases,
-    cs_to_hf_name,
+    cs_to_hf_names,
     map_names,
     split_name,
-    to_hf,
+    to_hf_parts,
 )
 from modelzoo_ext.run_config import (
     SPARSE_TO_DENSE,
@@ -77,7 +84,11 @@ class CheckpointMasks:
     ) -> None:
         self.origin = str(checkpoint.path)
         self._checkpoint, self._family, self._layout = checkpoint, family, layout
-        self._key = {cs_to_hf_name(k[: -len(MASK_SUFFIX)], family): k for k in mask_keys}
+        self._key: dict[str, tuple[str, int]] = {}  # HF name -> (checkpoint key, expert or 0)
+        for key in mask_keys:
+            for e, name in enumerate(cs_to_hf_names(key[: -len(MASK_SUFFIX)], family, layout.num_experts)):
+                self._key[name] = (key, e)
+        self._last: tuple[str, list] | None = None  # a fused mask is read once for its E experts
 
     def keys(self) -> list[str]:
         return sorted(self._key)
@@ -89,9 +100,11 @@ class CheckpointMasks:
         return len(self._key)
 
     def get(self, name: str) -> torch.Tensor:
-        key = self._key[name]
-        mask = self._checkpoint.get(key).bool()
-        return to_hf(key[: -len(MASK_SUFFIX)], mask, self._family, self._layout)[1]
+        key, expert = self._key[name]
+        if self._last is None or self._last[0] != key:
+            mask = self._checkpoint.get(key).bool()
+            self._last = (key, to_hf_parts(key[: -len(MASK_SUFFIX)], mask, self._family, self._layout))
+        return self._last[1][expert][1]
 
 
 Masks = MaskView | CheckpointMasks
@@ -124,9 +137,18 @@ class _Classified:
             raise UserError(
                 f"LoRA modules without both lora_A and lora_B: {incomplete[:10]}", where=str(checkpoint.path)
             )
-        orphans = [m for m in self.lora if f"{m}.weight" not in self.weights]
+        weights = set(self.weights)
+        orphans = [
+            m for m in self.lora if f"{m}.weight" not in weights and f"{m}.expert_weights" not in weights
+        ]
         if orphans:
             raise UserError(f"LoRA modules without a base weight: {orphans[:10]}", where=str(checkpoint.path))
+
+
+def _hf_weights_of(module: str, family: str, layout: RopeLayout) -> list[str]:
+    """The HF weight names of a CS LoRA module (one, or each expert's of a fused module)."""
+    names = cs_to_hf_names(f"{module}.{LORA_A_SUFFIX}", family, layout.num_experts)
+    return [name.removesuffix(f".{LORA_A_SUFFIX}") + ".weight" for name in names]
 
 
 def _check_aliases(checkpoint: CSCheckpoint, aliases: dict[str, str]) -> None:
@@ -259,38 +281,50 @@ def _hf_config(
     return config
 
 
+def _hf_parts(ctx: _Export, cs_name: str) -> list[tuple[str, torch.Tensor]]:
+    """One CS tensor as its HF tensor(s): renamed, q/k rows permuted, fused experts unstacked."""
+    return to_hf_parts(cs_name, ctx.checkpoint.get(cs_name), ctx.family, ctx.layout)
+
+
+def _lora_parts(ctx: _Export, cs_weight: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The (A, B) of each HF part of a CS weight (HF row order), or None without LoRA."""
+    module, suffix = split_name(cs_weight)
+    parts = ctx.classified.lora.get(module) if suffix in ("weight", "expert_weights") else None
+    if parts is None:
+        return None
+    a_parts, b_parts = _hf_parts(ctx, parts[LORA_A_SUFFIX]), _hf_parts(ctx, parts[LORA_B_SUFFIX])
+    return [(a, b) for (_, a), (_, b) in zip(a_parts, b_parts, strict=True)]
+
+
 def _export_merged(ctx: _Export, tmp: Path) -> dict[str, Any]:
-    checkpoint, family, layout = ctx.checkpoint, ctx.family, ctx.layout
     writer = ShardedSafetensorsWriter(tmp, ctx.max_shard_bytes)
     checks, dtypes = [], set()
     tied = bool(ctx.model_section.get("share_embedding_weights"))
     for cs_name in tqdm(ctx.classified.weights, desc="merging", unit="tensor", disable=not ctx.progress):
-        hf_name, weight = to_hf(cs_name, checkpoint.get(cs_name), family, layout)
-        if tied and hf_name == "lm_head.weight":
-            continue  # HF ties it to the embedding
-        mask = _mask(ctx.masks, ctx.embedded, hf_name)
-        module = cs_name[: -len(".weight")]
-        if module in ctx.classified.lora and cs_name.endswith(".weight"):
-            parts = ctx.classified.lora[module]
-            a = checkpoint.get(parts[LORA_A_SUFFIX])
-            b = to_hf(parts[LORA_B_SUFFIX], checkpoint.get(parts[LORA_B_SUFFIX]), family, layout)[1]
-            weight = _lora_layer(module, weight, mask, a, b, ctx.config).merged_weight()
-        elif mask is not None:
-            weight = masked_weight(weight, mask)
-        if mask is not None:
-            checks.append(check_tensor(hf_name, weight, mask))
-        dtypes.add(weight.dtype)
-        writer.add(hf_name, weight.to(ctx.dtype) if ctx.dtype else weight)
+        lora = _lora_parts(ctx, cs_name)
+        for i, (hf_name, weight) in enumerate(_hf_parts(ctx, cs_name)):
+            if tied and hf_name == "lm_head.weight":
+                continue  # HF ties it to the embedding
+            mask = _mask(ctx.masks, ctx.embedded, hf_name)
+            if lora is not None:
+                a, b = lora[i]
+                weight = _lora_layer(hf_name, weight, mask, a, b, ctx.config).merged_weight()
+            elif mask is not None:
+                weight = masked_weight(weight, mask)
+            if mask is not None:
+                checks.append(check_tensor(hf_name, weight, mask))
+            dtypes.add(weight.dtype)
+            writer.add(hf_name, weight.to(ctx.dtype) if ctx.dtype else weight)
     report = SparsityReport(tensors=checks)
     if _must_stay_sparse(ctx.config) and report.total_violations:
         raise UserError(
             f"the merged model breaks its masks ({report.total_violations} nonzeros off the mask); nothing written",
-            where=str(checkpoint.path),
+            where=str(ctx.checkpoint.path),
             fix="check the masks are the ones the run was trained with",
         )
     writer.close()
     out_dtype = ctx.dtype or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
-    config = _hf_config(ctx.model_section, family, ctx.base_model, out_dtype)
+    config = _hf_config(ctx.model_section, ctx.family, ctx.base_model, out_dtype)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"merged_is_sparse": _must_stay_sparse(ctx.config), "sparsity_check": report.to_dict()}
 
@@ -307,16 +341,18 @@ def _export_adapter(ctx: _Export, tmp: Path) -> dict[str, Any]:
             fix="export it with --as merged (zero violations are checked)",
         )
     skeleton = nn.Module()
-    for module, parts in ctx.classified.lora.items():
-        hf_module = cs_to_hf_name(f"{module}.weight", ctx.family)[: -len(".weight")]
-        a = ctx.checkpoint.get(parts[LORA_A_SUFFIX])
-        b = to_hf(parts[LORA_B_SUFFIX], ctx.checkpoint.get(parts[LORA_B_SUFFIX]), ctx.family, ctx.layout)[1]
-        meta_weight = torch.empty(b.shape[0], a.shape[1], dtype=a.dtype, device="meta")
-        layer = _lora_layer(module, meta_weight, None, a, b, config)
-        layer.set_mask(_mask(ctx.masks, ctx.embedded, f"{hf_module}.weight"))
-        _set_submodule(skeleton, hf_module, layer)
+    for parts in ctx.classified.lora.values():
+        a_parts, b_parts = _hf_parts(ctx, parts[LORA_A_SUFFIX]), _hf_parts(ctx, parts[LORA_B_SUFFIX])
+        for (a_name, a), (_, b) in zip(a_parts, b_parts, strict=True):
+            hf_module = a_name[: -len("." + LORA_A_SUFFIX)]
+            meta_weight = torch.empty(b.shape[0], a.shape[1], dtype=a.dtype, device="meta")
+            layer = _lora_layer(hf_module, meta_weight, None, a, b, config)
+            layer.set_mask(_mask(ctx.masks, ctx.embedded, f"{hf_module}.weight"))
+            _set_submodule(skeleton, hf_module, layer)
     base = str(ctx.base_model) if ctx.base_model else None
-    save_adapter(skeleton, tmp, base_model_name_or_path=base)
+    # PEFT's transformers-5 fused-expert wrapper refuses lora_dropout != 0 (inference ignores it).
+    dropout = 0.0 if ctx.layout.num_experts else None
+    save_adapter(skeleton, tmp, base_model_name_or_path=base, lora_dropout=dropout)
     return {"lora_modules": len(ctx.classified.lora)}
 
 
@@ -395,14 +431,18 @@ def export_cs_to_hf(
         max_shard_bytes=max_shard_bytes,
         progress=progress,
     )
-    weights_hf = {cs_to_hf_name(w, family) for w in classified.weights}
+    weights_hf = {n for w in classified.weights for n in cs_to_hf_names(w, family, layout.num_experts)}
     stray = [name for name in (masks.keys() if masks else []) if name not in weights_hf]
     if stray:
         raise UserError(
             f"masks name no weight of the checkpoint: {stray[:10]}", where=str(masks_path or checkpoint.path)
         )
     if config is not None and not config.dense_baseline:
-        unmasked = [m for m in classified.lora if cs_to_hf_name(f"{m}.weight", family) not in (masks or ())]
+        unmasked = [
+            m
+            for m in classified.lora
+            if any(n not in (masks or ()) for n in _hf_weights_of(m, family, layout))
+        ]
         if unmasked:
             raise UserError(
                 f"{len(unmasked)} LoRA layers have no mask: {unmasked[:5]}",

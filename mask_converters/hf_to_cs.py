@@ -13,7 +13,11 @@ Masks must belong to the checkpoint (`modelzoo_ext.masks.provenance`): its sourc
 output; anything else is refused unless `--skip-provenance-check`.
 
 Streaming: tensors are read from the safetensors shards, converted and written one at a time
-(see `cs_checkpoint.save_cs_checkpoint`); nothing holds the whole model.
+(see `cs_checkpoint.save_cs_checkpoint`); nothing holds the whole model. Mixtral's experts are
+stacked into ModelZoo's fused [out, E, in] tensors (`modelzoo_ext.name_map`), so the peak is one
+fused tensor and its E parts (2 x 1.75 GiB in fp32 for Mixtral-8x7B's w1); the model config gets
+`moe.moe_implementation: optimized`, the layout that loads this checkpoint. A transformers-5
+checkpoint with fused experts is read through the same per-expert names (`HFCheckpoint`).
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ from modelzoo_ext.name_map import (
     MASK_SUFFIX,
     RopeLayout,
     cs_aliases,
+    group_by_cs,
     hf_to_cs_name,
+    is_fused,
     map_names,
-    to_cs,
+    to_cs_stacked,
 )
 from modelzoo_ext.run_config import hf_to_cs_model_config, trainer_yaml_model_section
 
@@ -49,7 +55,8 @@ CS_MASKS_NAME = "masks_cs.safetensors"
 
 
 def _check_masks_fit(masks: MaskFile, checkpoint: HFCheckpoint) -> None:
-    missing = [name for name in masks.keys() if name not in checkpoint.key_to_shard]  # noqa: SIM118 (not a dict)
+    present = set(checkpoint.keys())  # noqa: SIM118 (not a dict)
+    missing = [name for name in masks.keys() if name not in present]  # noqa: SIM118 (not a dict)
     if missing:
         raise UserError(
             f"{len(missing)} masks name no tensor of the checkpoint: {missing[:10]}",
@@ -66,21 +73,27 @@ def _check_masks_fit(masks: MaskFile, checkpoint: HFCheckpoint) -> None:
 
 
 def _weight_entries(checkpoint: HFCheckpoint, family: str, layout: RopeLayout) -> dict[str, LazyTensor]:
-    """CS name -> LazyTensor for every HF tensor (renamed, q/k rows permuted)."""
+    """CS name -> LazyTensor for every HF tensor (renamed, q/k rows permuted, experts stacked)."""
     names = [n for n in checkpoint.keys() if not HF_RECOMPUTED.fullmatch(n)]  # noqa: SIM118 (not a dict)
-    mapped = map_names(names, family, to_cs=True, where=str(checkpoint.directory))
-    state: dict[str, LazyTensor] = {}
-    for hf_name in names:
-        state[mapped[hf_name]] = _lazy_hf(checkpoint, hf_name, family, layout)
-    return state
+    where = str(checkpoint.directory)
+    map_names(names, family, to_cs=True, where=where)  # every unknown tensor in one error
+    groups = group_by_cs(names, family, layout.num_experts, where=where)
+    return {
+        cs_name: _lazy_hf(checkpoint, cs_name, parts, family, layout) for cs_name, parts in groups.items()
+    }
 
 
-def _lazy_hf(checkpoint: HFCheckpoint, hf_name: str, family: str, layout: RopeLayout) -> LazyTensor:
-    dtype = checkpoint.dtype_name(hf_name)
+def _lazy_hf(
+    checkpoint: HFCheckpoint, cs_name: str, parts: list[str], family: str, layout: RopeLayout
+) -> LazyTensor:
+    """The CS tensor made of the HF tensors `parts` (one, or every expert of a fused tensor)."""
+    shape = checkpoint.shape(parts[0])
+    if is_fused(cs_name, family):
+        shape = (shape[0], len(parts), *shape[1:])
     return LazyTensor(
-        checkpoint.shape(hf_name),
-        _safetensors_dtype(dtype),
-        lambda: to_cs(hf_name, checkpoint.get(hf_name), family, layout)[1],
+        shape,
+        _safetensors_dtype(checkpoint.dtype_name(parts[0])),
+        lambda: to_cs_stacked(cs_name, [(n, checkpoint.get(n)) for n in parts], family, layout),
     )
 
 

@@ -22,7 +22,9 @@ class ModelFamily:
 
     `modelzoo_module` holds ModelZoo's stock model class `modelzoo_class` and its config class
     `modelzoo_config_class`; the sparse-LoRA variant registered with ModelZoo is named
-    `sparse_lora_<name>`.
+    `sparse_lora_<name>`. `moe_implementation` is set for mixture-of-experts families: the
+    ModelZoo `moe.moe_implementation` the variant requires (`optimized`: experts fused into
+    `[out, E, in]` tensors, the layout ModelZoo's own checkpoint converter writes).
     """
 
     name: str
@@ -32,6 +34,7 @@ class ModelFamily:
     modelzoo_module: str
     modelzoo_class: str
     modelzoo_config_class: str
+    moe_implementation: str | None = None
 
     @property
     def sparse_lora_model(self) -> str:
@@ -40,7 +43,7 @@ class ModelFamily:
 
     @property
     def class_stem(self) -> str:
-        """`Llama`, `Mistral`: the stem of the generated class names (`SparseLoRALlamaModel`)."""
+        """`Llama`, `Mistral`, `Mixtral`: the stem of the generated class names (`SparseLoRALlamaModel`)."""
         return self.name.title()
 
 
@@ -63,12 +66,22 @@ FAMILIES: dict[str, ModelFamily] = {
         modelzoo_class="MistralModel",
         modelzoo_config_class="MistralModelConfig",
     ),
+    "mixtral": ModelFamily(
+        name="mixtral",
+        hf_model_type="mixtral",
+        hf_architecture="MixtralForCausalLM",
+        modelzoo_model="mixtral",
+        modelzoo_module="cerebras.modelzoo.models.nlp.mixtral.model",
+        modelzoo_class="MixtralModel",
+        modelzoo_config_class="MixtralModelConfig",
+        moe_implementation="optimized",
+    ),
 }
 FAMILY_NAMES = tuple(FAMILIES)
 
 
 def get_family(name: str, *, where: str | None = None) -> ModelFamily:
-    """The family called `name` (`llama`, `mistral`); UserError listing the known ones otherwise."""
+    """The family called `name` (`llama`, `mistral`, `mixtral`); UserError listing the known ones otherwise."""
     if name not in FAMILIES:
         raise UserError(
             f"unknown model family {name!r}", where=where, fix=f"use one of {', '.join(FAMILY_NAMES)}"

@@ -4,6 +4,13 @@ A 7B checkpoint is ~15 GB in bf16: nothing in this package loads a whole model t
 weights. `HFCheckpoint` opens shards with `safetensors.safe_open` (memory-mapped) and hands out
 one tensor at a time, grouped by shard so each shard is opened once per pass.
 
+transformers 5 stores Mixtral's experts fused (`mlp.experts.gate_up_proj` [E, 2I, H], ...; only
+when saved with `save_original_format=False`). Such a checkpoint is shown under the per-expert
+names of transformers 4.57 (`block_sparse_moe.experts.{e}.w1.weight`, via
+`modelzoo_ext.name_map.hf_fused_parts`): `keys`, `shape`, `get` and `iter_tensors` see one
+naming whichever way the file stores the experts, and `get` reads only that expert's slice.
+`stored_parts` tells the writers (`masks apply`) which slice of a stored tensor a name is.
+
 Every shard is opened through `open_shard`, the one guarded open: a truncated or corrupt file
 (safetensors checks that its header and data fit the file) becomes a UserError naming the file,
 and every shard is opened once when the checkpoint is constructed, so a bad file stops a command
@@ -31,6 +38,7 @@ from safetensors import safe_open
 
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.fingerprint import fingerprint_files
+from modelzoo_ext.name_map import FusedPart, hf_fused_parts
 
 if TYPE_CHECKING:
     import torch
@@ -81,7 +89,8 @@ class HFCheckpoint:
                 where=str(self.directory),
                 fix="pass a Hugging Face model directory (config.json + *.safetensors)",
             )
-        self.key_to_shard = self._read_layout()
+        self.key_to_shard = self._read_layout()  # stored tensor names -> shard
+        self._parts = self._fused_parts()  # per-expert name -> (stored name, index) of v5 tensors
 
     def _read_layout(self) -> dict[str, Path]:
         index = self.directory / INDEX_FILE
@@ -115,6 +124,31 @@ class HFCheckpoint:
             fix="pass a Hugging Face model directory saved with safetensors (config.json alone is not a model)",
         )
 
+    def _fused_parts(self) -> dict[str, FusedPart]:
+        """The per-expert names of a transformers-5 Mixtral checkpoint's fused tensors (else empty)."""
+        if self.config.get("model_type") != "mixtral":
+            return {}
+        parts: dict[str, FusedPart] = {}
+        for shard, keys in self.shards().items():
+            with open_shard(shard) as f:
+                for key in keys:
+                    found = hf_fused_parts(key, tuple(f.get_slice(key).get_shape()))
+                    parts.update(found or {})
+        clash = sorted(set(parts) & set(self.key_to_shard))
+        if clash:
+            raise UserError(
+                f"the checkpoint stores experts both per expert and fused (e.g. {clash[0]})",
+                where=str(self.directory),
+                fix="re-save it with one transformers version",
+            )
+        return parts
+
+    def stored_parts(self, stored: str) -> dict[str, tuple]:
+        """Name -> index into the stored tensor `stored`, for the per-expert names it holds
+        (transformers 5 fused experts); {stored: ()} for a tensor stored under its own name."""
+        found = {name: index for name, (key, index) in self._parts.items() if key == stored}
+        return found or {stored: ()}
+
     @staticmethod
     def _check_shard(shard: Path, indexed: list[str]) -> None:
         """The shard opens, and holds every tensor the index places in it."""
@@ -142,8 +176,9 @@ class HFCheckpoint:
         return self.config
 
     def keys(self) -> list[str]:
-        """All tensor names, sorted."""
-        return sorted(self.key_to_shard)
+        """All tensor names (experts per expert, see the module docstring), sorted."""
+        fused = {key for key, _ in self._parts.values()}
+        return sorted([k for k in self.key_to_shard if k not in fused] + list(self._parts))
 
     def weight_files(self) -> list[Path]:
         """The safetensors files holding the weights."""
@@ -166,13 +201,20 @@ class HFCheckpoint:
         }
 
     def shards(self) -> dict[Path, list[str]]:
-        """Shard file -> the tensor names it holds (in file order of first appearance)."""
+        """Shard file -> the stored tensor names it holds (in file order of first appearance)."""
         grouped: dict[Path, list[str]] = {}
         for key, shard in self.key_to_shard.items():
             grouped.setdefault(shard, []).append(key)
         return grouped
 
+    def _stored(self, key: str) -> tuple[str, tuple]:
+        """(stored name, index into it) of a tensor name."""
+        self._require(key)
+        return self._parts.get(key, (key, ()))
+
     def _require(self, key: str) -> Path:
+        if key in self._parts:
+            return self.key_to_shard[self._parts[key][0]]
         if key not in self.key_to_shard:
             raise UserError(
                 f"tensor {key!r} is not in the checkpoint",
@@ -183,52 +225,63 @@ class HFCheckpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of one tensor, read from the shard header (no data loaded)."""
+        stored, index = self._stored(key)
         with open_shard(self._require(key), framework="numpy") as f:
-            return tuple(f.get_slice(key).get_shape())
+            return _indexed_shape(tuple(f.get_slice(stored).get_shape()), index)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """name -> shape for every tensor, reading each shard's header once."""
-        shapes = {}
+        stored_shapes = {}
         for shard, keys in self.shards().items():
             with open_shard(shard, framework="numpy") as f:
                 for key in keys:
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-        return shapes
+                    stored_shapes[key] = tuple(f.get_slice(key).get_shape())
+        return {
+            key: _indexed_shape(stored_shapes[s], index)
+            for key in self.keys()
+            for s, index in [self._stored(key)]
+        }
 
     def dtype_name(self, key: str) -> str:
         """The safetensors dtype of one tensor ("BF16", "F32", ...), from the header."""
         with open_shard(self._require(key), framework="numpy") as f:
-            return f.get_slice(key).get_dtype()
+            return f.get_slice(self._stored(key)[0]).get_dtype()
 
     def get(self, key: str) -> torch.Tensor:
-        """Load one tensor."""
+        """Load one tensor (of a fused transformers-5 tensor, only the slice it names)."""
         with open_shard(self._require(key)) as f:
-            return f.get_tensor(key)
+            return _read(f, *self._stored(key))
 
     def iter_tensors(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) for `keys` (default: all), shard by shard, one tensor in memory at a time."""
-        wanted = set(self.keys() if keys is None else keys)
+        wanted = sorted(set(self.keys() if keys is None else keys))
+        by_shard: dict[Path, list[str]] = {}
         for key in wanted:
-            self._require(key)
-        for shard, shard_keys in self.shards().items():
-            selected = [k for k in shard_keys if k in wanted]
+            by_shard.setdefault(self._require(key), []).append(key)
+        order = {key: i for i, key in enumerate(self.key_to_shard)}  # file order within a shard
+        for shard in self.shards():
+            selected = sorted(by_shard.get(shard, []), key=lambda k: (order[self._stored(k)[0]], k))
             if not selected:
                 continue
             with open_shard(shard) as f:
                 for key in selected:
-                    yield key, f.get_tensor(key)
+                    yield key, _read(f, *self._stored(key))
 
     def entries(self, keys: Iterable[str]) -> list[TensorEntry]:
-        """Where each of `keys` lies on disk, in reading order: shard by shard, by file offset."""
+        """Where each of `keys` lies on disk, in reading order: shard by shard, by file offset.
+        A per-expert name of a fused transformers-5 tensor is its slice (a contiguous range)."""
         wanted = set(keys)
-        for key in wanted:
-            self._require(key)
+        by_shard: dict[Path, list[str]] = {}
+        for key in sorted(wanted):
+            by_shard.setdefault(self._require(key), []).append(key)
         located = []
-        for shard, shard_keys in self.shards().items():
-            selected = [k for k in shard_keys if k in wanted]
-            if selected:
+        for shard in self.shards():  # the index's shard order
+            if shard in by_shard:
                 header = read_safetensors_header(shard)
-                located += sorted((header[k] for k in selected), key=lambda e: e.begin)
+                found = [
+                    _part_entry(header[self._stored(k)[0]], k, self._stored(k)[1]) for k in by_shard[shard]
+                ]
+                located += sorted(found, key=lambda e: e.begin)
         return located
 
     def read(self, entry: TensorEntry, out: np.ndarray | None = None) -> np.ndarray:
@@ -250,6 +303,38 @@ class HFCheckpoint:
                     )
                 done += got
         return buffer
+
+
+def _indexed_shape(shape: tuple[int, ...], index: tuple) -> tuple[int, ...]:
+    """The shape of `tensor[index]` for a tensor of `shape` (ints drop a dim, slices cut it)."""
+    out = list(shape)
+    for dim in reversed(range(len(index))):
+        item = index[dim]
+        if isinstance(item, int):
+            del out[dim]
+        else:
+            out[dim] = len(range(*item.indices(shape[dim])))
+    return tuple(out)
+
+
+def _read(handle, stored: str, index: tuple) -> torch.Tensor:
+    """The tensor `stored` of an open shard, or only `stored[index]` (read from the file alone)."""
+    if not index:
+        return handle.get_tensor(stored)
+    return handle.get_slice(stored)[index].contiguous()
+
+
+def _part_entry(entry: TensorEntry, name: str, index: tuple) -> TensorEntry:
+    """The entry of `stored[index]` where index is (e,) or (e, slice(a, b)) of a row-major
+    [E, R, C] tensor: bytes [e, a, 0] up to [e, b, 0], contiguous in the file."""
+    if not index:
+        return entry
+    experts, rows, cols = entry.shape
+    first, last = (0, rows) if len(index) == 1 else index[1].indices(rows)[:2]
+    itemsize = entry.nbytes // entry.numel
+    begin = entry.begin + (index[0] * rows + first) * cols * itemsize
+    shape = _indexed_shape(entry.shape, index)
+    return TensorEntry(name, entry.shard, entry.dtype, shape, begin, begin + (last - first) * cols * itemsize)
 
 
 # safetensors dtype -> (torch dtype name, bytes per element)

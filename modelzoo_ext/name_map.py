@@ -15,6 +15,18 @@ carried over unchanged: `weight`, `bias`, the LoRA tensors `lora_A.weight` / `lo
 (PEFT's names, used by `modelzoo_ext.sparse_lora`) and cstorch's mask buffers `weight_mask`
 (cstorch registers the mask of parameter `p` on the owning module as `p_mask`).
 
+Mixture of experts (Mixtral): HF stores one tensor per expert
+(`model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight` [I, H]); ModelZoo's `optimized` MoE
+stores the experts of one projection fused, stacked on dim 1
+(`...ffn.experts.fused_ffns.0.linear_layer_for_glu.expert_weights` [I, E, H], `fused[:, e] = w1_e`,
+exactly ModelZoo's own `mixtral` converter). A fused rule maps E HF tensors to one CS tensor; the
+same stacking carries the weight, its mask (`expert_weights_mask`) and both LoRA factors
+(`lora_A.weight` [r, E, in], `lora_B.weight` [out, E, r]). `hf_to_cs_name` maps an expert's name
+to the fused name, `cs_to_hf_names` a fused name to the E expert names, `to_cs_stacked` /
+`to_hf_parts` move the tensors. transformers 5 stores the experts fused too, in its own layout
+(`mlp.experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]); `hf_fused_parts` names the
+per-expert slices of those, so every reader sees one HF naming (4.57's, per expert).
+
 RoPE: HF rotates halves of each head (rotate-half), CS rotates interleaved pairs, so the rows of
 q and k projections are permuted per head between the two formats (exactly what ModelZoo's stock
 `llama` converter does). Every tensor whose rows index q/k output channels takes the same
@@ -28,20 +40,25 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.families import get_family
+
+if TYPE_CHECKING:  # torch is imported where tensors are permuted: reading names and shapes needs none
+    import torch
 
 # Tensor suffixes after the module path, longest first so `lora_B.weight` wins over `weight`.
 LORA_A_SUFFIX = "lora_A.weight"
 LORA_B_SUFFIX = "lora_B.weight"
 MASK_SUFFIX = "_mask"
+# A fused expert module's parameter is `expert_weights` (ModelZoo's `TopKExpertsSparseLinear`).
+FUSED_SUFFIXES = {"weight": "expert_weights", "weight" + MASK_SUFFIX: "expert_weights" + MASK_SUFFIX}
 TENSOR_SUFFIXES = (
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
+    "expert_weights" + MASK_SUFFIX,
+    "expert_weights",
     "weight" + MASK_SUFFIX,
     "bias" + MASK_SUFFIX,
     "weight",
@@ -62,11 +79,15 @@ class ModuleRule:
     """One module path in HF naming and in CS naming; `{layer}` stands for a layer index.
 
     `rope` is "q" or "k" when the module's output rows are rotary query/key channels.
+    `fused`: the HF path has an `{expert}` index and CS stacks the experts' tensors on dim 1.
+    `lora_target`: whether a LoRA target name may select the module (never the MoE router).
     """
 
     hf: str
     cs: str
     rope: str | None = None
+    fused: bool = False
+    lora_target: bool = True
 
 
 @dataclass(frozen=True)
@@ -89,6 +110,8 @@ def _in_decoder_layers(rules: Iterable[ModuleRule]) -> tuple[ModuleRule, ...]:
             f"model.layers.{{layer}}.{r.hf}",
             f"{CS_PREFIX}transformer_decoder.layers.{{layer}}.{r.cs}",
             r.rope,
+            r.fused,
+            r.lora_target,
         )
         for r in rules
     )
@@ -116,10 +139,25 @@ LLAMA_RULES = (
 )
 LLAMA_CS_ALIASES = {f"{CS_PREFIX}ln_f": f"{CS_PREFIX}transformer_decoder.norm"}
 
+# Mixtral: Llama's attention and norms, a router and fused experts (ModelZoo 2.10's `mixtral.py`
+# converter, `moe_implementation: optimized`; checked tensor for tensor in tests/test_mixtral_*.py).
+# ModelZoo's swiglu is `linear_layer(x) * silu(linear_layer_for_glu(x))`: w3 is `linear_layer`.
+MIXTRAL_LAYER_RULES = (
+    *LLAMA_LAYER_RULES[:6],
+    ModuleRule("block_sparse_moe.gate", "ffn.gate", lora_target=False),
+    ModuleRule(
+        "block_sparse_moe.experts.{expert}.w1", "ffn.experts.fused_ffns.0.linear_layer_for_glu", fused=True
+    ),
+    ModuleRule("block_sparse_moe.experts.{expert}.w3", "ffn.experts.fused_ffns.0.linear_layer", fused=True),
+    ModuleRule("block_sparse_moe.experts.{expert}.w2", "ffn.experts.fused_ffns.1.linear_layer", fused=True),
+)
+MIXTRAL_RULES = (LLAMA_RULES[0], *_in_decoder_layers(MIXTRAL_LAYER_RULES), *LLAMA_RULES[-2:])
+
 # Mistral's layout is Llama's (ModelZoo's mistral converter subclasses the llama one).
 RULE_TABLES: dict[str, Family] = {
     "llama": Family("llama", LLAMA_RULES, LLAMA_CS_ALIASES),
     "mistral": Family("mistral", LLAMA_RULES, LLAMA_CS_ALIASES),
+    "mixtral": Family("mixtral", MIXTRAL_RULES, LLAMA_CS_ALIASES),
 }
 
 
@@ -161,45 +199,114 @@ def split_name(name: str) -> tuple[str, str]:
     )
 
 
-def _match(module: str, family: str, to_cs: bool) -> tuple[str, ModuleRule] | None:
-    for pattern, target, rule in _compiled(family, to_cs):
+def _match(module: str, family: str, to_cs: bool) -> tuple[dict[str, str], ModuleRule] | None:
+    for pattern, _target, rule in _compiled(family, to_cs):
         found = pattern.match(module)
         if found:
-            return target.format(**found.groupdict()), rule
+            return found.groupdict(), rule
     return None
 
 
-def _convert_name(name: str, family: str, to_cs: bool) -> tuple[str, ModuleRule]:
+def _unknown(name: str, family: str, to_cs: bool) -> UserError:
+    side = "Hugging Face" if to_cs else "Cerebras"
+    return UserError(
+        f"no {family} rule maps the {side} tensor {name!r}",
+        where="modelzoo_ext/name_map.py",
+        fix=f"check the --family and that the name is a full {side} parameter name",
+    )
+
+
+def _cs_suffix(suffix: str, rule: ModuleRule) -> str:
+    return FUSED_SUFFIXES.get(suffix, suffix) if rule.fused else suffix
+
+
+def _hf_suffix(suffix: str, rule: ModuleRule) -> str | None:
+    """The HF suffix of a CS suffix, or None when the suffix does not belong to the module kind."""
+    if not rule.fused:
+        return None if suffix in FUSED_SUFFIXES.values() else suffix
+    back = {v: k for k, v in FUSED_SUFFIXES.items()}
+    if suffix in back:
+        return back[suffix]
+    return suffix if suffix in (LORA_A_SUFFIX, LORA_B_SUFFIX) else None
+
+
+def _to_cs_name(name: str, family: str) -> tuple[str, ModuleRule, int | None]:
+    """HF name -> (CS name, rule, expert index or None)."""
     module, suffix = split_name(name)
-    found = _match(module, family, to_cs)
-    if found is None:
-        side = "Hugging Face" if to_cs else "Cerebras"
+    found = _match(module, family, to_cs=True)
+    if found is None or (suffix in FUSED_SUFFIXES.values()):
+        raise _unknown(name, family, True)
+    groups, rule = found
+    expert = int(groups["expert"]) if rule.fused else None
+    return f"{rule.cs.format(**groups)}.{_cs_suffix(suffix, rule)}", rule, expert
+
+
+def _to_hf_names(name: str, family: str, num_experts: int | None) -> tuple[list[str], ModuleRule]:
+    """CS name -> ([HF name] or the E expert names of a fused tensor, rule)."""
+    module, suffix = split_name(name)
+    found = _match(module, family, to_cs=False)
+    hf_suffix = None if found is None else _hf_suffix(suffix, found[1])
+    if found is None or hf_suffix is None:
+        raise _unknown(name, family, False)
+    groups, rule = found
+    if not rule.fused:
+        return [f"{rule.hf.format(**groups)}.{hf_suffix}"], rule
+    if not num_experts:
         raise UserError(
-            f"no {family} rule maps the {side} tensor {name!r}",
-            where="modelzoo_ext/name_map.py",
-            fix=f"check the --family and that the name is a full {side} parameter name",
+            f"{name!r} stacks the tensors of every expert; mapping it needs the number of experts",
+            fix="pass a layout with num_experts (RopeLayout.from_cs_config of a config with `moe:`)",
         )
-    target, rule = found
-    return f"{target}.{suffix}", rule
+    return [f"{rule.hf.format(**groups, expert=e)}.{hf_suffix}" for e in range(num_experts)], rule
 
 
 def hf_to_cs_name(name: str, family: str) -> str:
-    """HF parameter name (weight, bias, LoRA tensor or `_mask`) -> the CS parameter name."""
-    return _convert_name(name, family, to_cs=True)[0]
+    """HF parameter name (weight, bias, LoRA tensor or `_mask`) -> the CS parameter name.
+
+    An expert's tensor maps to the fused tensor holding it (many to one; see `expert_index`).
+    """
+    return _to_cs_name(name, family)[0]
+
+
+def expert_index(hf_name: str, family: str) -> int | None:
+    """The expert an HF tensor belongs to (its index on dim 1 of the fused CS tensor), else None."""
+    return _to_cs_name(hf_name, family)[2]
+
+
+def is_fused(cs_name: str, family: str) -> bool:
+    """Whether a CS tensor stacks the tensors of every expert on dim 1."""
+    module, _ = split_name(cs_name)
+    found = _match(module, family, to_cs=False)
+    if found is None:
+        raise _unknown(cs_name, family, False)
+    return found[1].fused
+
+
+def cs_to_hf_names(name: str, family: str, num_experts: int | None = None) -> list[str]:
+    """CS parameter name -> its HF name, or the E names (expert order) of a fused expert tensor."""
+    return _to_hf_names(name, family, num_experts)[0]
 
 
 def cs_to_hf_name(name: str, family: str) -> str:
-    """CS parameter name (with the `model.` prefix) -> the HF parameter name."""
-    return _convert_name(name, family, to_cs=False)[0]
+    """CS parameter name (with the `model.` prefix) -> the HF parameter name (not for fused tensors)."""
+    names, rule = _to_hf_names(name, family, 1)
+    if rule.fused:
+        raise UserError(
+            f"{name!r} is a fused expert tensor (one per expert on the HF side)", fix="use cs_to_hf_names"
+        )
+    return names[0]
 
 
 def map_names(names: Iterable[str], family: str, *, to_cs: bool, where: str) -> dict[str, str]:
-    """Map many names at once; one UserError lists every name no rule maps (none dropped)."""
+    """Map many names at once; one UserError lists every name no rule maps (none dropped).
+
+    HF -> CS: name -> CS name (experts -> their fused tensor). CS -> HF: name -> HF name, for a
+    fused tensor the name of its expert 0 (use `cs_to_hf_names` for all of them).
+    """
     mapped: dict[str, str] = {}
     unknown: list[str] = []
     for name in names:
         try:
-            mapped[name] = _convert_name(name, family, to_cs)[0]
+            mapped[name] = _to_cs_name(name, family)[0] if to_cs else _to_hf_names(name, family, 1)[0][0]
         except UserError:
             unknown.append(name)
     if unknown:
@@ -213,15 +320,43 @@ def map_names(names: Iterable[str], family: str, *, to_cs: bool, where: str) -> 
     return mapped
 
 
+def group_by_cs(
+    hf_names: Iterable[str], family: str, num_experts: int | None, *, where: str
+) -> dict[str, list[str]]:
+    """CS name -> the HF names it is made of (one, or every expert in order), for HF names in any order.
+
+    A fused tensor needs all `num_experts` experts (0..E-1): a partial set is a UserError, since
+    a stacked tensor cannot leave experts out.
+    """
+    groups: dict[str, dict[int, str]] = {}
+    for hf_name in hf_names:
+        cs_name, _, expert = _to_cs_name(hf_name, family)
+        groups.setdefault(cs_name, {})[0 if expert is None else expert] = hf_name
+    out: dict[str, list[str]] = {}
+    for cs_name, parts in groups.items():
+        expected = [0]
+        if is_fused(cs_name, family):
+            expected = list(range(num_experts or max(parts) + 1))
+        if sorted(parts) != expected:
+            raise UserError(
+                f"{cs_name} stacks {len(expected)} experts but the HF tensors give experts {sorted(parts)}",
+                where=where,
+                fix="every expert of a fused projection needs its tensor (and its mask, when masked)",
+            )
+        out[cs_name] = [parts[e] for e in expected]
+    return out
+
+
 def hf_module_to_cs_module(target: str, family: str) -> str:
     """A LoRA target module name in HF naming -> the CS module name, suffix for suffix.
 
     `q_proj` -> `proj_q_dense_layer`, `self_attn.q_proj` -> `self_attn.proj_q_dense_layer`,
     `up_proj` -> `ffn.ffn.0.linear_layer`, `gate_proj` -> `ffn.ffn.0.linear_layer_for_glu`,
-    `down_proj` -> `ffn.ffn.1.linear_layer`. The result is a '.'-suffix of the CS qualified names
-    of exactly the modules the HF name is a '.'-suffix of.
+    `down_proj` -> `ffn.ffn.1.linear_layer`, Mixtral `w1` -> `ffn.experts.fused_ffns.0.linear_layer_for_glu`
+    (the fused module of all experts). The result is a '.'-suffix of the CS qualified names
+    of exactly the modules the HF name is a '.'-suffix of. The MoE router is never a target.
     """
-    rules = [r for r in family_rules(family).rules if "{layer}" in r.hf]
+    rules = [r for r in family_rules(family).rules if "{layer}" in r.hf and r.lora_target]
     layer_prefix_hf, layer_prefix_cs = (
         "model.layers.{layer}.",
         f"{CS_PREFIX}transformer_decoder.layers.{{layer}}.",
@@ -264,20 +399,24 @@ def canonical_cs_names(names: Iterable[str]) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class RopeLayout:
-    """Where the rotary channels are: heads (q), key/value heads (k), head size, rotary size."""
+    """The tensor layout the map needs besides names: where the rotary channels are (heads (q),
+    key/value heads (k), head size, rotary size), and how many experts a fused tensor stacks
+    (`num_experts`, 0 for dense models)."""
 
     num_heads: int
     num_kv_heads: int
     head_dim: int
     rotary_dim: int
+    num_experts: int = 0
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> RopeLayout:
-        """From a HF Llama/Mistral `config.json` dict."""
+        """From a HF Llama/Mistral/Mixtral `config.json` dict."""
         heads = int(config["num_attention_heads"])
         head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
         rotary = int(head_dim * float(config.get("partial_rotary_factor", 1.0)))
-        return cls(heads, int(config.get("num_key_value_heads") or heads), head_dim, rotary)
+        experts = int(config.get("num_local_experts") or 0)
+        return cls(heads, int(config.get("num_key_value_heads") or heads), head_dim, rotary, experts)
 
     @classmethod
     def from_cs_config(cls, model: dict[str, Any]) -> RopeLayout:
@@ -288,7 +427,9 @@ class RopeLayout:
         if model.get("attention_module") == "multiquery_attention":
             kv_heads = int(model["extra_attention_params"]["num_kv_groups"])
         head_dim = inner // heads
-        return cls(heads, kv_heads, head_dim, int(model.get("rotary_dim") or head_dim))
+        moe = model.get("moe") or model.get("moe_params") or {}  # YAML alias / pydantic field name
+        experts = int(moe.get("num_experts") or 0)
+        return cls(heads, kv_heads, head_dim, int(model.get("rotary_dim") or head_dim), experts)
 
     def heads_for(self, rope: str) -> int:
         """Number of heads whose rows a q ("q") or k ("k") tensor holds."""
@@ -298,6 +439,8 @@ class RopeLayout:
 @cache
 def _hf_to_cs_order(num_heads: int, head_dim: int, rotary_dim: int) -> torch.Tensor:
     """Row order: CS row j of each head is HF row order[j] (pairs interleaved: x0,y0,x1,y1,...)."""
+    import torch
+
     if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
         raise UserError(f"rotary_dim {rotary_dim} must be even and in (0, head_dim={head_dim}]")
     half = rotary_dim // 2
@@ -328,6 +471,8 @@ def permute_rows_cs_to_hf(
 ) -> torch.Tensor:
     """Inverse of `permute_rows_hf_to_cs`."""
     _check_rows(t, num_heads, head_dim, name)
+    import torch
+
     inverse = torch.argsort(_hf_to_cs_order(num_heads, head_dim, rotary_dim or head_dim))
     return t.index_select(0, inverse)
 
@@ -349,19 +494,101 @@ def rope_permutation(hf_name: str, layout: RopeLayout, family: str = "llama") ->
     return _hf_to_cs_order(layout.heads_for(rope), layout.head_dim, layout.rotary_dim)
 
 
-def to_cs(hf_name: str, t: torch.Tensor, family: str, layout: RopeLayout) -> tuple[str, torch.Tensor]:
-    """One HF tensor -> (CS name, CS tensor): renamed, and row-permuted when it is q/k-indexed."""
-    cs_name, rule = _convert_name(hf_name, family, to_cs=True)
+def _rows_to_cs(hf_name: str, t: torch.Tensor, rule: ModuleRule, layout: RopeLayout) -> torch.Tensor:
     if rule.rope and split_name(hf_name)[1] in ROW_INDEXED_SUFFIXES:
         heads = layout.heads_for(rule.rope)
-        t = permute_rows_hf_to_cs(t, heads, layout.head_dim, layout.rotary_dim, name=hf_name)
-    return cs_name, t
+        return permute_rows_hf_to_cs(t, heads, layout.head_dim, layout.rotary_dim, name=hf_name)
+    return t
+
+
+def to_cs(hf_name: str, t: torch.Tensor, family: str, layout: RopeLayout) -> tuple[str, torch.Tensor]:
+    """One HF tensor -> (CS name, CS tensor): renamed, and row-permuted when it is q/k-indexed.
+
+    Not for experts' tensors: a fused CS tensor is made from all experts (`to_cs_stacked`).
+    """
+    cs_name, rule, expert = _to_cs_name(hf_name, family)
+    if expert is not None:
+        raise UserError(f"{hf_name!r} is one expert of the fused {cs_name!r}", fix="use to_cs_stacked")
+    return cs_name, _rows_to_cs(hf_name, t, rule, layout)
+
+
+def to_cs_stacked(
+    cs_name: str, parts: list[tuple[str, torch.Tensor]], family: str, layout: RopeLayout
+) -> torch.Tensor:
+    """The CS tensor `cs_name` from its HF parts (`group_by_cs`): one tensor, or every expert's
+    [a, b] stacked on dim 1 into [a, E, b] (ModelZoo's fused layout)."""
+    if not is_fused(cs_name, family):
+        ((hf_name, t),) = parts
+        return to_cs(hf_name, t, family, layout)[1]
+    for e, (hf_name, _) in enumerate(parts):
+        if _to_cs_name(hf_name, family)[0] != cs_name or expert_index(hf_name, family) != e:
+            raise UserError(f"{hf_name!r} is not expert {e} of {cs_name!r}", where="to_cs_stacked")
+    import torch
+
+    return torch.stack([t for _, t in parts], dim=1)
 
 
 def to_hf(cs_name: str, t: torch.Tensor, family: str, layout: RopeLayout) -> tuple[str, torch.Tensor]:
-    """One CS tensor -> (HF name, HF tensor): the inverse of `to_cs`."""
-    hf_name, rule = _convert_name(cs_name, family, to_cs=False)
+    """One CS tensor -> (HF name, HF tensor): the inverse of `to_cs` (not for fused tensors)."""
+    hf_name = cs_to_hf_name(cs_name, family)
+    rule = _match(split_name(cs_name)[0], family, to_cs=False)[1]
     if rule.rope and split_name(cs_name)[1] in ROW_INDEXED_SUFFIXES:
         heads = layout.heads_for(rule.rope)
         t = permute_rows_cs_to_hf(t, heads, layout.head_dim, layout.rotary_dim, name=cs_name)
     return hf_name, t
+
+
+def to_hf_parts(
+    cs_name: str, t: torch.Tensor, family: str, layout: RopeLayout
+) -> list[tuple[str, torch.Tensor]]:
+    """One CS tensor -> [(HF name, HF tensor)]: `to_hf`, or for a fused [a, E, b] tensor the E
+    expert tensors `t[:, e]` (contiguous copies) under their HF names, in expert order."""
+    if not is_fused(cs_name, family):
+        return [to_hf(cs_name, t, family, layout)]
+    names = cs_to_hf_names(cs_name, family, t.shape[1] if t.dim() == 3 else None)
+    if t.dim() != 3 or (layout.num_experts and t.shape[1] != layout.num_experts):
+        raise UserError(
+            f"fused expert tensor {cs_name!r} has shape {tuple(t.shape)}; expected [a, {layout.num_experts}, b]",
+            fix="check the model config's moe.num_experts matches the checkpoint",
+        )
+    return [(name, t[:, e].contiguous()) for e, name in enumerate(names)]
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers 5's fused Mixtral experts, read as the per-expert names above
+
+HF_FUSED_EXPERTS = re.compile(
+    r"(?P<layer>model\.layers\.\d+)\.mlp\.experts\.(?P<kind>gate_up_proj|down_proj)"
+)
+HF_V5_ROUTER = re.compile(r"(?P<layer>model\.layers\.\d+)\.mlp\.gate\.weight")
+
+# One per-expert tensor inside a transformers-5 tensor: (stored name, index into it).
+FusedPart = tuple[str, tuple]
+
+
+def hf_fused_parts(stored: str, shape: tuple[int, ...]) -> dict[str, FusedPart] | None:
+    """Per-expert (transformers 4.57) names of a transformers-5 Mixtral tensor, each with its slice.
+
+    `mlp.experts.gate_up_proj` [E, 2I, H]: w1_e = [e, :I], w3_e = [e, I:] (transformers 5 computes
+    `gate, up = (x @ gate_up_proj[e].T).chunk(2)`, `act(gate) * up`); `mlp.experts.down_proj`
+    [E, H, I]: w2_e = [e]; `mlp.gate.weight` (the router) = `block_sparse_moe.gate.weight`.
+    None for any other tensor.
+    """
+    router = HF_V5_ROUTER.fullmatch(stored)
+    if router:
+        return {f"{router['layer']}.block_sparse_moe.gate.weight": (stored, ())}
+    found = HF_FUSED_EXPERTS.fullmatch(stored)
+    if found is None:
+        return None
+    if len(shape) != 3:
+        raise UserError(f"{stored} has shape {shape}; transformers 5 stores it as [experts, out, in]")
+    prefix = f"{found['layer']}.block_sparse_moe.experts"
+    experts, rows = shape[0], shape[1]
+    if found["kind"] == "down_proj":
+        return {f"{prefix}.{e}.w2.weight": (stored, (e,)) for e in range(experts)}
+    half = rows // 2
+    parts = {}
+    for e in range(experts):
+        parts[f"{prefix}.{e}.w1.weight"] = (stored, (e, slice(0, half)))
+        parts[f"{prefix}.{e}.w3.weight"] = (stored, (e, slice(half, rows)))
+    return parts

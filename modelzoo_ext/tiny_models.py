@@ -1,8 +1,11 @@
-"""Tiny random Llama/Mistral models saved with transformers: fixtures, `make tiny-assets`, demos.
+"""Tiny random Llama/Mistral/Mixtral models saved with transformers: fixtures, `make tiny-assets`, demos.
 
 Two layers, hidden 64, grouped-query attention (4 query heads, 2 key/value heads) so the
 k-projection's RoPE permutation is exercised, and the real Mistral v1 SentencePiece tokenizer
 (32,000 tokens, from `mistral-common`) so data preparation and lm-eval run on real text.
+Mixtral: 4 experts, top-2, intermediate 96 (w1/w3 [96, 64] and w2 [64, 96] differ in shape, so a
+transposed expert cannot pass), router aux coefficient 0.02 (Mixtral-8x7B's), and router weights
+drawn wider than transformers' init so the top-2 choice is not a near-tie.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import torch
 
 from modelzoo_ext.offline_assets import asset_path
 
-FAMILIES = ("llama", "mistral")
+FAMILIES = ("llama", "mistral", "mixtral")
+ROUTER_STD = (
+    0.5  # the tiny Mixtral's router weights: clear top-2 choices (transformers' 0.02 is near uniform)
+)
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 32000):
     """A transformers LlamaConfig/MistralConfig: 2 layers, hidden 64, 4 heads, 2 kv heads."""
-    from transformers import LlamaConfig, MistralConfig
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -41,6 +47,11 @@ def tiny_config(family: str = "llama", vocab_size: int = 32000):
         return LlamaConfig(**common)
     if family == "mistral":
         return MistralConfig(**common, sliding_window=None)
+    if family == "mixtral":
+        moe = dict(
+            num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02, router_jitter_noise=0.0
+        )
+        return MixtralConfig(**{**common, "intermediate_size": 96}, sliding_window=None, **moe)
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
 
@@ -89,6 +100,10 @@ def save_tiny_model(
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("block_sparse_moe.gate.weight", "mlp.gate.weight")):  # transformers 4 / 5
+                param.normal_(0.0, ROUTER_STD)
     kwargs = {"safe_serialization": True}
     if max_shard_size:
         kwargs["max_shard_size"] = max_shard_size

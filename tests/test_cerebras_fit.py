@@ -301,6 +301,6 @@ def test_every_model_config_passes_modelzoo_validation(tmp_path):
     assert len(lines) == len(configs)
     for line in lines:
         name, model, mode, has_callback, sparsity = line.split()
-        assert model in ("sparse_lora_llama", "sparse_lora_mistral"), line
+        assert model in ("sparse_lora_llama", "sparse_lora_mistral", "sparse_lora_mixtral"), line
         assert mode in ("sparse_to_dense", "sparse_to_sparse") and has_callback == "True", line
         assert sparsity == "None", line  # never the YAML `sparsity:` section (it breaks frozen weights)

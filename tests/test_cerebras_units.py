@@ -100,13 +100,13 @@ def test_registration_happens_whichever_is_imported_first(order):
         "from modelzoo_ext.cerebras.registration import register_all\n"
         "register_all(); register_all()  # idempotent\n"
         "names = registry.get_model_names()\n"
-        "print(names.count('sparse_lora_llama'), names.count('sparse_lora_mistral'))\n"
+        "print(names.count('sparse_lora_llama'), names.count('sparse_lora_mistral'), names.count('sparse_lora_mixtral'))\n"
         "print(registry.get_model_class('sparse_lora_mistral').__name__)\n"
         "print(sorted(registry.get_data_processor_names('sparse_lora_llama')))"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    assert lines[0] == "1 1"
+    assert lines[0] == "1 1 1"
     assert lines[1] == "SparseLoRAMistralModel"
     assert lines[2] == "['GptHDF5DataProcessor', 'GptHDF5MapDataProcessor']"
 
@@ -409,7 +409,7 @@ def test_spawned_processes_register_by_themselves(tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "['sparse_lora_llama', 'sparse_lora_mistral']"
+    assert result.stdout.strip() == "['sparse_lora_llama', 'sparse_lora_mistral', 'sparse_lora_mixtral']"
 
 
 @pytest.mark.modelzoo
@@ -418,7 +418,7 @@ def test_modelzoo_status_lists_what_cszoo_fit_needs(capsys):
 
     status = main(["modelzoo", "status"])
     out = capsys.readouterr().out
-    assert "registered models: sparse_lora_llama, sparse_lora_mistral" in out
+    assert "registered models: sparse_lora_llama, sparse_lora_mistral, sparse_lora_mixtral" in out
     assert "ok       cerebras.modelzoo" in out
     bigcode_missing = "MISSING  bigcode_eval" in out
     assert status == (1 if bigcode_missing else 0)

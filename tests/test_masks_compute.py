@@ -268,3 +268,26 @@ def test_global_fallback_when_the_counts_miss(tiny_llama_dir, tmp_path, monkeypa
         ma, _ = load_masks(a["mask_file"])
         mb, _ = load_masks(b["mask_file"])
         assert all(torch.equal(ma[n], mb[n]) for n in ma)
+
+
+def test_global_streams_when_one_pass_would_exceed_the_memory_bound(tiny_llama_dir, tmp_path, monkeypatch):
+    """A model whose packed masks do not fit beside its largest shard (Mixtral-8x7B: 5.6 GB of
+    masks, 4.9 GB shards) takes the streaming passes: the same masks, and the one-pass counts
+    are never made."""
+    from safetensors.torch import save_file
+
+    from modelzoo_ext.masks import compute, window
+
+    bf16_dir = tmp_path / "bf16"
+    bf16_dir.mkdir()
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(tiny_llama_dir / "model.safetensors").items()}
+    save_file(tensors, bf16_dir / "model.safetensors", metadata={"format": "pt"})
+    request = MaskRequest(scope="global", sparsities=(0.3, 0.7))
+    one_pass = compute_masks(bf16_dir, request, tmp_path / "one.safetensors", plot=False)
+    monkeypatch.setattr(compute, "_one_pass_allowance", lambda checkpoint: 0)
+    monkeypatch.setattr(window, "count_window", lambda *a: pytest.fail("one-pass counts made"))
+    streamed = compute_masks(bf16_dir, request, tmp_path / "streamed.safetensors", plot=False)
+    for a, b in zip(one_pass, streamed, strict=True):
+        ma, _ = load_masks(a["mask_file"])
+        mb, _ = load_masks(b["mask_file"])
+        assert ma.keys() == mb.keys() and all(torch.equal(ma[n], mb[n]) for n in ma)

@@ -25,7 +25,7 @@ from cerebras.modelzoo.trainer.callbacks import Callback
 from modelzoo_ext.cerebras.sparsity import MaskFileSparsity
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.loss_log import LossRow, append_row, loss_log_path
-from modelzoo_ext.sparse_lora import sparse_lora_layers
+from modelzoo_ext.sparse_lora import sparse_lora_modules
 
 
 class SparseLoRAMasks(Callback):
@@ -58,7 +58,7 @@ class SparseLoRAMasks(Callback):
             return  # plain LoRA: nothing to mask
         self.sparsity = MaskFileSparsity(model.masks)
         self.sparsity.apply(model)
-        weights = [f"{name}.weight" for name in sparse_lora_layers(model)]
+        weights = [f"{name}.{layer.weight_name}" for name, layer in sparse_lora_modules(model).items()]
         self.sparsity.check_covers(weights)
         model.mark_masks_applied()
         trainer.logger.info(

@@ -15,6 +15,12 @@ Validation is ModelZoo's own (pydantic, `extra="forbid"`): an unknown key anywhe
 validate` before anything is built. `target_modules` are Hugging Face module names; the model
 maps them to ModelZoo's modules through `modelzoo_ext.name_map`.
 
+Mixture-of-experts families (`ModelFamily.moe_implementation`, Mixtral): `moe.moe_implementation`
+defaults to the family's (`optimized`, the fused `[out, E, in]` experts that ModelZoo's own
+checkpoint converter writes and our name map stacks into) and any other value is refused:
+ModelZoo's default (`experimental`) names its experts per expert and cannot load those
+checkpoints.
+
 One config class per family, generated from the family table (ModelZoo needs a distinct class
 per registered name): `SparseLoRALlamaModelConfig`, `SparseLoRAMistralModelConfig`, ...
 Importing this module imports ModelZoo.
@@ -25,7 +31,7 @@ Importing this module imports ModelZoo.
 import importlib
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from modelzoo_ext.families import FAMILIES, ModelFamily
 from modelzoo_ext.name_map import hf_module_to_cs_module
@@ -43,9 +49,34 @@ def _check_targets(sparse_lora: SparseLoRAConfig, family: str) -> SparseLoRAConf
     if unknown:
         raise ValueError(
             f"sparse_lora.target_modules {unknown} name no {family} decoder linear; use Hugging Face "
-            "module names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+            "module names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (Mixtral: w1, w2, w3; "
+            "never the router `gate`)"
         )
     return sparse_lora
+
+
+def _with_moe_implementation(data, spec: ModelFamily):
+    """`moe.moe_implementation` defaults to the family's and must equal it (raises ValueError).
+
+    Runs on the raw YAML (`moe:` a dict) and again when pydantic revalidates the built config
+    (`moe_params` then holds the MoEConfig object, which is only checked).
+    """
+    key = next((k for k in ("moe", "moe_params") if isinstance(data, dict) and k in data), None)
+    if spec.moe_implementation is None or key is None:
+        return data
+    moe = data[key]
+    if moe is not None and not isinstance(moe, dict):
+        chosen = getattr(moe, "moe_implementation", spec.moe_implementation)
+    else:
+        moe = dict(moe or {})
+        chosen = moe.setdefault("moe_implementation", spec.moe_implementation)
+        data = {**data, key: moe}
+    if chosen != spec.moe_implementation:
+        raise ValueError(
+            f"{spec.sparse_lora_model} needs moe.moe_implementation: {spec.moe_implementation} (experts fused "
+            f"into [out, E, in], the layout of `sparse-lora convert hf-to-cs` and ModelZoo's converter); got {chosen!r}"
+        )
+    return data
 
 
 def stock_config_class(family: ModelFamily) -> type:
@@ -60,6 +91,11 @@ def _config_class(spec: ModelFamily) -> type:
         name: Literal[spec.sparse_lora_model]
         sparse_lora: SparseLoRAConfig
         "Sparse LoRA: mode, rank, targets (Hugging Face module names) and the mask file."
+
+        @model_validator(mode="before")
+        @classmethod
+        def _moe_implementation(cls, data):
+            return _with_moe_implementation(data, spec)
 
         @field_validator("sparse_lora", mode="after")
         @classmethod

@@ -11,9 +11,13 @@ This is a name-and-layout conversion: a CS -> HF result keeps `lora_*` and `*_ma
 under HF names. For a model transformers loads (LoRA folded in, masks checked) or a PEFT
 adapter, use `sparse-lora convert cs-to-hf`.
 
-The config converters are ModelZoo's own (`llama`/`mistral`, hf <-> cs-2.1+) with the format
-list extended and the two keys 2.10's config rejects (`norm_first`, `use_ff_layer1_dropout`)
-removed from CS configs.
+The config converters are ModelZoo's own (`llama`/`mistral`, hf <-> cs-2.1+; `mixtral`, hf <->
+cs-2.3+) with the format list extended and the two keys 2.10's config rejects (`norm_first`,
+`use_ff_layer1_dropout`) removed from CS configs; a Mixtral CS config also gets
+`moe.moe_implementation: optimized` (the fused experts the checkpoint holds; ModelZoo's own
+converter leaves it out, and its default `experimental` cannot load the converted checkpoint).
+Mixtral's experts are stacked into / unstacked from the fused tensors by the name map (all E
+experts are read when expert 0's key is converted, as ModelZoo's `mixtral` converter does).
 
 ModelZoo is imported only inside `converter_classes()` / `register_converters()`; the ModelZoo
 model names themselves are registered by `modelzoo_ext.cerebras.registration` (which calls
@@ -25,7 +29,18 @@ from __future__ import annotations
 from functools import cache
 
 from modelzoo_ext.families import FAMILIES
-from modelzoo_ext.name_map import CS_PREFIX, HF_RECOMPUTED, RopeLayout, cs_aliases, split_name, to_cs, to_hf
+from modelzoo_ext.name_map import (
+    CS_PREFIX,
+    HF_RECOMPUTED,
+    RopeLayout,
+    cs_aliases,
+    cs_to_hf_names,
+    expert_index,
+    hf_to_cs_name,
+    split_name,
+    to_cs_stacked,
+    to_hf_parts,
+)
 
 CS_FORMATS = ("cs-2.6", "cs-2.7", "cs-2.8", "cs-2.9", "cs-2.10")
 REJECTED_BY_2_10 = ("norm_first", "use_ff_layer1_dropout")
@@ -41,11 +56,14 @@ def converter_classes() -> dict[str, type]:
     )
     from cerebras.modelzoo.tools.checkpoint_converters.llama import ConfigConverter_LLaMa_HF_CS21
     from cerebras.modelzoo.tools.checkpoint_converters.mistral import ConfigConverter_Mistral_HF_CS21
+    from cerebras.modelzoo.tools.checkpoint_converters.mixtral import ConfigConverter_Mixtral_HF_CS23
 
     def formats():
         return (FormatVersions("hf"), FormatVersions(*CS_FORMATS))
 
-    def strip_rejected(config_converter):
+    def strip_rejected(config_converter, family: str):
+        moe_implementation = FAMILIES[family].moe_implementation
+
         class Config(config_converter):
             def __init__(self):
                 super().__init__()
@@ -60,16 +78,20 @@ def converter_classes() -> dict[str, type]:
                 new_config = super().post_config_convert(
                     model, original_config, old_config, new_config, indices, drop
                 )
-                if indices.direction == 0:
+                if indices.direction == 0:  # to CS: ModelZoo wraps the section as {"model": {...}}
+                    section = new_config.get("model", new_config)
                     for key in REJECTED_BY_2_10:
-                        new_config.pop(key, None)
+                        section.pop(key, None)
+                    if moe_implementation and "moe" in section:
+                        section["moe"] = {**section["moe"], "moe_implementation": moe_implementation}
                 return new_config
 
         return Config
 
     configs = {  # ModelZoo's own config converter of each family
-        "llama": strip_rejected(ConfigConverter_LLaMa_HF_CS21),
-        "mistral": strip_rejected(ConfigConverter_Mistral_HF_CS21),
+        "llama": strip_rejected(ConfigConverter_LLaMa_HF_CS21, "llama"),
+        "mistral": strip_rejected(ConfigConverter_Mistral_HF_CS21, "mistral"),
+        "mixtral": strip_rejected(ConfigConverter_Mixtral_HF_CS23, "mixtral"),
     }
 
     def checkpoint_converter(family: str):
@@ -85,9 +107,11 @@ def converter_classes() -> dict[str, type]:
             ):
                 layout = RopeLayout.from_cs_config(action_fn_args["configs"][1]["model"])
                 if from_index == 0:
-                    if HF_RECOMPUTED.fullmatch(old_key):
-                        return
-                    name, tensor = to_cs(old_key, old_state_dict[old_key], family, layout)
+                    if HF_RECOMPUTED.fullmatch(old_key) or expert_index(old_key, family) not in (None, 0):
+                        return  # recomputed, or an expert stacked when expert 0's key was converted
+                    name = hf_to_cs_name(old_key, family)
+                    parts = cs_to_hf_names(name, family, layout.num_experts)
+                    tensor = to_cs_stacked(name, [(k, old_state_dict[k]) for k in parts], family, layout)
                     new_state_dict[name] = tensor
                     module, suffix = split_name(name)
                     for alias, original in cs_aliases(family).items():
@@ -97,8 +121,8 @@ def converter_classes() -> dict[str, type]:
                 cs_name = old_key if old_key.startswith(CS_PREFIX) else CS_PREFIX + old_key
                 if split_name(cs_name)[0] in cs_aliases(family):
                     return  # the duplicate of a tensor converted under its own name
-                name, tensor = to_hf(cs_name, old_state_dict[old_key], family, layout)
-                new_state_dict[name] = tensor
+                for name, tensor in to_hf_parts(cs_name, old_state_dict[old_key], family, layout):
+                    new_state_dict[name] = tensor
 
             @staticmethod
             def formats():

@@ -18,8 +18,15 @@ Lifecycle: `__init__` (build stock model -> read masks -> apply sparse LoRA, bas
 `SparseLoRAMasks.setup` (provenance check, cstorch sparsity on the model, `mark_masks_applied`)
 -> training.
 
+Mixtral (`sparse_lora_mixtral`): ModelZoo's `MixtralModel` with fused experts
+(`moe_implementation: optimized`, enforced by the config); each fused expert projection
+(`...fused_ffns.{0,1}.linear_layer[_for_glu]`, HF w3/w1/w2) becomes a `SparseLoRAExperts` with
+LoRA factors stacked on dim 1 like the weight, computed with cerebras-pytorch's `sparse_matmul`
+(the CSX top-k kernel). The router is never a target and its load-balancing loss is ModelZoo's own
+(`moe.load_balancing_loss_coef`): nothing here changes the MoE block's routing or loss.
+
 One model class per family is generated from the family table (ModelZoo's registry rejects two
-names with one class path): `SparseLoRALlamaModel`, `SparseLoRAMistralModel`, ...
+names with one class path): `SparseLoRALlamaModel`, `SparseLoRAMistralModel`, `SparseLoRAMixtralModel`.
 """
 
 # No `from __future__ import annotations`: ModelZoo builds each model's config schema from the
@@ -32,7 +39,7 @@ from modelzoo_ext.cerebras.config import CONFIG_CLASSES
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.families import FAMILIES, ModelFamily
 from modelzoo_ext.masks.view import MaskView
-from modelzoo_ext.name_map import RopeLayout, cs_to_hf_name, hf_module_to_cs_module
+from modelzoo_ext.name_map import RopeLayout, cs_to_hf_name, cs_to_hf_names, hf_module_to_cs_module, is_fused
 from modelzoo_ext.run_config.sparse_lora_block import SparseLoRAConfig
 from modelzoo_ext.sparse_lora import SparseLoRASummary, apply_sparse_lora_
 
@@ -62,6 +69,7 @@ class SparseLoRAMixin:
             canonical_name=self.hf_module_name,
             mask_base_in_forward=False,  # the cstorch sparsity hook masks W in place before forward
             sampled_product="never",  # plain dense ops only: the model is traced on the CS backend
+            sparse_matmul=cs_sparse_matmul,  # fused experts: ModelZoo's top-k expert kernel
         )
         self.masks_applied = cfg.dense_baseline
 
@@ -76,9 +84,14 @@ class SparseLoRAMixin:
             )
         return MaskView(mask_path, "cs", self.family, RopeLayout.from_cs_config(self.model_section))
 
-    def hf_module_name(self, cs_module: str) -> str:
-        """ModelZoo module name -> HF module name (seeds LoRA A identically on both backends)."""
-        return cs_to_hf_name(f"{cs_module}.weight", self.family)[: -len(".weight")]
+    def hf_module_name(self, cs_module: str) -> str | list[str]:
+        """ModelZoo module name -> HF module name (seeds LoRA A identically on both backends); for a
+        fused expert module, the E per-expert HF module names."""
+        if not is_fused(f"{cs_module}.weight", self.family):
+            return cs_to_hf_name(f"{cs_module}.weight", self.family)[: -len(".weight")]
+        experts = RopeLayout.from_cs_config(self.model_section).num_experts
+        names = cs_to_hf_names(f"{cs_module}.expert_weights", self.family, experts)
+        return [name[: -len(".weight")] for name in names]
 
     def mark_masks_applied(self) -> None:
         """Called by the `SparseLoRAMasks` callback once cstorch sparsity masks the weights."""
@@ -92,6 +105,15 @@ class SparseLoRAMixin:
                 where="trainer.init.callbacks",
                 fix=f"add `- {CALLBACK_NAME}: {{}}` to trainer.init.callbacks (see model_configs/)",
             )
+
+
+def cs_sparse_matmul(input_values, input_indices, weight):
+    """cerebras-pytorch's top-k expert matmul (the CSX kernel on the wafer), operands in the run's
+    half dtype as ModelZoo's `TopKExpertsSparseLinear` casts them."""
+    import cerebras.pytorch.nn.functional as F
+    from cerebras.modelzoo.common.half_dtype import maybe_to_half_dtype
+
+    return F.sparse_matmul(maybe_to_half_dtype(input_values), input_indices, maybe_to_half_dtype(weight))
 
 
 def stock_model_class(family: ModelFamily) -> type:

@@ -6,7 +6,9 @@ tokenizer, generation config) are copied unchanged. Before the directory appears
 final name, the result is read back and checked: every masked position is zero and every
 other value is bit-identical to the input. A `sparse_lora_pruning.json` records which masks
 produced the checkpoint from which source, with the fingerprints the provenance checks compare
-(`modelzoo_ext.masks.provenance`).
+(`modelzoo_ext.masks.provenance`). A transformers-5 Mixtral checkpoint keeps its experts fused
+(`mlp.experts.gate_up_proj`, ...): the per-expert masks are placed into the stored tensor's
+slices (`HFCheckpoint.stored_parts`), so the written file keeps its own layout.
 """
 
 from __future__ import annotations
@@ -60,13 +62,43 @@ def _prune(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weight.masked_fill(~mask, 0)
 
 
-def _verify_shard(written: Path, original: Path, mask_file: MaskFile) -> None:
+def _stored_mask(checkpoint: HFCheckpoint, stored: str, weight: torch.Tensor, mask_file: MaskFile):
+    """The mask of a stored tensor: its own, or the per-expert masks placed into the slices of a
+    fused one (True where no mask covers it); None when no mask covers any of it."""
+    parts = {name: index for name, index in checkpoint.stored_parts(stored).items() if name in mask_file}
+    if not parts:
+        return None
+    if list(parts.values()) == [()]:
+        return mask_file.get(stored)
+    mask = torch.ones(weight.shape, dtype=torch.bool)
+    for name, index in parts.items():
+        mask[index] = mask_file.get(name)
+    return mask
+
+
+def _check_source(
+    checkpoint: HFCheckpoint, stored: str, weight: torch.Tensor, mask_file: MaskFile, shard
+) -> None:
+    """Each masked part of the stored tensor is the weight the masks were computed for."""
+    for name, index in checkpoint.stored_parts(stored).items():
+        expected = mask_file.source_checksum(name) if name in mask_file else None
+        if expected and not checksum.matches(expected, weight[index].contiguous()):
+            raise UserError(
+                f"weight {name!r} differs from the one the masks were computed for",
+                where=f"{shard} vs {mask_file.path}",
+                fix="recompute the masks for this checkpoint",
+            )
+
+
+def _verify_shard(written: Path, original: Path, mask_file: MaskFile, checkpoint: HFCheckpoint) -> None:
     with open_shard(written) as out, open_shard(original) as src:
         if set(out.keys()) != set(src.keys()):
             raise UserError("pruned shard lost tensors", where=str(written))
         for name in src.keys():  # noqa: SIM118 (safe_open is not a dict)
-            before, after = _as_bits(src.get_tensor(name)), _as_bits(out.get_tensor(name))
-            expected = before.masked_fill(~mask_file.get(name), 0) if name in mask_file else before
+            weight = src.get_tensor(name)
+            mask = _stored_mask(checkpoint, name, weight, mask_file)
+            before, after = _as_bits(weight), _as_bits(out.get_tensor(name))
+            expected = before.masked_fill(~mask, 0) if mask is not None else before
             if not torch.equal(after, expected):
                 raise UserError(
                     f"pruned weight {name!r} is not the masked original (masked positions zero, rest identical)",
@@ -93,21 +125,15 @@ def apply_masks(model_dir: str | Path, mask_path: str | Path, out_dir: str | Pat
                 tensors = {}
                 for name in names:
                     weight = f.get_tensor(name)
-                    if name in mask_file:
-                        expected = mask_file.source_checksum(name)
-                        if expected and not checksum.matches(expected, weight):
-                            raise UserError(
-                                f"weight {name!r} differs from the one the masks were computed for",
-                                where=f"{shard} vs {mask_file.path}",
-                                fix="recompute the masks for this checkpoint",
-                            )
-                        mask = mask_file.get(name)
+                    mask = _stored_mask(checkpoint, name, weight, mask_file)
+                    if mask is not None:
+                        _check_source(checkpoint, name, weight, mask_file, shard)
                         zeroed += mask.numel() - int(torch.count_nonzero(mask))
                         weight = _prune(weight, mask)
                     tensors[name] = weight
             save_file(tensors, str(tmp / shard.name), metadata=header)
             del tensors
-            _verify_shard(tmp / shard.name, shard, mask_file)
+            _verify_shard(tmp / shard.name, shard, mask_file, checkpoint)
         for item in checkpoint.directory.iterdir():
             if item.is_file() and item.suffix not in WEIGHT_SUFFIXES and item.name != PRUNING_RECORD:
                 shutil.copy2(item, tmp / item.name)

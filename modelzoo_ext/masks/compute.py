@@ -8,7 +8,9 @@ Lifecycle:
 Pipeline (`stream.py`): one thread reads the next tensors (`os.preadv`, in file order) while
 two workers each take a whole tensor: checksum of its bytes (BLAKE3), checks, keys,
 selection, packing. Memory: the tensors in flight (a byte budget of a few of the largest
-tensors) and their keys, plus the packed masks (numel/8 bytes per level, kept until written).
+tensors) and their keys; each packed mask goes to the writer's spool file as it is made, except
+in one-pass global scope, which holds them (numel/8 bytes per level) to the end, and is used
+only where that fits beside the largest shard (`_one_pass_allowance`).
 
 Passes over the weights: `layer` scope one. `global` scope one for 15-bit keys (bf16/fp16
 magnitudes: a 4 MB sample guesses the thresholds, the pass counts around them and keeps what
@@ -320,15 +322,20 @@ def _global_results(passes: _Passes, job: _Job, kept: list[int], sources: dict[s
     """Global scope: every tensor's masks (`TensorResult`s) from exact cuts over all targets.
 
     15-bit keys (bf16/fp16 magnitudes): a sample of a few MB guesses the thresholds, and one
-    pass counts around them and yields the masks (`window.GlobalCounts`). 31-bit keys, or
-    when a guess missed: exact key histograms (`select.ThresholdFinder`), then a masks pass.
+    pass counts around them and yields the masks (`window.GlobalCounts`), which it holds until
+    the end: only where they fit the memory bound (`_one_pass_allowance`). 31-bit keys, a
+    model too large for that, or a guess that missed: exact key histograms
+    (`select.ThresholdFinder`), then a masks pass that streams each mask to the writer.
     """
     counts, windows = None, None
     if job.request.method == "magnitude" and all(e.dtype in ("bfloat16", "float16") for e in passes.entries):
         pieces = window.sample_chunks(passes.entries)
         sample = [np.bitwise_and(passes.checkpoint.read(p).view(np.int16), np.int16(0x7FFF)) for p in pieces]
         counts = window.GlobalCounts(kept, passes.total, np.concatenate(sample))
-        windows = set(counts.windows().values())
+        if counts.held_bytes() > _one_pass_allowance(passes.checkpoint):
+            counts = None  # e.g. Mixtral-8x7B: its packed masks alone exceed a shard; stream instead
+        else:
+            windows = set(counts.windows().values())
     bits, histograms = None, {}
     for result in passes.run(job.first(windows), "global scope: checks and counts"):
         sources[result.name] = (result.dtype, result.source)
@@ -357,6 +364,13 @@ def _global_results(passes: _Passes, job: _Job, kept: list[int], sources: dict[s
         for result in passes.run(job.low(finder.low_buckets()), "global scope: histograms"):
             finder.set_low(result.name, result.low)
     return passes.run(job.masks(finder.plan()), "global scope: masks")
+
+
+def _one_pass_allowance(checkpoint: HFCheckpoint) -> int:
+    """Bytes the one-pass global scope may hold (its masks and window keys) while peak memory
+    stays within the largest shard + 1 GB: that shard's size + 0.5 GB (the other 0.5 GB for the
+    process, the tensors in flight and their keys)."""
+    return max(p.stat().st_size for p in checkpoint.weight_files()) + (512 << 20)
 
 
 def _packed_results(finished, shapes, sources, workers: int) -> list[TensorResult]:

@@ -27,7 +27,8 @@ Format version 1 (files written before BLAKE3) is still read and verified: its t
 
 Every mask's packed bytes and the metadata itself carry a checksum, so a single flipped bit
 anywhere in the file is detected when it is read. Reading and writing need numpy only;
-`MaskFile.get` returns a torch tensor (torch is imported then).
+`MaskFile.get` returns a torch tensor (torch is imported then). Writing holds one mask at a
+time (`MaskWriter` spools them to disk).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,31 +139,31 @@ class PackedMask:
         return cls(packed, tuple(mask.shape), kept, checksum.array_checksum(packed))
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Write uint8 1-D arrays as a safetensors file, byte for byte what `safetensors.numpy.save_file`
-    writes, but streaming each array from memory.
-
-    `save_file` first copies every tensor into a bytes object, which doubled peak memory at the
-    end of a 7B run (the packed masks are ~0.8 GB per level); `tests/test_masks_format.py`
-    checks the output against `save_file`'s. The layout (safetensors' serializer): 8-byte
-    little-endian header length, the JSON header (`__metadata__`, then the tensors in name order
-    with contiguous data offsets) padded with spaces to a multiple of 8, then the data.
-    """
-    names = sorted(tensors)
+def _safetensors_header(sizes: dict[str, int], metadata: dict[str, str]) -> bytes:
+    """The bytes before the data of a safetensors file of 1-D uint8 tensors (`sizes`: name ->
+    bytes), as safetensors' serializer writes them: 8-byte little-endian header length, the JSON
+    header (`__metadata__`, then the tensors in name order with contiguous data offsets) padded
+    with spaces to a multiple of 8. The data follows in name order."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
-    for name in names:
-        array = tensors[name]
-        if array.dtype != np.uint8 or array.ndim != 1:
-            raise ValueError(f"{name}: expected a 1-D uint8 array, got {array.dtype} {array.shape}")
-        header[name] = {"dtype": "U8", "shape": [array.size], "data_offsets": [offset, offset + array.size]}
-        offset += array.size
+    for name in sorted(sizes):
+        header[name] = {"dtype": "U8", "shape": [sizes[name]], "data_offsets": [offset, offset + sizes[name]]}
+        offset += sizes[name]
     encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Write uint8 1-D arrays as a safetensors file, byte for byte what `safetensors.numpy.save_file`
+    writes (`tests/test_masks_format.py`), streaming each array from memory instead of first
+    copying every tensor into one bytes object as `save_file` does."""
+    for name, array in tensors.items():
+        if array.dtype != np.uint8 or array.ndim != 1:
+            raise ValueError(f"{name}: expected a 1-D uint8 array, got {array.dtype} {array.shape}")
     with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
-        for name in names:
+        f.write(_safetensors_header({name: array.size for name, array in tensors.items()}, metadata))
+        for name in sorted(tensors):
             f.write(memoryview(np.ascontiguousarray(tensors[name])))
 
 
@@ -174,8 +177,12 @@ class MaskWriter:
 
     Lifecycle:
         with MaskWriter("masks.safetensors", naming="hf", metadata={"method": "magnitude", ...}) as w:
-            w.add("model.layers.0.self_attn.q_proj.weight", mask, source_sha256=...)
+            w.add("model.layers.0.self_attn.q_proj.weight", mask, source_checksum=...)
         # the file appears on a clean exit; an exception leaves nothing under the name
+
+    Memory holds one mask at a time: each packed mask goes to an anonymous spool file beside the
+    output as it is added, and `write` assembles the safetensors file from it (Mixtral-8x7B's
+    masks are 5.6 GB packed, more than the bound of `masks compute`'s peak memory).
     """
 
     def __init__(self, path: str | Path, *, naming: str, metadata: dict[str, Any] | None = None) -> None:
@@ -184,8 +191,17 @@ class MaskWriter:
         self.path = Path(path)
         self.naming = naming
         self.metadata = dict(metadata or {})
-        self.packed: dict[str, np.ndarray] = {}
         self.tensors: dict[str, dict[str, Any]] = {}
+        self._spooled: dict[str, tuple[int, int]] = {}  # name -> (offset in the spool, bytes)
+        self._spool = None  # opened on the first add, beside the output (same file system)
+
+    def _spool_file(self):
+        if self._spool is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".spool", dir=self.path.parent)
+            os.unlink(name)  # anonymous: gone with the writer, whatever happens
+            self._spool = os.fdopen(fd, "w+b")
+        return self._spool
 
     def add(
         self,
@@ -208,12 +224,14 @@ class MaskWriter:
 
     def add_packed(self, name: str, mask: PackedMask, *, source_checksum: str | None = None) -> None:
         """Add a mask packed by `PackedMask.of` (the cheap part, for the thread that writes)."""
-        if name in self.packed:
+        if name in self.tensors:
             raise UserError(f"mask {name!r} added twice", where=str(self.path))
         if source_checksum is not None:
             checksum.algorithm_of(source_checksum)
+        spool = self._spool_file()
+        self._spooled[name] = (spool.seek(0, os.SEEK_END), mask.packed.size)
+        spool.write(memoryview(np.ascontiguousarray(mask.packed)))
         numel = int(np.prod(mask.shape)) if mask.shape else 1
-        self.packed[name] = mask.packed
         self.tensors[name] = {
             "shape": list(mask.shape),
             "numel": numel,
@@ -225,7 +243,7 @@ class MaskWriter:
 
     def write(self) -> dict[str, Any]:
         """Write the file (temporary name, then rename) and return its metadata."""
-        if not self.packed:
+        if not self.tensors:
             raise UserError(
                 "no masks to write", where=str(self.path), fix="check the target rule matched tensors"
             )
@@ -242,9 +260,21 @@ class MaskWriter:
             "tensors": self.tensors,
         }
         metadata["metadata_sha256"] = _metadata_digest(metadata)
-        with atomic_file(self.path) as tmp:
-            write_safetensors(tmp, self.packed, {METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        sizes = {name: size for name, (_, size) in self._spooled.items()}
+        with atomic_file(self.path) as tmp, open(tmp, "wb") as out:
+            out.write(_safetensors_header(sizes, {METADATA_KEY: json.dumps(metadata, sort_keys=True)}))
+            for name in sorted(self._spooled):
+                start, size = self._spooled[name]
+                self._spool.seek(start)
+                _copy_bytes(self._spool, out, size)
+        self.close()
         return metadata
+
+    def close(self) -> None:
+        """Drop the spool (the written file, if any, stays)."""
+        if self._spool is not None:
+            self._spool.close()
+        self._spool, self._spooled = None, {}
 
     def __enter__(self) -> MaskWriter:
         return self
@@ -252,6 +282,17 @@ class MaskWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.write()
+        self.close()
+
+
+def _copy_bytes(source, target, size: int, chunk: int = 1 << 24) -> None:
+    """Copy `size` bytes from `source`'s position to `target`, 16 MiB at a time."""
+    while size:
+        data = source.read(min(chunk, size))
+        if not data:
+            raise UserError("the mask spool file ended early", fix="check the disk is not full")
+        target.write(data)
+        size -= len(data)
 
 
 class MaskFile:

@@ -6,8 +6,10 @@ A mask file holds its masks in the naming of the checkpoint they were computed o
 `MaskView(file, naming="cs", ...)` shows the masks of a file in CS naming whatever the file
 holds: names go through the family's rule table (`modelzoo_ext.name_map`) and q/k masks get the
 RoPE row permutation their weights get; CS keys are shown with the `model.` prefix whether the
-file stores it or not. Masks are read (checksum verified) and converted one at a time, when
-asked for.
+file stores it or not. Mixtral's experts: an HF file's per-expert masks are shown in CS naming as
+the fused `expert_weights` mask [out, E, in] (stacked on dim 1, as the weights are), and a CS
+file's fused mask as E per-expert masks in HF naming. Masks are read (checksum verified) and
+converted one at a time, when asked for.
 
 Users: the ModelZoo model and its sparsity algorithm (CS naming), the reference trainer (HF),
 the converters (both) and `validate`.
@@ -26,11 +28,11 @@ from modelzoo_ext.masks.format import NAMINGS, MaskFile
 from modelzoo_ext.name_map import (
     RopeLayout,
     canonical_cs_names,
-    cs_to_hf_name,
-    hf_to_cs_name,
+    cs_to_hf_names,
+    group_by_cs,
     rope_kind,
-    to_cs,
-    to_hf,
+    to_cs_stacked,
+    to_hf_parts,
 )
 
 
@@ -64,13 +66,27 @@ class MaskView:
                 "model family and attention layout",
                 where=str(self.file.path),
             )
-        self._file_key = {self._shown_name(key): key for key in self.file.keys()}  # noqa: SIM118
+        self._parts = self._shown_parts()
 
-    def _shown_name(self, key: str) -> str:
-        if self.naming == "hf":
-            return cs_to_hf_name(canonical_cs_names([key])[key], self.family) if self.converted else key
-        cs_name = hf_to_cs_name(key, self.family) if self.converted else key
-        return canonical_cs_names([cs_name])[cs_name]
+    def _shown_parts(self) -> dict[str, list[tuple[str, int | None]]]:
+        """Shown name -> the file keys it is made of, each with the expert it takes (or None).
+
+        Same naming: each key shows itself. HF file in CS naming: a fused tensor is all its
+        experts' keys, stacked. CS file in HF naming: a fused key shows as E names, one expert each.
+        """
+        keys = list(self.file.keys())  # noqa: SIM118 (not a dict)
+        if not self.converted:
+            shown = canonical_cs_names(keys) if self.naming == "cs" else {key: key for key in keys}
+            return {shown[key]: [(key, None)] for key in keys}
+        if self.naming == "cs":
+            groups = group_by_cs(keys, self.family, self.layout.num_experts, where=str(self.file.path))
+            return {canonical_cs_names([cs])[cs]: [(k, None) for k in parts] for cs, parts in groups.items()}
+        shown: dict[str, list[tuple[str, int | None]]] = {}
+        for key in keys:
+            names = cs_to_hf_names(canonical_cs_names([key])[key], self.family, self.layout.num_experts)
+            for e, name in enumerate(names):
+                shown[name] = [(key, e if len(names) > 1 else None)]
+        return shown
 
     @property
     def path(self) -> Path:
@@ -83,43 +99,62 @@ class MaskView:
 
     def keys(self) -> list[str]:
         """Parameter names in this view's naming, sorted."""
-        return sorted(self._file_key)
+        return sorted(self._parts)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._file_key
+        return name in self._parts
 
     def __len__(self) -> int:
-        return len(self._file_key)
+        return len(self._parts)
 
-    def file_key(self, name: str) -> str:
-        """The key under which the file stores the mask shown as `name`."""
-        if name not in self._file_key:
+    def _require(self, name: str) -> list[tuple[str, int | None]]:
+        if name not in self._parts:
             raise UserError(f"no mask for {name!r}", where=str(self.file.path))
-        return self._file_key[name]
+        return self._parts[name]
 
     def info(self, name: str) -> dict[str, Any]:
-        """The file's per-tensor metadata of the mask shown as `name` (shape in the file's row order)."""
-        return self.file.info(self.file_key(name))
+        """The per-tensor metadata of the mask shown as `name`: the file's own for a mask shown
+        as stored; for a stacked or unstacked expert mask, its `shape`, `kept` and `numel`."""
+        parts = self._require(name)
+        if len(parts) == 1 and parts[0][1] is None:
+            return self.file.info(parts[0][0])
+        if len(parts) > 1:
+            infos = [self.file.info(key) for key, _ in parts]
+            out, inner = infos[0]["shape"]
+            return {
+                "shape": [out, len(parts), inner],
+                "kept": sum(i["kept"] for i in infos),
+                "numel": sum(i["numel"] for i in infos),
+            }
+        mask = self.get(name)
+        return {"shape": list(mask.shape), "kept": int(mask.sum()), "numel": mask.numel()}
 
     def density(self, name: str) -> float:
-        """Fraction of kept weights, from the metadata (no mask is read)."""
+        """Fraction of kept weights, from the metadata (no mask is read, except an unstacked expert's)."""
         info = self.info(name)
         return info["kept"] / info["numel"]
 
     def get(self, name: str) -> torch.Tensor:
-        """The mask of parameter `name`: bool [out, in] in this view's row order (checksum verified)."""
-        key = self.file_key(name)
-        mask = self.file.get(key)
+        """The mask of parameter `name`: bool [out, in] (fused experts: [out, E, in]) in this view's
+        row order (checksum verified)."""
+        parts = self._require(name)
         if not self.converted:
-            return mask
+            return self.file.get(parts[0][0])
         if self.naming == "cs":
-            return to_cs(key, mask, self.family, self.layout)[1].contiguous()
-        return to_hf(canonical_cs_names([key])[key], mask, self.family, self.layout)[1].contiguous()
+            masks = [(key, self.file.get(key)) for key, _ in parts]
+            return to_cs_stacked(name, masks, self.family, self.layout).contiguous()
+        key, expert = parts[0]
+        cs_key = canonical_cs_names([key])[key]
+        shown = to_hf_parts(cs_key, self.file.get(key), self.family, self.layout)
+        return shown[expert or 0][1].contiguous()
 
     def source_checksum(self, name: str) -> str | None:
         """The recorded checksum of the source weight, or None where the view permutes the mask's
-        rows (a permuted mask no longer describes the source weight's byte order)."""
-        key = self.file_key(name)
+        rows or stacks/unstacks experts (the mask then no longer describes the source weight's bytes)."""
+        parts = self._require(name)
+        if len(parts) > 1 or parts[0][1] is not None:
+            return None
+        key = parts[0][0]
         hf_name = name if self.naming == "hf" else key
         if self.converted and rope_kind(hf_name, self.family) is not None:
             return None

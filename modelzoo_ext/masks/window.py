@@ -106,6 +106,16 @@ class GlobalCounts:
                 windows[level] = (max(c - WINDOW, 0), min(c + 1 + WINDOW, MAX_KEY))
         return windows
 
+    def held_bytes(self) -> int:
+        """What the pass will hold until `finish`, estimated from the sample: per distinct window,
+        the packed bits of every weight plus 5 bytes (int32 position, uint8 offset) per key inside it."""
+        held = 0
+        for lo, hi in set(self.windows().values()):
+            above_lo = self.sample_above[lo - 1] if lo else self.sample_size
+            inside = (above_lo - self.sample_above[hi]) / max(self.sample_size, 1)
+            held += int(self.numel * (1 / 8 + 5 * inside))
+        return held
+
     def add(self, name: str, shape: tuple[int, ...], windows: dict[tuple[int, int], Window]) -> None:
         """One tensor's `count_window` for every window."""
         self.tensors[name] = windows

@@ -6,10 +6,14 @@ One key map serves three uses:
 - `check_architecture`: does a run config describe this HF model? The reference trainer asks it
   before reading any weight, so both backends of a grid point train the same network.
 
-The map is ModelZoo 2.10's stock `llama`/`mistral` config converters' (tested against them where
-ModelZoo is installed), minus `norm_first` and `use_ff_layer1_dropout`, which the stock
-converter writes but 2.10's `GPT2LMHeadModelConfig` rejects. Written here so users without
-ModelZoo can convert; no `cerebras` import.
+The map is ModelZoo 2.10's stock `llama`/`mistral`/`mixtral` config converters' (tested against
+them where ModelZoo is installed), minus `norm_first` and `use_ff_layer1_dropout`, which the stock
+converter writes but 2.10's `GPT2LMHeadModelConfig` rejects. Mixtral adds the `moe:` block
+(`num_local_experts` -> `num_experts`, `num_experts_per_tok` -> `top_k`, `router_aux_loss_coef` ->
+`load_balancing_loss_coef`, plus `moe_implementation: optimized`, the fused experts of
+`sparse_lora_mixtral`); the architecture check compares every `moe` key that changes what the
+network or its training loss computes. Written here so users without ModelZoo can convert; no
+`cerebras` import.
 """
 
 from __future__ import annotations
@@ -75,6 +79,39 @@ def hf_rope(hf_config: dict[str, Any]) -> tuple[float, dict | None]:
     return float(hf_config.get("rope_theta", 10000.0)), hf_config.get("rope_scaling")
 
 
+# What HF Mixtral computes, in ModelZoo's `moe:` keys: learned softmax routing over all experts,
+# top-k renormalised, no router bias, no shared or null experts (transformers'
+# MixtralSparseMoeBlock; ModelZoo's SparseMoEBlock with these values computes the same, in fp32).
+MIXTRAL_MOE_FIXED = {
+    "router_use_bias": False,
+    "router_fp32": True,
+    "routing_algorithm": "learned",
+    "router_selection_nonlinearity": "softmax",
+    "expert_weighting_nonlinearity": "softmax",
+    "expert_weighting_normalization": True,
+    "null_expert_bias": 0.0,
+    "num_shared_experts": None,
+    "probability_before_ffn": False,
+}
+
+
+def _moe_to_cs(hf_config: dict[str, Any], implementation: str) -> dict[str, Any]:
+    """The `moe:` block of a HF Mixtral config (ModelZoo's `ConfigConverter_Mixtral_HF_CS23`)."""
+    jitter = float(hf_config.get("router_jitter_noise") or 0.0)
+    if jitter:
+        raise UserError(
+            f"router_jitter_noise {jitter} has no ModelZoo equivalent (ModelZoo's router has no jitter)",
+            where="config.json",
+            fix="set router_jitter_noise to 0.0 (Mixtral-8x7B's value)",
+        )
+    return {
+        "num_experts": int(hf_config["num_local_experts"]),
+        "top_k": int(hf_config["num_experts_per_tok"]),
+        "load_balancing_loss_coef": float(hf_config.get("router_aux_loss_coef", 0.0)),
+        "moe_implementation": implementation,
+    }
+
+
 def hf_to_cs_model_config(hf_config: dict[str, Any], family: str) -> dict[str, Any]:
     """HF config dict -> the ModelZoo `model:` section (name = the stock family name)."""
     expected_type = get_family(family).hf_model_type
@@ -117,8 +154,11 @@ def hf_to_cs_model_config(hf_config: dict[str, Any], family: str) -> dict[str, A
         model["extra_attention_params"] = {"num_kv_groups": kv_heads}
     if head_dim * heads != hidden:
         model["attention_inner_dim"] = head_dim * heads
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         model["attention_sliding_window_length"] = hf_config.get("sliding_window")
+    implementation = get_family(family).moe_implementation
+    if implementation:
+        model["moe"] = _moe_to_cs(hf_config, implementation)
     return model
 
 
@@ -159,10 +199,17 @@ def cs_to_hf_config(model: dict[str, Any], family: str) -> dict[str, Any]:
         "tie_word_embeddings": bool(model.get("share_embedding_weights", False)),
         "attention_bias": bool(model.get("use_projection_bias_in_attention", False)),
     }
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         config["sliding_window"] = model.get("attention_sliding_window_length")
     else:
         config["mlp_bias"] = bool(model.get("use_ffn_bias", False))
+    if get_family(family).moe_implementation:
+        moe = model.get("moe") or {}
+        config["num_local_experts"] = int(moe["num_experts"])
+        config["num_experts_per_tok"] = int(moe["top_k"])
+        config["router_aux_loss_coef"] = float(moe.get("load_balancing_loss_coef", 0.0))
+        config["router_jitter_noise"] = 0.0
+        config["output_router_logits"] = False
     return config
 
 
@@ -214,6 +261,14 @@ MODELZOO_DEFAULTS: dict[str, Any] = {
     "extra_attention_params": {},
     "attention_inner_dim": None,
     "attention_sliding_window_length": None,
+}
+# ModelZoo 2.10's `MoEConfig` defaults (`layers/FeedForwardNetwork.py`), for `moe.<key>` left out.
+MOE_DEFAULTS: dict[str, Any] = {
+    "num_experts": 0,
+    "top_k": 1,
+    "load_balancing_loss_coef": 0.0,
+    "moe_implementation": "experimental",
+    **MIXTRAL_MOE_FIXED,
 }
 
 # ModelZoo keys without a config.json counterpart that change the forward pass or the training
@@ -301,6 +356,11 @@ NOT_COMPARED: dict[str, str] = {
     "temperature": _GENERATION,
     "top_k": _GENERATION,
     "top_p": _GENERATION,
+    # The `moe:` block of an MoE family, compared key by key as `moe.<key>`.
+    "moe.moe_implementation": "how ModelZoo lays out the experts (every implementation computes the same "
+    "function); sparse_lora_mixtral requires and sets `optimized`",
+    "moe.gate_initializer": _INITIALISES,
+    "moe.sinkhorn_n_iters": "used only by sinkhorn routing (router_selection_nonlinearity, compared)",
 }
 
 
@@ -355,14 +415,27 @@ def _equal(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _flat_moe(section: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """An MoE section with `moe: {k: v}` as `moe.k` keys (so a mismatch names the key), over
+    `defaults` for the keys it leaves out."""
+    flat = {k: v for k, v in section.items() if k != "moe"}
+    flat.update({f"moe.{k}": v for k, v in {**defaults, **(section.get("moe") or {})}.items()})
+    return flat
+
+
 def check_architecture(
     model_section: dict[str, Any], hf_config: dict[str, Any], family: str
 ) -> ArchitectureCheck:
     """Compare every key that changes the computation; a key the run config leaves out counts with
     ModelZoo's default (what a CS-3 run would use). Raises nothing: see `ArchitectureCheck.ok`."""
-    expected = hf_to_cs_model_config(hf_config, family)
+    converted = hf_to_cs_model_config(hf_config, family)
+    moe = "moe" in converted
     section = {MODELZOO_ALIASES.get(k, k): v for k, v in model_section.items()}
-    yaml_side = {**MODELZOO_DEFAULTS, **section}
+    # An MoE family's `moe:` block is compared key by key (`moe.<key>`): HF side what transformers'
+    # Mixtral computes, run config side ModelZoo's defaults for the keys it leaves out.
+    stated = _flat_moe(section, {}) if moe else section
+    expected = _flat_moe(converted, MIXTRAL_MOE_FIXED) if moe else converted
+    yaml_side = {**MODELZOO_DEFAULTS, **(_flat_moe(section, MOE_DEFAULTS) if moe else section)}
     check = ArchitectureCheck()
     no_scaling = (
         float(expected.get("pos_scaling_factor", 1.0)) == 1.0 == float(yaml_side["pos_scaling_factor"])
@@ -371,7 +444,7 @@ def check_architecture(
         _normalised("pos_scaling_type", expected.get("pos_scaling_type"), expected),
         _normalised("pos_scaling_type", yaml_side["pos_scaling_type"], yaml_side),
     }
-    for key in sorted(set(expected) | (set(MODELZOO_DEFAULTS) & set(section))):
+    for key in sorted(set(expected) | (set(MODELZOO_DEFAULTS) & set(stated))):
         if key in NOT_COMPARED and not (key == "max_position_embeddings" and longrope):
             check.not_compared[key] = NOT_COMPARED[key]
             continue
@@ -382,8 +455,8 @@ def check_architecture(
         have = _normalised(key, yaml_side.get(key), yaml_side)
         check.compared.append(key)
         if not _equal(want, have):
-            stated = "" if key in section else " (not set: ModelZoo's default)"
-            check.mismatches.append(f"{key}: run config {have!r}{stated}, HF model {want!r}")
+            where = "" if key in stated else " (not set: ModelZoo's default)"
+            check.mismatches.append(f"{key}: run config {have!r}{where}, HF model {want!r}")
     attention_dropout = float(hf_config.get("attention_dropout", 0.0) or 0.0)
     if (
         attention_dropout != 0.0
@@ -392,24 +465,27 @@ def check_architecture(
             f"attention_dropout: HF model {attention_dropout!r} (config.json), run config "
             f"attention_dropout_rate {yaml_side.get('attention_dropout_rate')!r}: set it to 0.0 in config.json"
         )
-    for key in sorted(set(section) - set(expected) - set(MODELZOO_DEFAULTS)):
-        value = section[key]
-        if key in MODELZOO_ONLY_DEFAULTS:
-            check.compared_with_default.append(key)
-            default = MODELZOO_ONLY_DEFAULTS[key]
-            if not _equal(_normalised(key, value, yaml_side), _normalised(key, default, yaml_side)):
-                check.mismatches.append(
-                    f"{key}: run config {value!r}; transformers' {family} has no such setting and computes "
-                    f"what ModelZoo computes at its default {default!r}"
-                )
-        elif key in MODELZOO_ONLY_ABSENT:
+    for key in sorted(set(stated) - set(expected) - set(MODELZOO_DEFAULTS)):
+        _check_extra_key(check, key, stated[key], yaml_side, family)
+    return check
+
+
+def _check_extra_key(check: ArchitectureCheck, key: str, value: Any, yaml_side: dict, family: str) -> None:
+    """A run-config key outside the HF map: at ModelZoo's default, absent, not compared, or unknown."""
+    if key in MODELZOO_ONLY_DEFAULTS:
+        check.compared_with_default.append(key)
+        default = MODELZOO_ONLY_DEFAULTS[key]
+        if not _equal(_normalised(key, value, yaml_side), _normalised(key, default, yaml_side)):
             check.mismatches.append(
-                f"{key}: set in the run config, but {MODELZOO_ONLY_ABSENT[key]}: remove it"
+                f"{key}: run config {value!r}; transformers' {family} has no such setting and computes "
+                f"what ModelZoo computes at its default {default!r}"
             )
-        elif key in NOT_COMPARED:
-            check.not_compared[key] = NOT_COMPARED[key]
-        else:
-            check.mismatches.append(
-                f"{key}: not a key of ModelZoo 2.10's {family} model config (ModelZoo refuses it too)"
-            )
+    elif key in MODELZOO_ONLY_ABSENT:
+        check.mismatches.append(f"{key}: set in the run config, but {MODELZOO_ONLY_ABSENT[key]}: remove it")
+    elif key in NOT_COMPARED:
+        check.not_compared[key] = NOT_COMPARED[key]
+    else:
+        check.mismatches.append(
+            f"{key}: not a key of ModelZoo 2.10's {family} model config (ModelZoo refuses it too)"
+        )
     return check

@@ -17,8 +17,10 @@ from modelzoo_ext.sparse_lora.apply import (
     lora_state_dict,
     merge_sparse_lora_,
     sparse_lora_layers,
+    sparse_lora_modules,
 )
 from modelzoo_ext.sparse_lora.check import SparsityReport, TensorCheck, check_sparsity, check_tensor
+from modelzoo_ext.sparse_lora.experts import SparseLoRAExperts, reference_sparse_matmul
 from modelzoo_ext.sparse_lora.kernels import (
     MODES,
     SPARSE_TO_DENSE,
@@ -40,6 +42,7 @@ __all__ = [
     "MergeReport",
     "SampledPattern",
     "SparseLoRAConfig",
+    "SparseLoRAExperts",
     "SparseLoRALinear",
     "SparseLoRASummary",
     "SparsityReport",
@@ -55,6 +58,8 @@ __all__ = [
     "merge_sparse_lora_",
     "merged_weight",
     "save_adapter",
+    "reference_sparse_matmul",
     "sparse_lora_layers",
+    "sparse_lora_modules",
     "sparse_lora_linear",
 ]

@@ -9,8 +9,10 @@ Lifecycle of a model:
 
 Targeting: an entry of `target_modules` selects every `nn.Linear` whose qualified name equals it
 or ends with "." + entry ("q_proj", "ffn.ffn.0.linear_layer"), or, written "re:<regex>", whose
-qualified name the regex fullmatches. Masks are keyed by the weight's parameter name in the
-model's own naming ("model.layers.0.self_attn.q_proj.weight").
+qualified name the regex fullmatches. It also selects fused expert modules (ModelZoo's
+`TopKExpertsSparseLinear`: a 3-D `expert_weights` [out, E, in]), which become
+`SparseLoRAExperts` (`experts.py`). Masks are keyed by the weight's parameter name in the
+model's own naming ("model.layers.0.self_attn.q_proj.weight", "...linear_layer.expert_weights").
 
 Applying twice raises (the model already holds SparseLoRALinear layers): merge first, or build
 a fresh model.
@@ -28,6 +30,7 @@ from torch import nn
 
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.run_config.sparse_lora_block import SparseLoRAConfig
+from modelzoo_ext.sparse_lora.experts import SparseLoRAExperts, SparseMatmul
 from modelzoo_ext.sparse_lora.layer import SparseLoRALinear
 
 LORA_PARAM_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
@@ -91,12 +94,30 @@ def _matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
-def find_target_linears(model: nn.Module, target_modules: list[str]) -> dict[str, nn.Linear]:
-    """Qualified name -> nn.Linear for every module a `target_modules` entry selects.
+def is_fused_experts(module: nn.Module) -> bool:
+    """A fused expert module: a 3-D `expert_weights` Parameter [out, E, in] (ModelZoo's layout)."""
+    weights = getattr(module, "expert_weights", None)
+    return isinstance(weights, nn.Parameter) and weights.dim() == 3
 
-    Raises UserError naming the entries that select no nn.Linear.
+
+def _base_weight(module: nn.Module) -> torch.Tensor:
+    return module.expert_weights if is_fused_experts(module) else module.weight
+
+
+def _weight_key(name: str, module: nn.Module) -> str:
+    """The parameter name a module's mask is keyed by: `<name>.weight` or `<name>.expert_weights`."""
+    return f"{name}.expert_weights" if is_fused_experts(module) else f"{name}.weight"
+
+
+def find_target_linears(model: nn.Module, target_modules: list[str]) -> dict[str, nn.Module]:
+    """Qualified name -> module (nn.Linear, or fused experts) for every module a `target_modules`
+    entry selects.
+
+    Raises UserError naming the entries that select nothing.
     """
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {
+        name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) or is_fused_experts(m)
+    }
     found: dict[str, nn.Linear] = {}
     unmatched = []
     for entry in target_modules:
@@ -106,7 +127,9 @@ def find_target_linears(model: nn.Module, target_modules: list[str]) -> dict[str
         found.update((name, linears[name]) for name in hits)
     # A subclass may compute something else than x W^T + b: refuse rather than replace it.
     subclasses = sorted(
-        f"{name} ({type(m).__name__})" for name, m in found.items() if type(m) is not nn.Linear
+        f"{name} ({type(m).__name__})"
+        for name, m in found.items()
+        if isinstance(m, nn.Linear) and type(m) is not nn.Linear
     )
     if subclasses:
         raise UserError(
@@ -129,12 +152,12 @@ def layer_generator(init_seed: int, canonical: str) -> torch.Generator:
 
 
 def _check_masks(
-    targets: dict[str, nn.Linear], masks: Mapping[str, torch.Tensor], config: SparseLoRAConfig
+    targets: dict[str, nn.Module], masks: Mapping[str, torch.Tensor], config: SparseLoRAConfig
 ) -> None:
     problems = []
     if config.dense_baseline and masks:
         problems.append(f"dense_baseline is set but {len(masks)} masks were given")
-    weight_names = {f"{name}.weight": name for name in targets}
+    weight_names = {_weight_key(name, m): name for name, m in targets.items()}
     orphans = sorted(set(masks) - set(weight_names))
     if orphans:
         problems.append(f"masks with no targeted nn.Linear: {orphans}")
@@ -142,10 +165,11 @@ def _check_masks(
         missing = sorted(k for k in weight_names if k not in masks)
         if missing:
             problems.append(f"targeted layers without a mask: {missing}")
+    shapes = {k: _base_weight(targets[name]).shape for k, name in weight_names.items()}
     wrong = [
-        f"{k}: mask {m.dtype} {tuple(m.shape)} vs weight {tuple(targets[weight_names[k]].weight.shape)}"
+        f"{k}: mask {m.dtype} {tuple(m.shape)} vs weight {tuple(shapes[k])}"
         for k, m in sorted(masks.items())
-        if k in weight_names and (m.dtype != torch.bool or m.shape != targets[weight_names[k]].weight.shape)
+        if k in weight_names and (m.dtype != torch.bool or m.shape != shapes[k])
     ]
     if wrong:
         problems.append(f"mask shape/dtype mismatches: {wrong}")
@@ -164,24 +188,31 @@ def apply_sparse_lora_(
     masks: Mapping[str, torch.Tensor],
     *,
     target_modules: list[str] | None = None,
-    canonical_name: Callable[[str], str] | None = None,
+    canonical_name: Callable[[str], str | list[str]] | None = None,
+    sparse_matmul: SparseMatmul | None = None,
     **layer_kwargs,
 ) -> SparseLoRASummary:
-    """Replace the targeted nn.Linear modules of `model` in place by SparseLoRALinear.
+    """Replace the targeted nn.Linear modules of `model` in place by SparseLoRALinear (and fused
+    expert modules by SparseLoRAExperts).
 
     Args:
         model: any nn.Module; every parameter that is not a LoRA factor ends up frozen.
         config: the run's sparse_lora block.
-        masks: weight parameter name (model naming) -> bool [out, in]; empty for `dense_baseline`.
+        masks: weight parameter name (model naming) -> bool [out, in] (fused experts: the stacked
+            [out, E, in] under `<module>.expert_weights`); empty for `dense_baseline`.
         target_modules: overrides `config.target_modules` (e.g. ModelZoo module names).
         canonical_name: module name -> the name that seeds its LoRA A (default: itself); the
-            ModelZoo backend maps to HF names so both backends start from the same A.
-        layer_kwargs: passed to SparseLoRALinear (`mask_base_in_forward`, `sampled_product`).
+            ModelZoo backend maps to HF names so both backends start from the same A. For a
+            fused expert module it returns the E per-expert names (each expert's A is seeded
+            from its own HF name, as the per-expert HF layers are).
+        sparse_matmul: the top-k expert matmul of fused expert layers (`experts.py`).
+        layer_kwargs: passed to SparseLoRALinear (`mask_base_in_forward`, `sampled_product`);
+            `mask_base_in_forward` (True/False) also to SparseLoRAExperts.
 
     Raises UserError (listing every offending name) on unmatched targets, masks without a
     layer, layers without a mask, shape or dtype mismatches, and when applied a second time.
     """
-    already = [name for name, m in model.named_modules() if isinstance(m, SparseLoRALinear)]
+    already = list(sparse_lora_modules(model))
     if already:
         raise UserError(
             f"the model already holds {len(already)} SparseLoRALinear layers (e.g. {already[0]})",
@@ -194,18 +225,46 @@ def apply_sparse_lora_(
         param.requires_grad_(False)
     layers = []
     for name, linear in targets.items():
-        mask = None if config.dense_baseline else masks[f"{name}.weight"]
-        layer = SparseLoRALinear.from_linear(linear, mask, config, **layer_kwargs)
-        layer.reset_lora_parameters(layer_generator(config.init_seed, canonical_name(name)))
+        mask = None if config.dense_baseline else masks[_weight_key(name, linear)]
+        if is_fused_experts(linear):
+            layer = _experts_layer(linear, mask, config, canonical_name(name), sparse_matmul, layer_kwargs)
+        else:
+            layer = SparseLoRALinear.from_linear(linear, mask, config, **layer_kwargs)
+            layer.reset_lora_parameters(layer_generator(config.init_seed, canonical_name(name)))
         layer.train(linear.training)
         _replace_module(model, name, layer)
-        layers.append(LayerInfo(name, tuple(linear.weight.shape), layer.density))
+        layers.append(LayerInfo(name, tuple(_base_weight(linear).shape), layer.density))
     return SparseLoRASummary(
         mode="dense_lora" if config.dense_baseline else config.mode,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
         layers=layers,
     )
+
+
+def _experts_layer(
+    module: nn.Module,
+    mask: torch.Tensor | None,
+    config: SparseLoRAConfig,
+    expert_names: str | list[str],
+    sparse_matmul: SparseMatmul | None,
+    layer_kwargs: dict,
+) -> SparseLoRAExperts:
+    """SparseLoRAExperts around a fused module; expert e's A seeded from `expert_names[e]`."""
+    base = layer_kwargs.get("mask_base_in_forward", True)
+    if base == "auto":  # as SparseLoRALinear: re-mask only a base that is not already zero off M
+        base = mask is not None and bool(module.expert_weights.detach()[~mask].any())
+    layer = SparseLoRAExperts.from_fused(
+        module, mask, config, mask_base_in_forward=base, sparse_matmul=sparse_matmul
+    )
+    names = [expert_names] if isinstance(expert_names, str) else list(expert_names)
+    if len(names) != layer.num_experts:
+        raise UserError(
+            f"canonical_name gave {len(names)} names for a module of {layer.num_experts} experts",
+            where="apply_sparse_lora_",
+        )
+    layer.reset_lora_parameters([layer_generator(config.init_seed, n) for n in names])
+    return layer
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -219,6 +278,13 @@ def sparse_lora_layers(model: nn.Module) -> dict[str, SparseLoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseLoRALinear)}
 
 
+def sparse_lora_modules(model: nn.Module) -> dict[str, SparseLoRALinear | SparseLoRAExperts]:
+    """Qualified name -> every sparse-LoRA module (linear and fused experts), in model order.
+    Each has `lora_A.weight`, `lora_B.weight` and `weight_name` (its base parameter's name)."""
+    kinds = (SparseLoRALinear, SparseLoRAExperts)
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+
+
 @torch.no_grad()
 def merge_sparse_lora_(model: nn.Module) -> MergeReport:
     """Replace every SparseLoRALinear by a plain nn.Linear holding its merged weight.
@@ -230,6 +296,12 @@ def merge_sparse_lora_(model: nn.Module) -> MergeReport:
     layers = sparse_lora_layers(model)
     if not layers:
         raise UserError("the model holds no SparseLoRALinear layers", fix="call apply_sparse_lora_ first")
+    fused = [name for name, m in sparse_lora_modules(model).items() if isinstance(m, SparseLoRAExperts)]
+    if fused:
+        raise UserError(
+            f"the model holds fused expert layers ({fused[0]}, ...), which merge through the converters",
+            fix="export with `sparse-lora convert cs-to-hf --as merged` (per-expert merge, zero violations)",
+        )
     discarded, dropped_sq, total_sq = {}, 0.0, 0.0
     for name, layer in layers.items():
         weight = layer.weight.detach().clone() if layer.merged else layer.merged_weight()
@@ -257,9 +329,10 @@ def merge_sparse_lora_(model: nn.Module) -> MergeReport:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{"<module>.lora_A.weight": [r, in], "<module>.lora_B.weight": [out, r]} (detached, model naming)."""
+    """{"<module>.lora_A.weight": [r, in], "<module>.lora_B.weight": [out, r]} (detached, model naming;
+    fused experts: [r, E, in] and [out, E, r])."""
     out = {}
-    for name, layer in sparse_lora_layers(model).items():
+    for name, layer in sparse_lora_modules(model).items():
         out[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
         out[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
     return out

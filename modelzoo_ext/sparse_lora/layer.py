@@ -40,6 +40,14 @@ from modelzoo_ext.sparse_lora.kernels import (
 SAMPLED_PRODUCT_CHOICES = ("auto", "never", "always")
 
 
+def kaiming_a(shape: tuple[int, int], generator: torch.Generator | None) -> torch.Tensor:
+    """A LoRA A [r, in] ~ Kaiming-uniform(a=sqrt(5)) (PEFT's init), drawn on the CPU in float32 from
+    `generator`: the same A on every device and backend for the same generator state."""
+    a = torch.empty(shape, dtype=torch.float32)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    return a
+
+
 class SparseLoRALinear(nn.Module):
     """y = sparse_lora_linear(x, weight, mask, lora_A.weight, lora_B.weight, scaling, mode, bias).
 
@@ -58,6 +66,8 @@ class SparseLoRALinear(nn.Module):
             eager CPU/CUDA, see `kernels.use_sampled_product`), "never" (dense path only; use
             on the Cerebras backend) or "always" (eager CPU/CUDA, for tests and benchmarks).
     """
+
+    weight_name = "weight"  # the base parameter's name (fused experts: `expert_weights`)
 
     def __init__(
         self,
@@ -158,9 +168,7 @@ class SparseLoRALinear(nn.Module):
         Drawing on the CPU in float32 makes A the same on every device and backend for the
         same generator state.
         """
-        a = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        self.lora_A.weight.copy_(a)
+        self.lora_A.weight.copy_(kaiming_a(tuple(self.lora_A.weight.shape), generator))
         self.lora_B.weight.zero_()
 
     def _sampled_pattern(self, x: torch.Tensor) -> SampledPattern | None:

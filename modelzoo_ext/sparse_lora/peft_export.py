@@ -52,8 +52,17 @@ def _common(layers: dict[str, SparseLoRALinear], attribute: str):
     return values.pop()
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    base_model_name_or_path: str | None = None,
+    *,
+    lora_dropout: float | None = None,
+) -> Path:
     """Write `model`'s sparse-to-dense LoRA factors as a PEFT adapter directory (atomically).
+
+    `lora_dropout` overrides the layers' dropout in `adapter_config.json` (Mixtral exports write
+    0.0: PEFT's wrapper of transformers 5's fused experts refuses any other; inference ignores it).
 
     Raises UserError for sparse-to-sparse layers, merged layers or a model without sparse LoRA.
     Returns `out_dir`.
@@ -79,7 +88,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "base_model_name_or_path": base_model_name_or_path,
         "r": _common(layers, "r"),
         "lora_alpha": _common(layers, "alpha"),
-        "lora_dropout": _common(layers, "dropout_p"),
+        "lora_dropout": _common(layers, "dropout_p") if lora_dropout is None else lora_dropout,
         "target_modules": _peft_target_modules(model, layers),
         "bias": "none",
         "fan_in_fan_out": False,

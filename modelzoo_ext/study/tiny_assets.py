@@ -1,6 +1,7 @@
 """`make tiny-assets`: everything `model_configs/params_sparse_lora_tiny*.yaml` needs, under one folder.
 
     python -m modelzoo_ext.study.tiny_assets --out build/tiny
+    python -m modelzoo_ext.study.tiny_assets --out build/tiny_mixtral --family mixtral
 
 writes (each item atomically):
 
@@ -14,6 +15,8 @@ writes (each item atomically):
 
 The tiny YAMLs' `model:` section matches `modelzoo_ext.tiny_models.tiny_config("llama")`; the GPU
 reference trainer reads the same `hf/`, mask file and data, which is what its parity test uses.
+`--family mixtral` writes the same for the tiny Mixtral (4 experts, top-2; masks on attention and
+on every expert's w1/w2/w3, never the router) that `params_sparse_lora_tiny_mixtral*.yaml` use.
 """
 
 from __future__ import annotations
@@ -34,7 +37,18 @@ from modelzoo_ext.masks.format import save_masks
 from modelzoo_ext.masks.select import kept_count
 
 FAMILY = "llama"
-TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_SUFFIXES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "w1",
+    "w2",
+    "w3",
+)
 SPARSITY = 0.5
 MAX_SEQ_LENGTH = 32
 NUM_SAMPLES = 8
@@ -58,15 +72,15 @@ def magnitude_masks(state: dict[str, torch.Tensor], sparsity: float) -> dict[str
 
 
 def write_hf_model(
-    out_dir: Path, sparsity: float, seed: int, tokenizer_from: Path | None = None
+    out_dir: Path, sparsity: float, seed: int, tokenizer_from: Path | None = None, family: str = FAMILY
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Save a tiny random HF Llama pruned by its magnitude masks; returns (masks, config dict)."""
+    """Save a tiny random HF model pruned by its magnitude masks; returns (masks, config dict)."""
     from safetensors.torch import load_file, save_file
 
     from modelzoo_ext.tiny_models import save_tiny_model
 
     with atomic_dir(out_dir) as tmp:
-        save_tiny_model(tmp, FAMILY, seed=seed, tokenizer_from=tokenizer_from)
+        save_tiny_model(tmp, family, seed=seed, tokenizer_from=tokenizer_from)
         weights_file = tmp / "model.safetensors"
         state = load_file(weights_file)
         masks = magnitude_masks(state, sparsity)
@@ -89,7 +103,12 @@ def training_samples(vocab_size: int, seed: int) -> np.ndarray:
 
 
 def make_tiny_assets(
-    out: str | Path, *, sparsity: float = SPARSITY, seed: int = 0, tokenizer_from: str | Path | None = None
+    out: str | Path,
+    *,
+    sparsity: float = SPARSITY,
+    seed: int = 0,
+    tokenizer_from: str | Path | None = None,
+    family: str = FAMILY,
 ) -> dict[str, Path]:
     """Write the tiny HF model, mask file, CS checkpoint and HDF5 data under `out`; returns their paths.
 
@@ -104,7 +123,7 @@ def make_tiny_assets(
         "cs_checkpoint": out / "cs" / CHECKPOINT_NAME,
         "data": out / "data" / "train",
     }
-    masks, hf_config = write_hf_model(paths["hf"], sparsity, seed, tokenizer_from)
+    masks, hf_config = write_hf_model(paths["hf"], sparsity, seed, tokenizer_from, family)
     # The saved model is already pruned by these masks (W*M == W): they describe it, so it is their source.
     save_masks(
         paths["masks"],
@@ -120,7 +139,7 @@ def make_tiny_assets(
         naming="hf",
     )
     # The base checkpoint without masks: the run takes them from the mask file (HF naming, converted on the fly).
-    convert_hf_to_cs(paths["hf"], paths["cs_checkpoint"].parent, FAMILY)
+    convert_hf_to_cs(paths["hf"], paths["cs_checkpoint"].parent, family)
     with atomic_dir(paths["data"]) as tmp:
         write_samples(tmp / "data-0.h5", training_samples(hf_config["vocab_size"], seed))
     return paths
@@ -135,13 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, default=SPARSITY, help="mask sparsity (default 0.5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random model and data")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--family", default=FAMILY, choices=("llama", "mixtral"), help="tiny model family")
     args = parser.parse_args(argv)
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         if not args.force:
             print(f"{args.out} exists; nothing written (pass --force to rebuild)")
             return 0
         shutil.rmtree(args.out)
-    for key, path in make_tiny_assets(args.out, sparsity=args.sparsity, seed=args.seed).items():
+    for key, path in make_tiny_assets(
+        args.out, sparsity=args.sparsity, seed=args.seed, family=args.family
+    ).items():
         print(f"{key:>14}: {path}")
     return 0
 
