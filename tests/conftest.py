@@ -76,6 +76,17 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random Mixtral (4 experts, top-2, 2 layers, GQA) in shards of ~300 KB."""
+    from modelzoo_ext.tiny_models import save_tiny_model
+
+    return save_tiny_model(
+        tmp_path_factory.mktemp("tiny_mixtral"), "mixtral", seed=0, tokenizer_from=tokenizer_dir,
+        max_shard_size="300KB",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny random Llama (2 layers, hidden 64, GQA 4/2 heads) saved as one safetensors file."""
     from modelzoo_ext.tiny_models import save_tiny_model

@@ -36,7 +36,9 @@ def _params(run_dir: Path) -> dict:
     return yaml.safe_load((run_dir / "params.yaml").read_text())
 
 
-def test_the_example_study_is_its_list_on_both_backends(tmp_path, tiny_llama_dir, tiny_mistral_dir):
+def test_the_example_study_is_its_list_on_both_backends(
+    tmp_path, tiny_llama_dir, tiny_mistral_dir, tiny_mixtral_dir
+):
     """The example plan with backends [cs3, gpu]: exactly the listed points, each backend's runs
     from the same params file (CSX-only settings ignored by the reference trainer, by rule)."""
     from modelzoo_ext.run_config import load_run_config
@@ -44,6 +46,7 @@ def test_the_example_study_is_its_list_on_both_backends(tmp_path, tiny_llama_dir
     spec = yaml.safe_load((EXAMPLES / "sweep_phoenix.yaml").read_text())
     spec["models"]["llama3p1_8b"]["hf_dir"] = str(tiny_llama_dir)
     spec["models"]["mistral_7b"]["hf_dir"] = str(tiny_mistral_dir)
+    spec["models"]["mixtral_8x7b"]["hf_dir"] = str(tiny_mixtral_dir)
     for model in spec["models"].values():
         model["params"] = str(EXAMPLES / model["params"])
         model["cs_checkpoint"] = str(tmp_path / "base.mdl")
@@ -51,9 +54,9 @@ def test_the_example_study_is_its_list_on_both_backends(tmp_path, tiny_llama_dir
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
     runs = grid(load_sweep(tmp_path / "sweep.yaml"))
     modes = Counter(r["mode"] for r in runs)
-    assert modes["s2s"] == modes["s2d"] == 2 * 3 * 3 * 9 * 2 * 3  # 0% is not a sparse fine-tune
-    assert modes["lora"] == 2 * 3 * 2 * 3  # the dense-LoRA baseline, once per model, task, backend, seed
-    assert modes["none"] == 2 * 3 * (1 + 9 * (1 + 3 + 3))  # dense; magnitude once; wanda and random per seed
+    assert modes["s2s"] == modes["s2d"] == 3 * 3 * 3 * 9 * 2 * 3  # 0% is not a sparse fine-tune
+    assert modes["lora"] == 3 * 3 * 2 * 3  # the dense-LoRA baseline, once per model, task, backend, seed
+    assert modes["none"] == 3 * 3 * (1 + 9 * (1 + 3 + 3))  # dense; magnitude once; wanda and random per seed
     assert len({r["run_id"] for r in runs}) == len(runs)
     out = tmp_path / "planned"
     only = [r for r in runs if r["model"] == "llama3p1_8b" and r["task"] == "boolq" and r["sparsity"] == 0.5]

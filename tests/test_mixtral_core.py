@@ -45,19 +45,6 @@ needs_per_expert_mixtral = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_mixtral_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    from modelzoo_ext.tiny_models import save_tiny_model
-
-    return save_tiny_model(
-        tmp_path_factory.mktemp("tiny_mixtral"),
-        "mixtral",
-        seed=0,
-        tokenizer_from=tokenizer_dir,
-        max_shard_size="300KB",
-    )
-
-
 def layout() -> RopeLayout:
     return RopeLayout(num_heads=4, num_kv_heads=2, head_dim=16, rotary_dim=16, num_experts=E)
 
