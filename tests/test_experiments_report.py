@@ -169,7 +169,9 @@ def test_paired_differences_are_recomputed_from_the_examples(report, registry):
     assert row["seeds"] == "2" and row["examples"] == str(N)
     assert row["verdict"] == stats.verdict(expected, "s2s", "s2d")
     comparisons = {r["comparison"] for r in rows}
-    assert comparisons == {"s2s - s2d", "s2s - lora", "s2d - lora", "s2s - none", "s2d - none"}
+    assert comparisons == {
+        "s2s - s2d", "s2s - dense-LoRA", "s2d - dense-LoRA", "s2s - no-fine-tune", "s2d - no-fine-tune"
+    }  # fmt: skip
     # lower held-out loss is better: s2s was built with the lower loss
     loss = next(r for r in rows if r["metric"] == "heldout/nll_per_token" and r["comparison"] == "s2s - s2d")
     assert float(loss["difference"]) < 0 and loss["verdict"] == "s2s better"

@@ -379,7 +379,7 @@ def test_official_protocol_sweep_with_seeds_intervals_and_paired_report(tmp_path
     )
     with open(tmp_path / "report" / "paired_official.csv", newline="") as f:
         paired = list(csv.DictReader(f))
-    assert {r["comparison"] for r in paired} >= {"s2s - s2d", "s2s - lora", "s2d - lora"}
+    assert {r["comparison"] for r in paired} >= {"s2s - s2d", "s2s - dense-LoRA", "s2d - dense-LoRA"}
     assert all(
         r["seeds"] == "2" and float(r["ci95_low"]) <= float(r["difference"]) <= float(r["ci95_high"])
         for r in paired

@@ -336,7 +336,7 @@ def print_results(sweep_dir: Path) -> None:
             )
     print("paired on the same examples (difference, paired bootstrap 95% interval):")
     for row in paired:
-        print(f"  {row['metric']:<22} {row['comparison']:<11} {row['difference']:+.4f} "
+        print(f"  {row['metric']:<22} {row['comparison']:<22} {row['difference']:+.4f} "
               f"[{row['ci95_low']:+.4f}, {row['ci95_high']:+.4f}]  {row['verdict']}")  # fmt: skip
 
 

@@ -56,6 +56,8 @@ PUBLISHED_COLUMNS = (
 HELDOUT_METRIC = "heldout/nll_per_token"
 # (first, second): first - second. `none` is the same masks without fine-tuning (what fine-tuning bought).
 COMPARISONS = (("s2s", "s2d"), ("s2s", "lora"), ("s2d", "lora"), ("s2s", "none"), ("s2d", "none"))
+# How the two sides read in the `comparison` and `verdict` columns.
+SIDE_LABELS = {"s2s": "s2s", "s2d": "s2d", "lora": "dense-LoRA", "none": "no-fine-tune"}
 MODE_NAMES = {
     "s2s": "sparse-to-sparse",
     "s2d": "sparse-to-dense",
@@ -271,10 +273,11 @@ def paired_rows(runs: list[RunRecord], protocol: str) -> list[dict[str, Any]]:
                 row = dict(
                     zip(("model", "task", "method", "structure", "sparsity", "backend"), key, strict=True)
                 )
-                row.update(protocol=protocol, metric=metric, comparison=f"{first} - {second}", difference=estimate.value,
+                a, b = SIDE_LABELS[first], SIDE_LABELS[second]
+                row.update(protocol=protocol, metric=metric, comparison=f"{a} - {b}", difference=estimate.value,
                            ci95_low=estimate.low, ci95_high=estimate.high, examples=estimate.n, seeds=len(seeds),
                            interval=f"{estimate.method}, per-example scores averaged over seeds {seeds}",
-                           verdict=stats.verdict(estimate, first, second, higher_is_better))  # fmt: skip
+                           verdict=stats.verdict(estimate, a, b, higher_is_better))  # fmt: skip
                 rows.append(row)
     return rows
 
