@@ -253,15 +253,18 @@ def _add_report(subparsers) -> None:
     p = subparsers.add_parser(
         "report",
         help="CSV + Markdown tables and PNG plots built only from a run registry",
-        description="Accuracy vs sparsity per task, model and mode (with the unfine-tuned pruned model and the "
-        "dense LoRA baseline as reference lines), training throughput vs sparsity per backend, and s2s minus "
-        "s2d. Published numbers come only from --published CSV (with a citation column).",
+        description="Per data protocol (never mixed): every score per grid point with its 95% interval (mean "
+        "over seeds), paired differences on the same examples (s2s - s2d, each vs dense LoRA and vs no "
+        "fine-tune) with a verdict, plots vs sparsity with error bars (no-fine-tune per method, dense LoRA per "
+        "backend), training throughput per run with each backend's padding policy. Published numbers come "
+        "only from --published CSV (with a citation column). See docs/experiments.md.",
     )
     p.add_argument("--registry", required=True, help="registry.sqlite written by `sweep run` or the demo")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     p.add_argument(
         "--published",
-        help="CSV of published results: model,task,method,sparsity,mode,metric,value,citation",
+        help="CSV of published results, joined on every key but value and citation: "
+        "model,task,method,structure,sparsity,mode,metric,protocol,value,citation",
     )
     p.set_defaults(func=_run_report)
 
@@ -280,8 +283,9 @@ def _add_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
         help="the end-to-end demo on SmolLM2-135M (same as `make demo`)",
-        description="SmolLM2-135M -> 50%% magnitude masks -> s2s and s2d LoRA fine-tunes on CPU -> exports "
-        "with zero-violation checks -> lm-eval BoolQ on a held-out slice -> registry -> report.",
+        description="SmolLM2-135M -> 50% magnitude masks -> s2s and s2d LoRA fine-tunes on CPU -> exports "
+        "with zero-violation checks -> held-out loss and lm-eval BoolQ on held-out examples -> registry -> "
+        "report with 95% intervals and paired comparisons (offline protocol).",
     )
     from modelzoo_ext.study.demo import add_demo_arguments
 
