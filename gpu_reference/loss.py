@@ -25,12 +25,15 @@ NaN (0/0): refused here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.run_config.model_section import NormalisedModelSection, as_normalised
 
 
 @dataclass(frozen=True)
@@ -42,14 +45,14 @@ class RouterLoss:
     coef: float
 
     @classmethod
-    def from_model_section(cls, model: dict) -> RouterLoss | None:
-        """From the run config's `model:` keys; None for dense models or a zero coefficient
-        (ModelZoo then adds nothing)."""
-        moe = model.get("moe") or {}
-        coef = float(moe.get("load_balancing_loss_coef", 0.0))
-        if int(moe.get("num_experts") or 0) <= 1 or coef <= 0:
+    def from_model_section(cls, model: NormalisedModelSection | Mapping[str, Any]) -> RouterLoss | None:
+        """From the run config's `model:` section as ModelZoo reads it (`RunConfig.model_section`; a
+        raw mapping is normalised first): `moe` or `moe_params`, ModelZoo's `MoEConfig` defaults for
+        keys left out. None for dense models or a zero coefficient (ModelZoo then adds nothing)."""
+        model = as_normalised(model)
+        if model.num_experts <= 1 or model.load_balancing_loss_coef <= 0:
             return None
-        return cls(int(moe["num_experts"]), int(moe.get("top_k", 1)), coef)
+        return cls(model.num_experts, model.top_k, model.load_balancing_loss_coef)
 
 
 def aux_loss_sum(router_logits, loss_mask: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:

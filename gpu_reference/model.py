@@ -1,7 +1,7 @@
 """The base model of a reference run: checked against the run config before any weight is read.
 
 Order matters for a 7B run: the HF directory's `config.json` is compared with the run config's
-`model:` section first (`modelzoo_ext.run_config.check_architecture`: a model that differs is
+`model:` section, as ModelZoo reads it (`RunConfig.model_section`), first (`modelzoo_ext.run_config.check_architecture`: a model that differs is
 refused before any weight file is even opened), then the directory is opened through the one
 guarded reader (`HFCheckpoint`: no weights, truncated or corrupt shards are clear errors; only
 the shards' headers are read), and the mask file's provenance is checked against it, all before
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.families import resolve_family
+from modelzoo_ext.families import ModelFamily, resolve_family
 from modelzoo_ext.hf_checkpoint import CONFIG_FILE, HFCheckpoint, read_json
 from modelzoo_ext.masks.format import MaskFile
 from modelzoo_ext.masks.provenance import check_hf_checkpoint
@@ -47,9 +47,9 @@ def open_base(hf_model: str | Path, cfg: RunConfig) -> BaseModel:
             f"{CONFIG_FILE} is missing", where=str(hf_model), fix="pass a Hugging Face model directory"
         )
     hf_config = read_json(config_path, CONFIG_FILE)
-    family = resolve_family(None, model_name=cfg.init.model.name, hf_config=hf_config, where=cfg.path).name
+    family = resolve_family(None, model_name=cfg.init.model.name, hf_config=hf_config, where=cfg.path)
     _require_per_expert_linears(family)
-    architecture = check_architecture(cfg.init.model.architecture, hf_config, family)
+    architecture = check_architecture(cfg.model_section, hf_config, family.name)
     if not architecture.ok:
         raise UserError(
             "the run config and the HF model disagree: " + "; ".join(architecture.mismatches),
@@ -57,17 +57,17 @@ def open_base(hf_model: str | Path, cfg: RunConfig) -> BaseModel:
             fix="pass the --hf-model the run config describes (or fix the run config's model section)",
         )
     checkpoint = HFCheckpoint(hf_model)  # every shard's header: no weights / a bad shard is one error
-    return BaseModel(checkpoint, family, architecture)
+    return BaseModel(checkpoint, family.name, architecture)
 
 
-def _require_per_expert_linears(family: str) -> None:
-    """Mixtral trains on transformers 4.x, whose experts are `nn.Linear`s (w1/w2/w3) that sparse
-    LoRA wraps one by one; transformers 5 fuses them into 3-D parameters it cannot wrap."""
+def _require_per_expert_linears(family: ModelFamily) -> None:
+    """MoE families train on transformers 4.x, whose experts are `nn.Linear`s (Mixtral's w1/w2/w3)
+    that sparse LoRA wraps one by one; transformers 5 fuses them into 3-D parameters it cannot wrap."""
     import transformers
 
-    if family == "mixtral" and int(transformers.__version__.split(".")[0]) >= 5:
+    if family.has_experts and int(transformers.__version__.split(".")[0]) >= 5:
         raise UserError(
-            f"the reference trainer runs Mixtral on transformers 4.x (per-expert nn.Linear experts); "
+            f"the reference trainer runs {family.class_stem} on transformers 4.x (per-expert nn.Linear experts); "
             f"transformers {transformers.__version__} fuses the experts into 3-D parameters",
             fix="use transformers 4.57 (the ModelZoo 2.10 stack: pip install 'transformers==4.57.1')",
         )

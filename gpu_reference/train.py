@@ -132,7 +132,7 @@ def _step_config(cfg: RunConfig, world_size: int, device: torch.device) -> StepC
         max_value=precision.max_gradient_value if precision else None,
         world_size=world_size,
         device=device,
-        router=RouterLoss.from_model_section(cfg.init.model.architecture),
+        router=RouterLoss.from_model_section(cfg.model_section),
     )
 
 

@@ -37,6 +37,7 @@ import numpy as np
 from safetensors import safe_open
 
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.families import family_of_hf_config
 from modelzoo_ext.fingerprint import fingerprint_files
 from modelzoo_ext.name_map import FusedPart, hf_fused_parts
 
@@ -125,8 +126,9 @@ class HFCheckpoint:
         )
 
     def _fused_parts(self) -> dict[str, FusedPart]:
-        """The per-expert names of a transformers-5 Mixtral checkpoint's fused tensors (else empty)."""
-        if self.config.get("model_type") != "mixtral":
+        """The per-expert names of a transformers-5 MoE checkpoint's fused tensors (else empty)."""
+        family = family_of_hf_config(self.config)
+        if family is None or not family.has_experts:
             return {}
         parts: dict[str, FusedPart] = {}
         for shard, keys in self.shards().items():

@@ -1,9 +1,11 @@
-"""The one Hugging Face <-> Cerebras name map: a declarative rule table per model family.
+"""The one Hugging Face <-> Cerebras name map: each family's declarative rule table, applied.
 
 Every tensor that crosses between the two formats goes through this module: base weights,
 masks and LoRA tensors alike, whether the converters write a checkpoint, the ModelZoo model
 reads an HF-named mask file, or ModelZoo's own `cszoo checkpoint convert` runs our converter
-entries. There is exactly one copy of the naming logic in the project, in the pure-torch core.
+entries. The rule tables themselves (`ModuleRule`s) belong to the families
+(`modelzoo_ext.families.ModelFamily.rules`); this module is the one copy of the logic that
+applies them, in the pure-torch core.
 
 Names are full parameter names:
 - HF: as in `LlamaForCausalLM.state_dict()`, e.g. `model.layers.0.self_attn.q_proj.weight`;
@@ -31,7 +33,10 @@ RoPE: HF rotates halves of each head (rotate-half), CS rotates interleaved pairs
 q and k projections are permuted per head between the two formats (exactly what ModelZoo's stock
 `llama` converter does). Every tensor whose rows index q/k output channels takes the same
 permutation: the weight, its bias, its mask and its LoRA `lora_B`. `lora_A` (rows index the rank)
-and all v/o/MLP tensors do not.
+and all v/o/MLP tensors do not. The heads, key/value heads, head size, rotary size and experts
+(`RopeLayout`) come from the run's `model:` section as ModelZoo reads it
+(`modelzoo_ext.run_config.model_section`), or from a `config.json` through the section it
+converts to: one derivation for both formats.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.families import get_family
+from modelzoo_ext.families import CS_PREFIX, ModuleRule, get_family, resolve_family
+from modelzoo_ext.run_config.architecture import hf_to_cs_model_config
+from modelzoo_ext.run_config.model_section import NormalisedModelSection, normalise_model_section
 
 if TYPE_CHECKING:  # torch is imported where tensors are permuted: reading names and shapes needs none
     import torch
@@ -67,108 +74,14 @@ TENSOR_SUFFIXES = (
 # Suffixes whose dim 0 indexes the module's output channels (and so takes the q/k permutation).
 ROW_INDEXED_SUFFIXES = frozenset({"weight", "bias", "weight_mask", "bias_mask", LORA_B_SUFFIX})
 
-CS_PREFIX = "model."  # the ModelZoo wrapper's attribute holding the GPT2LMHeadModel
-
 # HF buffers that old checkpoints store but both sides recompute from the config (skipped, as
 # the stock converter does).
 HF_RECOMPUTED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
-@dataclass(frozen=True)
-class ModuleRule:
-    """One module path in HF naming and in CS naming; `{layer}` stands for a layer index.
-
-    `rope` is "q" or "k" when the module's output rows are rotary query/key channels.
-    `fused`: the HF path has an `{expert}` index and CS stacks the experts' tensors on dim 1.
-    `lora_target`: whether a LoRA target name may select the module (never the MoE router).
-    """
-
-    hf: str
-    cs: str
-    rope: str | None = None
-    fused: bool = False
-    lora_target: bool = True
-
-
-@dataclass(frozen=True)
-class Family:
-    """A model family: its module rules, and CS modules that duplicate another CS module.
-
-    `cs_aliases` maps a CS module that ModelZoo registers twice (e.g. `ln_f`, the legacy name of
-    the final norm) to the module it duplicates: HF -> CS writes both (ModelZoo's strict loading
-    wants both keys), CS -> HF checks they are equal and keeps one.
-    """
-
-    name: str
-    rules: tuple[ModuleRule, ...]
-    cs_aliases: dict[str, str]
-
-
-def _in_decoder_layers(rules: Iterable[ModuleRule]) -> tuple[ModuleRule, ...]:
-    return tuple(
-        ModuleRule(
-            f"model.layers.{{layer}}.{r.hf}",
-            f"{CS_PREFIX}transformer_decoder.layers.{{layer}}.{r.cs}",
-            r.rope,
-            r.fused,
-            r.lora_target,
-        )
-        for r in rules
-    )
-
-
-# Inside one decoder layer; checked against ModelZoo 2.10's `llama.py` converter and the
-# `state_dict()` of a ModelZoo `LlamaModel` (tests/test_convert_rules.py).
-LLAMA_LAYER_RULES = (
-    ModuleRule("self_attn.q_proj", "self_attn.proj_q_dense_layer", rope="q"),
-    ModuleRule("self_attn.k_proj", "self_attn.proj_k_dense_layer", rope="k"),
-    ModuleRule("self_attn.v_proj", "self_attn.proj_v_dense_layer"),
-    ModuleRule("self_attn.o_proj", "self_attn.proj_output_dense_layer"),
-    ModuleRule("input_layernorm", "norm1"),
-    ModuleRule("post_attention_layernorm", "norm3"),
-    ModuleRule("mlp.gate_proj", "ffn.ffn.0.linear_layer_for_glu"),
-    ModuleRule("mlp.up_proj", "ffn.ffn.0.linear_layer"),
-    ModuleRule("mlp.down_proj", "ffn.ffn.1.linear_layer"),
-)
-
-LLAMA_RULES = (
-    ModuleRule("model.embed_tokens", f"{CS_PREFIX}embedding_layer.word_embeddings"),
-    *_in_decoder_layers(LLAMA_LAYER_RULES),
-    ModuleRule("model.norm", f"{CS_PREFIX}transformer_decoder.norm"),
-    ModuleRule("lm_head", f"{CS_PREFIX}lm_head"),
-)
-LLAMA_CS_ALIASES = {f"{CS_PREFIX}ln_f": f"{CS_PREFIX}transformer_decoder.norm"}
-
-# Mixtral: Llama's attention and norms, a router and fused experts (ModelZoo 2.10's `mixtral.py`
-# converter, `moe_implementation: optimized`; checked tensor for tensor in tests/test_mixtral_*.py).
-# ModelZoo's swiglu is `linear_layer(x) * silu(linear_layer_for_glu(x))`: w3 is `linear_layer`.
-MIXTRAL_LAYER_RULES = (
-    *LLAMA_LAYER_RULES[:6],
-    ModuleRule("block_sparse_moe.gate", "ffn.gate", lora_target=False),
-    ModuleRule(
-        "block_sparse_moe.experts.{expert}.w1", "ffn.experts.fused_ffns.0.linear_layer_for_glu", fused=True
-    ),
-    ModuleRule("block_sparse_moe.experts.{expert}.w3", "ffn.experts.fused_ffns.0.linear_layer", fused=True),
-    ModuleRule("block_sparse_moe.experts.{expert}.w2", "ffn.experts.fused_ffns.1.linear_layer", fused=True),
-)
-MIXTRAL_RULES = (LLAMA_RULES[0], *_in_decoder_layers(MIXTRAL_LAYER_RULES), *LLAMA_RULES[-2:])
-
-# Mistral's layout is Llama's (ModelZoo's mistral converter subclasses the llama one).
-RULE_TABLES: dict[str, Family] = {
-    "llama": Family("llama", LLAMA_RULES, LLAMA_CS_ALIASES),
-    "mistral": Family("mistral", LLAMA_RULES, LLAMA_CS_ALIASES),
-    "mixtral": Family("mixtral", MIXTRAL_RULES, LLAMA_CS_ALIASES),
-}
-
-
-def family_rules(family: str) -> Family:
+def family_rules(family: str) -> tuple[ModuleRule, ...]:
     """The rule table of `family` (UserError listing the known families otherwise)."""
-    get_family(family)
-    if family not in RULE_TABLES:
-        raise UserError(
-            f"model family {family!r} has no HF <-> CS rule table", fix=f"use one of {sorted(RULE_TABLES)}"
-        )
-    return RULE_TABLES[family]
+    return get_family(family).rules
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +97,7 @@ def _pattern(template: str) -> re.Pattern:
 
 @cache
 def _compiled(family: str, to_cs: bool) -> tuple[tuple[re.Pattern, str, ModuleRule], ...]:
-    rules = family_rules(family).rules
+    rules = family_rules(family)
     return tuple((_pattern(r.hf if to_cs else r.cs), r.cs if to_cs else r.hf, r) for r in rules)
 
 
@@ -356,7 +269,7 @@ def hf_module_to_cs_module(target: str, family: str) -> str:
     (the fused module of all experts). The result is a '.'-suffix of the CS qualified names
     of exactly the modules the HF name is a '.'-suffix of. The MoE router is never a target.
     """
-    rules = [r for r in family_rules(family).rules if "{layer}" in r.hf and r.lora_target]
+    rules = [r for r in family_rules(family) if "{layer}" in r.hf and r.lora_target]
     layer_prefix_hf, layer_prefix_cs = (
         "model.layers.{layer}.",
         f"{CS_PREFIX}transformer_decoder.layers.{{layer}}.",
@@ -377,8 +290,8 @@ def hf_module_to_cs_module(target: str, family: str) -> str:
 
 
 def cs_aliases(family: str) -> dict[str, str]:
-    """CS module -> the CS module it duplicates (see `Family.cs_aliases`)."""
-    return dict(family_rules(family).cs_aliases)
+    """CS module -> the CS module it duplicates (see `ModelFamily.cs_alias_pairs`)."""
+    return get_family(family).cs_aliases
 
 
 def canonical_cs_names(names: Iterable[str]) -> dict[str, str]:
@@ -410,26 +323,28 @@ class RopeLayout:
     num_experts: int = 0
 
     @classmethod
-    def from_hf_config(cls, config: dict[str, Any]) -> RopeLayout:
-        """From a HF Llama/Mistral/Mixtral `config.json` dict."""
-        heads = int(config["num_attention_heads"])
-        head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
-        rotary = int(head_dim * float(config.get("partial_rotary_factor", 1.0)))
-        experts = int(config.get("num_local_experts") or 0)
-        return cls(heads, int(config.get("num_key_value_heads") or heads), head_dim, rotary, experts)
+    def from_model_section(cls, model: NormalisedModelSection) -> RopeLayout:
+        """From the normalised `model:` section of a run (`run_config.normalise_model_section`)."""
+        if model.rotary_dim is None:
+            raise UserError(
+                f"position_embedding_type is {model.values['position_embedding_type']!r}: the families "
+                "this package maps use rotary position embeddings",
+                fix="set position_embedding_type: rotary in the model section",
+            )
+        return cls(model.num_heads, model.num_kv_heads, model.head_dim, model.rotary_dim, model.num_experts)
 
     @classmethod
     def from_cs_config(cls, model: dict[str, Any]) -> RopeLayout:
-        """From the `model:` section of a ModelZoo trainer YAML (GPT-2 backbone keys)."""
-        heads = int(model["num_heads"])
-        inner = int(model.get("attention_inner_dim") or model["hidden_size"])
-        kv_heads = heads
-        if model.get("attention_module") == "multiquery_attention":
-            kv_heads = int(model["extra_attention_params"]["num_kv_groups"])
-        head_dim = inner // heads
-        moe = model.get("moe") or model.get("moe_params") or {}  # YAML alias / pydantic field name
-        experts = int(moe.get("num_experts") or 0)
-        return cls(heads, kv_heads, head_dim, int(model.get("rotary_dim") or head_dim), experts)
+        """From the `model:` section of a ModelZoo trainer YAML, or the `model_dump()` of a ModelZoo
+        model config: either spelling of a key, ModelZoo's defaults for keys left out."""
+        return cls.from_model_section(normalise_model_section(model))
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any], family: str | None = None) -> RopeLayout:
+        """From a HF `config.json` dict, through the ModelZoo section it converts to (the family
+        from `model_type` unless given)."""
+        found = resolve_family(family, hf_config=config, where="config.json").name
+        return cls.from_cs_config(hf_to_cs_model_config(config, found))
 
     def heads_for(self, rope: str) -> int:
         """Number of heads whose rows a q ("q") or k ("k") tensor holds."""
@@ -484,14 +399,6 @@ def rope_kind(hf_name: str, family: str) -> str | None:
     if found is None or suffix not in ROW_INDEXED_SUFFIXES:
         return None
     return found[1].rope
-
-
-def rope_permutation(hf_name: str, layout: RopeLayout, family: str = "llama") -> torch.Tensor | None:
-    """Row index `perm` with `cs_tensor = hf_tensor[perm]`, or None when no permutation applies."""
-    rope = rope_kind(hf_name, family)
-    if rope is None:
-        return None
-    return _hf_to_cs_order(layout.heads_for(rope), layout.head_dim, layout.rotary_dim)
 
 
 def _rows_to_cs(hf_name: str, t: torch.Tensor, rule: ModuleRule, layout: RopeLayout) -> torch.Tensor:

@@ -1,11 +1,12 @@
-"""Tiny random Llama/Mistral/Mixtral models saved with transformers: fixtures, `make tiny-assets`, demos.
+"""Tiny random models of every family saved with transformers: fixtures, `make tiny-assets`, demos.
 
 Two layers, hidden 64, grouped-query attention (4 query heads, 2 key/value heads) so the
 k-projection's RoPE permutation is exercised, and the real Mistral v1 SentencePiece tokenizer
 (32,000 tokens, from `mistral-common`) so data preparation and lm-eval run on real text.
-Mixtral: 4 experts, top-2, intermediate 96 (w1/w3 [96, 64] and w2 [64, 96] differ in shape, so a
-transposed expert cannot pass), router aux coefficient 0.02 (Mixtral-8x7B's), and router weights
-drawn wider than transformers' init so the top-2 choice is not a near-tie.
+The family's traits decide the rest: a sliding-window family gets no window (`sliding_window:
+null`); an MoE family (Mixtral) 4 experts, top-2, intermediate 96 (w1/w3 [96, 64] and w2 [64, 96]
+differ in shape, so a transposed expert cannot pass), router aux coefficient 0.02 (Mixtral-8x7B's),
+and router weights drawn wider than transformers' init so the top-2 choice is not a near-tie.
 """
 
 from __future__ import annotations
@@ -16,19 +17,20 @@ from pathlib import Path
 
 import torch
 
+from modelzoo_ext.families import get_family
 from modelzoo_ext.offline_assets import asset_path
 
-FAMILIES = ("llama", "mistral", "mixtral")
 ROUTER_STD = (
     0.5  # the tiny Mixtral's router weights: clear top-2 choices (transformers' 0.02 is near uniform)
 )
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 32000):
-    """A transformers LlamaConfig/MistralConfig: 2 layers, hidden 64, 4 heads, 2 kv heads."""
-    from transformers import LlamaConfig, MistralConfig, MixtralConfig
+    """The transformers config of the family's tiny model: 2 layers, hidden 64, 4 heads, 2 kv heads."""
+    from transformers import AutoConfig
 
-    common = dict(
+    spec = get_family(family)
+    config = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -43,16 +45,17 @@ def tiny_config(family: str = "llama", vocab_size: int = 32000):
         eos_token_id=2,
         torch_dtype="float32",
     )
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "mistral":
-        return MistralConfig(**common, sliding_window=None)
-    if family == "mixtral":
-        moe = dict(
-            num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02, router_jitter_noise=0.0
+    if spec.sliding_window:
+        config["sliding_window"] = None
+    if spec.has_experts:
+        config.update(
+            intermediate_size=96,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            router_aux_loss_coef=0.02,
+            router_jitter_noise=0.0,
         )
-        return MixtralConfig(**{**common, "intermediate_size": 96}, sliding_window=None, **moe)
-    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return AutoConfig.for_model(spec.hf_model_type, **config)
 
 
 def save_tokenizer(out_dir: str | Path) -> Path:

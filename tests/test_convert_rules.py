@@ -16,7 +16,6 @@ from modelzoo_ext.name_map import (
     permute_rows_cs_to_hf,
     permute_rows_hf_to_cs,
     rope_kind,
-    rope_permutation,
     to_cs,
     to_hf,
 )
@@ -150,10 +149,17 @@ def test_which_tensors_take_the_permutation():
         "model.layers.0.mlp.up_proj.weight",
     ):
         assert rope_kind(name, "llama") is None
-        assert rope_permutation(name, layout) is None
-    # k uses the key/value heads (grouped-query attention), q the query heads.
-    assert rope_permutation("model.layers.0.self_attn.k_proj.weight", layout).numel() == 16
-    assert rope_permutation("model.layers.0.self_attn.q_proj.weight", layout).numel() == 32
+        rows = torch.arange(16.0 if "k_proj" in name else 32.0)[:, None]
+        assert torch.equal(to_cs(name, rows, "llama", layout)[1], rows)  # not permuted
+    # k uses the key/value heads (grouped-query attention, 2 x 8 rows), q the query heads (4 x 8).
+    for proj, heads in (("k_proj", 2), ("q_proj", 4)):
+        rows = torch.arange(heads * 8.0)[:, None]
+        permuted = to_cs(f"model.layers.0.self_attn.{proj}.weight", rows, "llama", layout)[1]
+        assert torch.equal(permuted, permute_rows_hf_to_cs(rows, heads, 8)) and not torch.equal(
+            permuted, rows
+        )
+    with pytest.raises(UserError, match="rows should be 2 heads x 8"):
+        to_cs("model.layers.0.self_attn.k_proj.weight", torch.zeros(32, 1), "llama", layout)
 
 
 def test_weight_mask_and_lora_b_take_the_same_rows():

@@ -167,9 +167,7 @@ def test_converters_carry_source_checksums(golden_bf16, tmp_path):
     v2 = tmp_path / "v2.safetensors"
     include = r"layers\.0\.(self_attn\.[kv]_proj|mlp\.up_proj)\.weight$"
     compute_masks(golden_bf16, MaskRequest(sparsities=(0.5,), include=include), v2, plot=False)
-    layout = RopeLayout.from_hf_config(
-        {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256}
-    )
+    layout = RopeLayout(num_heads=4, num_kv_heads=2, head_dim=64, rotary_dim=64)
     for path in (V1_FILE, v2):
         cs = tmp_path / f"{path.stem}_cs.safetensors"
         convert_mask_file(path, cs, "llama", layout, to_naming="cs")

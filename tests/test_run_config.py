@@ -13,15 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from modelzoo_ext.run_config import check_architecture, hf_to_cs_model_config
-from modelzoo_ext.run_config.architecture import (
+from modelzoo_ext.run_config import check_architecture, hf_to_cs_model_config, normalise_model_section
+from modelzoo_ext.run_config.architecture import MIXTRAL_MOE_FIXED, MODELZOO_ONLY_ABSENT, NOT_COMPARED
+from modelzoo_ext.run_config.model_section import (
     MODELZOO_ALIASES,
     MODELZOO_DEFAULTS,
-    MODELZOO_ONLY_ABSENT,
     MODELZOO_ONLY_DEFAULTS,
     MOE_DEFAULTS,
-    NOT_COMPARED,
-    _normalised,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_configs"
@@ -84,20 +82,29 @@ def test_every_modelzoo_key_is_in_exactly_one_table(family):
 
 @pytest.mark.modelzoo
 def test_every_modelzoo_moe_key_is_compared_or_skipped_with_a_reason():
-    """Mixtral's `moe:` block: each key of ModelZoo's MoEConfig is compared (`MOE_DEFAULTS`, at
-    ModelZoo's default when left out) or not compared with its reason, never unseen."""
+    """Mixtral's `moe:` block: each key of ModelZoo's MoEConfig is compared (what HF Mixtral fixes,
+    or a key of the HF map) or not compared with its reason, never unseen; `MOE_DEFAULTS` is the
+    whole block's defaults (what the record fills in for keys left out)."""
     from cerebras.modelzoo.layers.FeedForwardNetwork import MoEConfig
 
     fields = MoEConfig.model_fields
     skipped = {k.removeprefix("moe.") for k in NOT_COMPARED if k.startswith("moe.")}
+    compared = set(MIXTRAL_MOE_FIXED) | set(
+        hf_to_cs_model_config(real_config("Mixtral-8x7B-v0.1"), "mixtral")["moe"]
+    )
     for name in fields:
-        assert name in MOE_DEFAULTS or name in skipped, name
-    assert set(MOE_DEFAULTS) | skipped <= set(fields)
+        assert (name in compared) != (name in skipped), name
+    assert set(MOE_DEFAULTS) == set(fields)
     for key, ours in MOE_DEFAULTS.items():
         theirs = fields[key].get_default(call_default_factory=True)
-        # Where HF Mixtral fixes a value (MIXTRAL_MOE_FIXED), ModelZoo's default must be it too,
-        # or the check would compare a left-out key against the wrong value.
         assert theirs == ours, (key, theirs, ours)
+
+
+def test_what_hf_mixtral_fixes_is_modelzoos_moe_default():
+    """Where HF Mixtral fixes a value (MIXTRAL_MOE_FIXED), ModelZoo's default must be it too, or a
+    run config that leaves the key out would train another router than the HF model has."""
+    for key, value in MIXTRAL_MOE_FIXED.items():
+        assert MOE_DEFAULTS[key] == value, key
 
 
 def test_an_unknown_moe_key_is_refused_and_moe_keys_are_compared_by_name():
@@ -133,10 +140,11 @@ def test_values_left_out_are_normalised_as_modelzoo_fills_them(section):
     from cerebras.modelzoo.models.nlp.llama.model import LlamaModelConfig
 
     config = LlamaModelConfig(name="llama", **section)
-    side = {**MODELZOO_DEFAULTS, **section}
+    ours = normalise_model_section(section)
     for key, theirs in [("rotary_dim", config.rotary_dim), ("embedding_dropout_rate", config.embd_pdrop),
                         ("attention_dropout_rate", config.attention_dropout_rate)]:  # fmt: skip
-        assert _normalised(key, side.get(key), side) == theirs, key
+        assert ours.values[key] == theirs, key
+    assert ours.head_dim * ours.num_heads == (config.attention_inner_dim or config.hidden_size)
 
 
 # ----------------------------------------------------------------------------- what the tables do

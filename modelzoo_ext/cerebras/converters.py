@@ -11,9 +11,9 @@ This is a name-and-layout conversion: a CS -> HF result keeps `lora_*` and `*_ma
 under HF names. For a model transformers loads (LoRA folded in, masks checked) or a PEFT
 adapter, use `sparse-lora convert cs-to-hf`.
 
-The config converters are ModelZoo's own (`llama`/`mistral`, hf <-> cs-2.1+; `mixtral`, hf <->
-cs-2.3+) with the format list extended and the two keys 2.10's config rejects (`norm_first`,
-`use_ff_layer1_dropout`) removed from CS configs; a Mixtral CS config also gets
+The config converters are ModelZoo's own (`ModelFamily.modelzoo_config_converter`: `llama`/`mistral`,
+hf <-> cs-2.1+; `mixtral`, hf <-> cs-2.3+) with the format list extended and the two keys 2.10's config rejects (`norm_first`,
+`use_ff_layer1_dropout`) removed from CS configs; an MoE family's CS config (Mixtral) also gets
 `moe.moe_implementation: optimized` (the fused experts the checkpoint holds; ModelZoo's own
 converter leaves it out, and its default `experimental` cannot load the converted checkpoint).
 Mixtral's experts are stacked into / unstacked from the fused tensors by the name map (all E
@@ -26,9 +26,10 @@ model names themselves are registered by `modelzoo_ext.cerebras.registration` (w
 
 from __future__ import annotations
 
+import importlib
 from functools import cache
 
-from modelzoo_ext.families import FAMILIES
+from modelzoo_ext.families import FAMILIES, ModelFamily
 from modelzoo_ext.name_map import (
     CS_PREFIX,
     HF_RECOMPUTED,
@@ -54,15 +55,12 @@ def converter_classes() -> dict[str, type]:
         ConversionRule,
         FormatVersions,
     )
-    from cerebras.modelzoo.tools.checkpoint_converters.llama import ConfigConverter_LLaMa_HF_CS21
-    from cerebras.modelzoo.tools.checkpoint_converters.mistral import ConfigConverter_Mistral_HF_CS21
-    from cerebras.modelzoo.tools.checkpoint_converters.mixtral import ConfigConverter_Mixtral_HF_CS23
 
     def formats():
         return (FormatVersions("hf"), FormatVersions(*CS_FORMATS))
 
-    def strip_rejected(config_converter, family: str):
-        moe_implementation = FAMILIES[family].moe_implementation
+    def strip_rejected(config_converter, family: ModelFamily):
+        moe_implementation = family.moe_implementation
 
         class Config(config_converter):
             def __init__(self):
@@ -89,9 +87,8 @@ def converter_classes() -> dict[str, type]:
         return Config
 
     configs = {  # ModelZoo's own config converter of each family
-        "llama": strip_rejected(ConfigConverter_LLaMa_HF_CS21, "llama"),
-        "mistral": strip_rejected(ConfigConverter_Mistral_HF_CS21, "mistral"),
-        "mixtral": strip_rejected(ConfigConverter_Mixtral_HF_CS23, "mixtral"),
+        family.name: strip_rejected(_import_object(family.modelzoo_config_converter), family)
+        for family in FAMILIES.values()
     }
 
     def checkpoint_converter(family: str):
@@ -142,7 +139,13 @@ def converter_classes() -> dict[str, type]:
         Converter.__name__ = Converter.__qualname__ = f"Converter_SparseLoRA_{family.title()}_HF_CS"
         return Converter
 
-    return {f.sparse_lora_model: checkpoint_converter(f.name) for f in FAMILIES.values() if f.name in configs}
+    return {f.sparse_lora_model: checkpoint_converter(f.name) for f in FAMILIES.values()}
+
+
+def _import_object(dotted: str):
+    """`package.module.Name` -> the object (ModelZoo's classes are imported on first use)."""
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def register_converters() -> None:

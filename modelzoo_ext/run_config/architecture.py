@@ -2,9 +2,15 @@
 
 One key map serves three uses:
 - `hf_to_cs_model_config`: the `model:` section of a converted checkpoint (`convert hf-to-cs`);
-- `cs_to_hf_config`: the `config.json` of an export (`convert cs-to-hf`);
+- `cs_to_hf_config`: the `config.json` of an export (`convert cs-to-hf`), from the section as
+  ModelZoo reads it (`run_config.model_section`: either spelling of a key, ModelZoo's defaults);
+  a section the family's HF model cannot compute (partial rotary, MLP biases where the HF model
+  has none, no experts for an MoE family) is refused;
 - `check_architecture`: does a run config describe this HF model? The reference trainer asks it
   before reading any weight, so both backends of a grid point train the same network.
+
+Where the families differ, the family's traits decide (`ModelFamily.sliding_window`,
+`hf_mlp_bias`, `has_experts`), never its name.
 
 The map is ModelZoo 2.10's stock `llama`/`mistral`/`mixtral` config converters' (tested against
 them where ModelZoo is installed), minus `norm_first` and `use_ff_layer1_dropout`, which the stock
@@ -19,11 +25,20 @@ network or its training loss computes. Written here so users without ModelZoo ca
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.families import get_family
+from modelzoo_ext.families import ModelFamily, get_family
+from modelzoo_ext.run_config.model_section import (
+    MODELZOO_DEFAULTS,
+    MODELZOO_ONLY_DEFAULTS,
+    NormalisedModelSection,
+    as_normalised,
+    canonical_value,
+    normalise_model_section,
+)
 
 GATED_ACTIVATIONS = {"silu": "swiglu", "relu": "reglu", "gelu": "geglu"}
 ROPE_SCALING_TYPES = ("linear", "yarn", "llama3", "longrope")
@@ -154,60 +169,79 @@ def hf_to_cs_model_config(hf_config: dict[str, Any], family: str) -> dict[str, A
         model["extra_attention_params"] = {"num_kv_groups": kv_heads}
     if head_dim * heads != hidden:
         model["attention_inner_dim"] = head_dim * heads
-    if family in ("mistral", "mixtral"):
+    spec = get_family(family)
+    if spec.sliding_window:
         model["attention_sliding_window_length"] = hf_config.get("sliding_window")
-    implementation = get_family(family).moe_implementation
-    if implementation:
-        model["moe"] = _moe_to_cs(hf_config, implementation)
+    if spec.has_experts:
+        model["moe"] = _moe_to_cs(hf_config, spec.moe_implementation)
     return model
 
 
-def cs_to_hf_config(model: dict[str, Any], family: str) -> dict[str, Any]:
-    """The ModelZoo `model:` section -> a HF config dict (for `config.json` of an export)."""
-    heads = int(model["num_heads"])
-    kv_heads = heads
-    if model.get("attention_module") == "multiquery_attention":
-        kv_heads = int(model["extra_attention_params"]["num_kv_groups"])
-    inner = int(model.get("attention_inner_dim") or model["hidden_size"])
+def _rope_scaling_to_hf(values: dict[str, Any]) -> dict[str, Any] | None:
+    if float(values["pos_scaling_factor"]) == 1.0:
+        return None
+    kind = values["pos_scaling_type"]
+    rope_scaling = {"rope_type" if kind == "llama3" else "type": kind, "factor": values["pos_scaling_factor"]}
+    rope_scaling.update(values["pos_scaling_extra_args"] or {})
+    return rope_scaling
+
+
+def _require_hf_expressible(model: NormalisedModelSection, spec: ModelFamily) -> None:
+    """Refuse what the HF model of `spec` cannot compute (its export would compute something else)."""
+    if model.rotary_dim != model.head_dim:
+        raise UserError(
+            f"rotary_dim {model.rotary_dim} (position_embedding_type {model.values['position_embedding_type']!r}) "
+            f"is not the head size {model.head_dim}: transformers' {spec.name} rotates whole heads",
+            fix="export a model trained with position_embedding_type: rotary and rotary_dim = head size",
+        )
+    if spec.has_experts and model.num_experts < 2:
+        raise UserError(
+            f"moe.num_experts is {model.num_experts}: a {spec.name} export needs the experts of the run",
+            fix="pass the run config the checkpoint was trained with (its `moe:` block)",
+        )
+    if model.values["use_ffn_bias"] and not spec.hf_mlp_bias:
+        raise UserError(
+            f"use_ffn_bias is true, but transformers' {spec.name} has no MLP biases",
+            fix="export a model trained with use_ffn_bias: false",
+        )
+
+
+def cs_to_hf_config(model: Mapping[str, Any] | NormalisedModelSection, family: str) -> dict[str, Any]:
+    """The ModelZoo `model:` section (raw or normalised) -> a HF config dict (`config.json` of an
+    export). Keys the section leaves out count with ModelZoo's defaults, as in the CS run."""
+    spec, model = get_family(family), as_normalised(model)
+    values = model.values
     gated = {v: k for k, v in GATED_ACTIVATIONS.items()}
-    if model.get("nonlinearity") not in gated:
-        raise UserError(f"nonlinearity {model.get('nonlinearity')!r} is not a gated activation HF supports")
-    rope_scaling = None
-    if float(model.get("pos_scaling_factor", 1.0)) != 1.0:
-        kind = model.get("pos_scaling_type", "linear")
-        rope_scaling = {
-            "rope_type" if kind == "llama3" else "type": kind,
-            "factor": model["pos_scaling_factor"],
-        }
-        rope_scaling.update(model.get("pos_scaling_extra_args") or {})
+    if values["nonlinearity"] not in gated:
+        raise UserError(f"nonlinearity {values['nonlinearity']!r} is not a gated activation HF supports")
+    _require_hf_expressible(model, spec)
     config = {
-        "architectures": [get_family(family).hf_architecture],
-        "model_type": get_family(family).hf_model_type,
-        "vocab_size": model["vocab_size"],
-        "hidden_size": model["hidden_size"],
-        "intermediate_size": model["filter_size"],
-        "num_hidden_layers": model["num_hidden_layers"],
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": inner // heads,
-        "hidden_act": gated[model["nonlinearity"]],
-        "max_position_embeddings": model["max_position_embeddings"],
-        "initializer_range": model.get("initializer_range", 0.02),
-        "rms_norm_eps": model.get("layer_norm_epsilon", 1e-5),
-        "rope_theta": model.get("rope_theta", 10000.0),
-        "rope_scaling": rope_scaling,
-        "tie_word_embeddings": bool(model.get("share_embedding_weights", False)),
-        "attention_bias": bool(model.get("use_projection_bias_in_attention", False)),
+        "architectures": [spec.hf_architecture],
+        "model_type": spec.hf_model_type,
+        "vocab_size": values["vocab_size"],
+        "hidden_size": values["hidden_size"],
+        "intermediate_size": values["filter_size"],
+        "num_hidden_layers": values["num_hidden_layers"],
+        "num_attention_heads": model.num_heads,
+        "num_key_value_heads": model.num_kv_heads,
+        "head_dim": model.head_dim,
+        "hidden_act": gated[values["nonlinearity"]],
+        "max_position_embeddings": values["max_position_embeddings"],
+        "initializer_range": values.get("initializer_range", 0.02),
+        "rms_norm_eps": values["layer_norm_epsilon"],
+        "rope_theta": values["rope_theta"],
+        "rope_scaling": _rope_scaling_to_hf(values),
+        "tie_word_embeddings": bool(values["share_embedding_weights"]),
+        "attention_bias": bool(values["use_projection_bias_in_attention"]),
     }
-    if family in ("mistral", "mixtral"):
-        config["sliding_window"] = model.get("attention_sliding_window_length")
-    else:
-        config["mlp_bias"] = bool(model.get("use_ffn_bias", False))
-    if get_family(family).moe_implementation:
-        moe = model.get("moe") or {}
-        config["num_local_experts"] = int(moe["num_experts"])
-        config["num_experts_per_tok"] = int(moe["top_k"])
-        config["router_aux_loss_coef"] = float(moe.get("load_balancing_loss_coef", 0.0))
+    if spec.sliding_window:
+        config["sliding_window"] = values["attention_sliding_window_length"]
+    if spec.hf_mlp_bias:
+        config["mlp_bias"] = bool(values["use_ffn_bias"])
+    if spec.has_experts:
+        config["num_local_experts"] = model.num_experts
+        config["num_experts_per_tok"] = model.top_k
+        config["router_aux_loss_coef"] = model.load_balancing_loss_coef
         config["router_jitter_noise"] = 0.0
         config["output_router_logits"] = False
     return config
@@ -216,8 +250,10 @@ def cs_to_hf_config(model: dict[str, Any], family: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Does a run config describe this HF model?
 #
-# Every key of ModelZoo 2.10's Llama/Mistral model config is in exactly one class below, and a
-# test walks ModelZoo's config class to keep it so (tests/test_run_config.py):
+# Both sides are read as `NormalisedModelSection`s (`run_config.model_section`: each key under its
+# YAML name, ModelZoo's defaults for keys left out). Every key of ModelZoo 2.10's Llama/Mistral
+# model config is in exactly one class below, and a test walks ModelZoo's config class to keep it
+# so (tests/test_run_config.py):
 # - a key of the HF map above (`hf_to_cs_model_config`): compared with the converted config.json;
 #   a key the run config leaves out counts with ModelZoo's default (`MODELZOO_DEFAULTS`);
 # - a ModelZoo-only key that changes the computation (`MODELZOO_ONLY_DEFAULTS`,
@@ -228,93 +264,12 @@ def cs_to_hf_config(model: dict[str, Any], family: str) -> dict[str, Any]:
 #   `modelzoo_ext.run_config.params`.
 # A key in none of them is refused, as ModelZoo refuses it (its config classes forbid extra keys).
 
-# ModelZoo 2.10's defaults (its GPT-2 backbone's, which Llama/Mistral inherit) for the keys of the
-# HF map: what a CS-3 run trains with when the run config leaves a key out. Tested against
-# ModelZoo's config class where it is installed (tests/test_run_config.py).
-MODELZOO_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 50257,
-    "max_position_embeddings": 1024,
-    "hidden_size": 768,
-    "filter_size": 3072,
-    "num_hidden_layers": 12,
-    "num_heads": 12,
-    "nonlinearity": "gelu",
-    "layer_norm_epsilon": 1e-5,
-    "rope_theta": 10000,
-    "pos_scaling_factor": 1.0,
-    "pos_scaling_type": "linear",
-    "pos_scaling_extra_args": None,
-    "share_embedding_weights": True,
-    "rotary_dim": None,
-    "use_projection_bias_in_attention": True,
-    "use_ffn_bias": True,
-    "position_embedding_type": "learned",
-    "embedding_dropout_rate": None,  # ModelZoo: None = dropout_rate
-    "embedding_layer_norm": False,
-    "attention_type": "scaled_dot_product",
-    "use_ffn_bias_in_attention": True,
-    "attention_dropout_rate": 0.1,
-    "dropout_rate": 0.1,
-    "use_bias_in_output": False,
-    "norm_type": "layernorm",
-    "attention_module": "aiayn_attention",
-    "extra_attention_params": {},
-    "attention_inner_dim": None,
-    "attention_sliding_window_length": None,
-}
-# ModelZoo 2.10's `MoEConfig` defaults (`layers/FeedForwardNetwork.py`), for `moe.<key>` left out.
-MOE_DEFAULTS: dict[str, Any] = {
-    "num_experts": 0,
-    "top_k": 1,
-    "load_balancing_loss_coef": 0.0,
-    "moe_implementation": "experimental",
-    **MIXTRAL_MOE_FIXED,
-}
-
-# ModelZoo keys without a config.json counterpart that change the forward pass or the training
-# step away from what transformers' Llama/Mistral compute, at ModelZoo's default values (where the
-# two agree). Compared like the keys above.
-MODELZOO_ONLY_DEFAULTS: dict[str, Any] = {
-    "num_extra_input_vocab_tokens": 0,
-    "position_embedding_offset": 0,
-    "constant_pos_embedding": None,
-    "rel_distance_mode": "default",
-    "sliding_window_every_other_decoder_layer": False,
-    "attention_sink_tokens": None,
-    "attention_vertical_column_spacing": None,
-    "attention_vertical_column_width": None,
-    "attention_chunk_size": None,
-    "attention_qk_norm_layer": None,
-    "attention_logit_softcapping": None,
-    "fixed_sparse_attention": None,
-    "cross_attention_layers": [],
-    "extra_ffn_params": {},
-    "use_sink_token": False,
-    "scale_qk_dot_by_layer_idx": False,
-    "norm_first_sandwich": False,
-    "embeddings_scale": 1.0,
-    "scale_qk_dot_by_d": None,  # None and False: 1/sqrt(head size), as transformers
-    "attention_logits_alpha": 1.0,
-    "output_logits_scale": None,
-    "final_logit_softcapping": None,
-    "mup_base_hidden_size": None,
-    "mup_base_filter_size": None,
-    "lr_adjustment_groups": None,  # scales the learning rate of parameter groups
-}
-
 # ModelZoo-only sections whose default is "off" (their default objects: memory tokens disabled,
 # no experts). A run config that sets one describes another network, unless the HF map of the
 # model's own family produces the key (an MoE family's `moe`).
 MODELZOO_ONLY_ABSENT: dict[str, str] = {
     "memory_tokens": "memory tokens (transformers' Llama/Mistral have none)",
     "moe": "mixture of experts (transformers' Llama/Mistral have dense MLPs)",
-}
-
-# ModelZoo accepts these names too (pydantic aliases); the check reads them under the YAML name.
-MODELZOO_ALIASES = {
-    "embd_pdrop": "embedding_dropout_rate",
-    "memory_tokens_config": "memory_tokens",
-    "moe_params": "moe",
 }
 
 _INITIALISES = "initialises weights that the checkpoint then overwrites; LoRA factors use their own seeded rule (sparse_lora.init_seed)"
@@ -386,25 +341,6 @@ class ArchitectureCheck:
         }
 
 
-def _normalised(key: str, value: Any, section: dict[str, Any]) -> Any:
-    """Values that mean the same thing written one way (None inner dim = hidden size, ...)."""
-    if key == "attention_inner_dim" and value is None:
-        return section.get("hidden_size")
-    if key == "rotary_dim" and value is None and section.get("position_embedding_type") == "rotary":
-        # ModelZoo's `post_init`: a quarter of hidden_size // num_heads (transformers: the whole head).
-        heads, hidden = section.get("num_heads"), section.get("hidden_size")
-        return int(hidden // heads * 0.25) if heads and hidden else None
-    if key in ("embedding_dropout_rate", "attention_dropout_rate") and value is None:
-        return section.get("dropout_rate")  # ModelZoo's `post_init`
-    if key == "pos_scaling_type" and isinstance(value, str):
-        return value.lower()  # ModelZoo accepts "YaRN"
-    if key == "scale_qk_dot_by_d":
-        return bool(value)
-    if key == "extra_attention_params":
-        return dict(value or {})
-    return value
-
-
 def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return a == b
@@ -415,35 +351,46 @@ def _equal(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _flat_moe(section: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """An MoE section with `moe: {k: v}` as `moe.k` keys (so a mismatch names the key), over
-    `defaults` for the keys it leaves out."""
+def _flat_moe(section: dict[str, Any], moe: dict[str, Any] | None) -> dict[str, Any]:
+    """`section` with its `moe: {k: v}` block as `moe.k` keys (so a mismatch names the key)."""
     flat = {k: v for k, v in section.items() if k != "moe"}
-    flat.update({f"moe.{k}": v for k, v in {**defaults, **(section.get("moe") or {})}.items()})
+    flat.update({f"moe.{k}": v for k, v in (moe or {}).items()})
     return flat
 
 
+def _compared_sides(
+    run: NormalisedModelSection, hf: NormalisedModelSection, converted: dict[str, Any], experts: bool
+) -> tuple[dict, dict, dict]:
+    """(keys the run config sets, its values with ModelZoo's defaults, the HF model's values for
+    the keys of the HF map).
+
+    An MoE family's `moe:` block is compared key by key (`moe.<key>`): the HF side is what
+    transformers' Mixtral computes, the run config side has ModelZoo's defaults for keys left out.
+    """
+    if not experts:
+        return run.stated, run.values, {k: hf.values[k] for k in converted}
+    hf_moe = {**MIXTRAL_MOE_FIXED, **converted["moe"]}
+    expected = _flat_moe({k: hf.values[k] for k in converted}, hf_moe)
+    return _flat_moe(run.stated, run.stated.get("moe")), _flat_moe(run.values, run.moe), expected
+
+
 def check_architecture(
-    model_section: dict[str, Any], hf_config: dict[str, Any], family: str
+    model_section: Mapping[str, Any] | NormalisedModelSection, hf_config: dict[str, Any], family: str
 ) -> ArchitectureCheck:
     """Compare every key that changes the computation; a key the run config leaves out counts with
-    ModelZoo's default (what a CS-3 run would use). Raises nothing: see `ArchitectureCheck.ok`."""
+    ModelZoo's default (what a CS-3 run would use), a key is read under either of its names.
+
+    `model_section`: the run config's `model:` keys, raw or normalised (`normalise_model_section`;
+    a raw one with a key set under both names is a UserError). Otherwise raises nothing: see
+    `ArchitectureCheck.ok`.
+    """
     converted = hf_to_cs_model_config(hf_config, family)
-    moe = "moe" in converted
-    section = {MODELZOO_ALIASES.get(k, k): v for k, v in model_section.items()}
-    # An MoE family's `moe:` block is compared key by key (`moe.<key>`): HF side what transformers'
-    # Mixtral computes, run config side ModelZoo's defaults for the keys it leaves out.
-    stated = _flat_moe(section, {}) if moe else section
-    expected = _flat_moe(converted, MIXTRAL_MOE_FIXED) if moe else converted
-    yaml_side = {**MODELZOO_DEFAULTS, **(_flat_moe(section, MOE_DEFAULTS) if moe else section)}
+    run = as_normalised(model_section)
+    hf = normalise_model_section(converted, where="config.json")
+    stated, have_values, expected = _compared_sides(run, hf, converted, get_family(family).has_experts)
     check = ArchitectureCheck()
-    no_scaling = (
-        float(expected.get("pos_scaling_factor", 1.0)) == 1.0 == float(yaml_side["pos_scaling_factor"])
-    )
-    longrope = "longrope" in {
-        _normalised("pos_scaling_type", expected.get("pos_scaling_type"), expected),
-        _normalised("pos_scaling_type", yaml_side["pos_scaling_type"], yaml_side),
-    }
+    no_scaling = float(expected["pos_scaling_factor"]) == 1.0 == float(have_values["pos_scaling_factor"])
+    longrope = "longrope" in {expected.get("pos_scaling_type"), have_values["pos_scaling_type"]}
     for key in sorted(set(expected) | (set(MODELZOO_DEFAULTS) & set(stated))):
         if key in NOT_COMPARED and not (key == "max_position_embeddings" and longrope):
             check.not_compared[key] = NOT_COMPARED[key]
@@ -451,8 +398,8 @@ def check_architecture(
         if no_scaling and key in ("pos_scaling_type", "pos_scaling_extra_args"):
             check.not_compared[key] = "no rope scaling on either side (pos_scaling_factor 1.0)"
             continue
-        want = _normalised(key, expected.get(key, MODELZOO_DEFAULTS.get(key)), {**yaml_side, **expected})
-        have = _normalised(key, yaml_side.get(key), yaml_side)
+        want = expected[key] if key in expected else hf.values[key]
+        have = have_values[key]
         check.compared.append(key)
         if not _equal(want, have):
             where = "" if key in stated else " (not set: ModelZoo's default)"
@@ -463,19 +410,19 @@ def check_architecture(
     ):  # the HF model would drop attention weights while training; ModelZoo's does not
         check.mismatches.append(
             f"attention_dropout: HF model {attention_dropout!r} (config.json), run config "
-            f"attention_dropout_rate {yaml_side.get('attention_dropout_rate')!r}: set it to 0.0 in config.json"
+            f"attention_dropout_rate {have_values['attention_dropout_rate']!r}: set it to 0.0 in config.json"
         )
     for key in sorted(set(stated) - set(expected) - set(MODELZOO_DEFAULTS)):
-        _check_extra_key(check, key, stated[key], yaml_side, family)
+        _check_extra_key(check, key, stated[key], have_values, family)
     return check
 
 
-def _check_extra_key(check: ArchitectureCheck, key: str, value: Any, yaml_side: dict, family: str) -> None:
+def _check_extra_key(check: ArchitectureCheck, key: str, value: Any, values: dict, family: str) -> None:
     """A run-config key outside the HF map: at ModelZoo's default, absent, not compared, or unknown."""
     if key in MODELZOO_ONLY_DEFAULTS:
         check.compared_with_default.append(key)
         default = MODELZOO_ONLY_DEFAULTS[key]
-        if not _equal(_normalised(key, value, yaml_side), _normalised(key, default, yaml_side)):
+        if not _equal(values[key], canonical_value(key, default, values)):
             check.mismatches.append(
                 f"{key}: run config {value!r}; transformers' {family} has no such setting and computes "
                 f"what ModelZoo computes at its default {default!r}"
@@ -488,4 +435,3 @@ def _check_extra_key(check: ArchitectureCheck, key: str, value: Any, yaml_side: 
         check.mismatches.append(
             f"{key}: not a key of ModelZoo 2.10's {family} model config (ModelZoo refuses it too)"
         )
-    return check

@@ -1,4 +1,4 @@
-"""A run config (`params_sparse_lora*.yaml`, ModelZoo's trainer layout): reading, validating, writing.
+"""A run config (`params_sparse_lora*.yaml`, ModelZoo's trainer layout), validated for the reference trainer.
 
 Both backends read the same file: `cszoo fit` validates it with ModelZoo's own pydantic classes,
 the reference trainer with the models below, which cover what it computes. Every section the
@@ -6,11 +6,15 @@ reference trainer interprets rejects unknown keys (`extra="forbid"`); keys that 
 Cerebras backend or its bookkeeping (backend and cluster settings, CSX performance flags,
 logging, checkpoint loading flags, data streaming knobs) are accepted by rule and listed in
 `RunConfig.ignored` as {key: reason}, so the run record (`run.json`, `ignored_config_keys`) says
-what was not applied and why, and the file never needs editing per backend. Anything that would change the computation and that the
-reference trainer cannot reproduce is a `UserError` naming the key.
+what was not applied and why, and the file never needs editing per backend. Anything that
+would change the computation and that the reference trainer cannot reproduce is a `UserError`
+naming the key. The `model:` section's architecture keys are read once, as ModelZoo reads them
+(`RunConfig.model_section`, a `NormalisedModelSection`: either spelling of a key, ModelZoo's
+defaults); the architecture check compares them with the HF model.
 
-Also here: the raw YAML helpers every layer uses (`load_yaml`, `find_model_section`,
-`write_yaml`).
+The raw YAML helpers and the one-setting accessors live in `modelzoo_ext.run_config.trainer_yaml`;
+the names imported from it below keep `run_config.params.set_mode` & co. working for callers
+written before the split.
 """
 
 from __future__ import annotations
@@ -18,12 +22,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.run_config.model_section import NormalisedModelSection, normalise_model_section
 from modelzoo_ext.run_config.sparse_lora_block import SparseLoRAConfig
+from modelzoo_ext.run_config.trainer_yaml import (  # noqa: F401 (re-exported, see the docstring)
+    ensure_callback,
+    find_model_section,
+    load_yaml,
+    set_backend,
+    set_base_checkpoint,
+    set_max_steps,
+    set_mode,
+    set_model_dir,
+    set_output,
+    set_seeds,
+    set_training_data,
+    train_batch_size,
+    trainer_yaml_model_section,
+    write_yaml,
+)
 
 # ModelZoo callbacks that observe a run without changing what it computes.
 OBSERVING_CALLBACKS = {
@@ -91,7 +110,8 @@ class ModelSection(BaseModel):
 
     @property
     def architecture(self) -> dict[str, Any]:
-        """The remaining keys (vocab_size, hidden_size, ...): the HF model must agree with them."""
+        """The remaining keys (vocab_size, hidden_size, ...) as written; `RunConfig.model_section`
+        reads them as ModelZoo does."""
         return dict(self.model_extra or {})
 
 
@@ -182,14 +202,15 @@ class TrainerFit(_Strict):
 
 
 class RunConfig(BaseModel):
-    """A validated run config plus the list of keys accepted but not applied."""
+    """A validated run config, its model section as ModelZoo reads it, and the keys accepted but not applied."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
 
     init: TrainerInit
     fit: TrainerFit
     path: str
     ignored: dict[str, str]
+    model_section: NormalisedModelSection
 
     @property
     def max_steps(self) -> int:
@@ -318,11 +339,13 @@ def load_run_config(path: str | Path) -> RunConfig:
             "loss_scaling num_tokens requires loss_weight 1.0",
             where=f"{path}: trainer.init.model.loss_weight",
         )
-    for key in ZERO_DROPOUT_KEYS:
-        if float(model.architecture.get(key, 0.0) or 0.0) != 0.0:
+    model_section = normalise_model_section(model.architecture, where=f"{path}: trainer.init.model")
+    for key in ZERO_DROPOUT_KEYS:  # under either spelling (`embd_pdrop`); left out: the architecture check's
+        if float(model_section.stated.get(key, 0.0) or 0.0) != 0.0:
+            spelled = model_section.spelled_as(key)
             raise UserError(
-                f"{key} must be 0 (the HF model runs without this dropout)",
-                where=f"{path}: trainer.init.model.{key}",
+                f"{spelled} must be 0 (the HF model runs without this dropout)",
+                where=f"{path}: trainer.init.model.{spelled}",
             )
     _check_callbacks(init.callbacks, ignored)
     _check_dataloader(fit.train_dataloader, f"{path}: trainer.fit.train_dataloader")
@@ -339,138 +362,4 @@ def load_run_config(path: str | Path) -> RunConfig:
         for key in sorted(getattr(getattr(init, section), "model_fields_set", ())):
             if f"{section}.{key}" in IGNORED_REASONS:
                 ignored[f"{section}.{key}"] = IGNORED_REASONS[f"{section}.{key}"]
-    return RunConfig(init=init, fit=fit, path=path, ignored=ignored)
-
-
-# ---------------------------------------------------------------------------------------------
-# Raw YAML
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a run config (or any YAML mapping); UserError when absent, invalid or not a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError("config file not found", where=str(path), fix="pass the run's params YAML")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"not valid YAML ({exc})".replace("\n", " "), where=str(path)) from exc
-    if not isinstance(data, dict):
-        raise UserError("config is not a YAML mapping", where=str(path))
-    return data
-
-
-def write_yaml(path: str | Path, data: dict[str, Any]) -> Path:
-    """Write a YAML mapping atomically (keys in their given order)."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    return Path(path)
-
-
-def find_model_section(config: dict[str, Any], where: str) -> dict[str, Any]:
-    """The `model:` section of a trainer YAML (`trainer.init.model`, a list of trainers, or `model`)."""
-    trainer = config.get("trainer")
-    if isinstance(trainer, list) and trainer:
-        trainer = trainer[0].get("trainer", trainer[0])
-    if isinstance(trainer, dict) and isinstance(trainer.get("init", {}).get("model"), dict):
-        return trainer["init"]["model"]
-    if isinstance(config.get("model"), dict):
-        return config["model"]
-    raise UserError(
-        "no model section (trainer.init.model or model) in the config",
-        where=where,
-        fix="pass the trainer YAML of the run (or the model_config.yaml written by `convert hf-to-cs`)",
-    )
-
-
-def trainer_yaml_model_section(model: dict[str, Any]) -> dict[str, Any]:
-    """`{"trainer": {"init": {"model": ...}}}`: the section to paste into a trainer YAML."""
-    return {"trainer": {"init": {"model": dict(model)}}}
-
-
-# ---------------------------------------------------------------------------------------------
-# Deriving one run's config from a model's params file (sweeps, the demo). Each function changes
-# one thing in place; together they are the only code that knows where a setting lives.
-
-
-def _init(params: dict[str, Any]) -> dict[str, Any]:
-    return params["trainer"]["init"]
-
-
-def _fit(params: dict[str, Any]) -> dict[str, Any]:
-    return params["trainer"].setdefault("fit", {})
-
-
-def set_mode(params: dict[str, Any], short: str, mask_path: str | None) -> None:
-    """`s2s`/`s2d` with `mask_path`, or `lora` (the dense baseline: no masks)."""
-    from modelzoo_ext.run_config.modes import yaml_mode
-
-    mode, dense_baseline = yaml_mode(short)
-    block = _init(params)["model"]["sparse_lora"]
-    block["mode"] = mode
-    block.pop("mask_path", None)
-    block.pop("dense_baseline", None)
-    if dense_baseline:
-        block["dense_baseline"] = True
-    else:
-        block["mask_path"] = mask_path
-
-
-def set_training_data(params: dict[str, Any], data_dir: str, batch_size: int | None = None) -> None:
-    """Train on `data_dir`; evaluation happens outside the trainer (lm-eval), so no validation loader."""
-    loader = _fit(params)["train_dataloader"]
-    loader["data_dir"] = data_dir
-    if batch_size:
-        loader["batch_size"] = batch_size
-    _fit(params).pop("val_dataloader", None)
-
-
-def set_max_steps(params: dict[str, Any], max_steps: int) -> None:
-    """Train `max_steps` optimizer steps; a periodic checkpoint becomes one at the end."""
-    init = _init(params)
-    init["loop"]["max_steps"] = max_steps
-    init["loop"].pop("num_steps", None)
-    if (init.get("checkpoint") or {}).get("steps"):
-        init["checkpoint"]["steps"] = max_steps
-
-
-def set_output(params: dict[str, Any], model_dir: str, seed: int) -> None:
-    """Where the trainer writes, and the trainer seed (its RNG: LoRA dropout)."""
-    set_model_dir(params, model_dir)
-    _init(params)["seed"] = seed
-
-
-def set_model_dir(params: dict[str, Any], model_dir: str) -> None:
-    """Where the trainer writes its checkpoints and logs."""
-    _init(params)["model_dir"] = model_dir
-
-
-def set_backend(params: dict[str, Any], backend_type: str) -> None:
-    """ModelZoo's backend (`CSX`, `CPU`, `GPU`), keeping its other settings."""
-    _init(params).setdefault("backend", {})["backend_type"] = backend_type
-
-
-def set_seeds(params: dict[str, Any], lora_init: int, data_order: int) -> None:
-    """The LoRA initialisation seed, and the data order: shuffled, with seed `data_order`."""
-    _init(params)["model"]["sparse_lora"]["init_seed"] = lora_init
-    loader = _fit(params)["train_dataloader"]
-    loader["shuffle"] = True
-    loader["shuffle_seed"] = data_order
-
-
-def train_batch_size(params: dict[str, Any]) -> int:
-    """The global batch size of the training loader."""
-    return int(_fit(params)["train_dataloader"]["batch_size"])
-
-
-def set_base_checkpoint(params: dict[str, Any], ckpt_path: str | None) -> None:
-    """The CS checkpoint a `cszoo fit` run starts from (None: the params file's own, if any)."""
-    if ckpt_path:
-        _fit(params)["ckpt_path"] = ckpt_path
-
-
-def ensure_callback(params: dict[str, Any], name: str) -> None:
-    """Add `- <name>: {}` to the callbacks unless it is there."""
-    callbacks = _init(params).setdefault("callbacks", [])
-    if not any(isinstance(c, dict) and name in c for c in callbacks):
-        callbacks.append({name: {}})
+    return RunConfig(init=init, fit=fit, path=path, ignored=ignored, model_section=model_section)

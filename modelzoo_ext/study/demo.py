@@ -108,23 +108,24 @@ def build_smollm2(out_dir: Path) -> Path:
 def demo_params(hf_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The tiny template with SmolLM2's model section and a short CPU schedule (the sweep fills in
     mode, masks, data, seed and output folder per run)."""
-    from modelzoo_ext.run_config import hf_to_cs_model_config, load_yaml
+    from modelzoo_ext.run_config import hf_to_cs_model_config
+    from modelzoo_ext.run_config import trainer_yaml as rc
 
-    params = load_yaml(TEMPLATE_PARAMS)
-    init = params["trainer"]["init"]
+    params = rc.load_yaml(TEMPLATE_PARAMS)
+    template = rc.model_section(params)
     hf_config = json.loads((hf_dir / "config.json").read_text())
-    sparse_lora = copy.deepcopy(init["model"]["sparse_lora"])
+    sparse_lora = copy.deepcopy(template["sparse_lora"])
     sparse_lora.update(r=args.rank, alpha=float(2 * args.rank))
     model = hf_to_cs_model_config(hf_config, "llama")  # its `name` is the stock family's: replaced
-    model.update(name=init["model"]["name"], sparse_lora=sparse_lora, loss_scaling="num_tokens")
-    init["model"] = model
-    init["optimizer"] = {"AdamW": {"lr": args.lr, "weight_decay": 0.0}}
-    init["schedulers"] = [
-        {"LinearLR": {"initial_learning_rate": args.lr / 10, "end_learning_rate": args.lr, "total_iters": 2}}
-    ]
-    init["loop"] = {"max_steps": args.steps}
-    init["checkpoint"] = {**init.get("checkpoint", {}), "steps": args.steps, "save_initial_checkpoint": False}
-    params["trainer"]["fit"]["train_dataloader"]["batch_size"] = args.batch_size  # the sweep sets the order
+    model.update(name=template["name"], sparse_lora=sparse_lora, loss_scaling="num_tokens")
+    rc.set_model_section(params, model)
+    warmup = {
+        "LinearLR": {"initial_learning_rate": args.lr / 10, "end_learning_rate": args.lr, "total_iters": 2}
+    }
+    rc.set_optimizer(params, {"AdamW": {"lr": args.lr, "weight_decay": 0.0}}, [warmup])
+    rc.set_max_steps(params, args.steps)  # the template checkpoints every run's last step
+    rc.set_save_initial_checkpoint(params, False)
+    rc.set_train_batch_size(params, args.batch_size)  # the sweep sets the order
     return params
 
 
@@ -177,7 +178,7 @@ def run_modelzoo_parity(out: Path, sweep_dir: Path, hf_dir: Path, steps: int) ->
     Same model, masks, data, order, LoRA initialisation and schedule as the gpu_reference run:
     only the number of steps differs, so the parity table compares those steps.
     """
-    from modelzoo_ext.run_config import params as rc
+    from modelzoo_ext.run_config import trainer_yaml as rc
     from modelzoo_ext.study.steps import run_logged
 
     s2s = next((sweep_dir / "runs").glob("*__s2s__cpu__seed0"))
