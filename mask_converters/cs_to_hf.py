@@ -59,6 +59,7 @@ from modelzoo_ext.run_config import (
     cs_to_hf_config,
     find_model_section,
     load_yaml,
+    normalise_model_section,
 )
 from modelzoo_ext.run_config.modes import EXPORT_KINDS
 from modelzoo_ext.sparse_lora import SparseLoRALinear, check_tensor, save_adapter
@@ -299,7 +300,9 @@ def _lora_parts(ctx: _Export, cs_weight: str) -> list[tuple[torch.Tensor, torch.
 def _export_merged(ctx: _Export, tmp: Path) -> dict[str, Any]:
     writer = ShardedSafetensorsWriter(tmp, ctx.max_shard_bytes)
     checks, dtypes = [], set()
-    tied = bool(ctx.model_section.get("share_embedding_weights"))
+    tied = bool(
+        normalise_model_section(ctx.model_section).values["share_embedding_weights"]
+    )  # ModelZoo's default
     for cs_name in tqdm(ctx.classified.weights, desc="merging", unit="tensor", disable=not ctx.progress):
         lora = _lora_parts(ctx, cs_name)
         for i, (hf_name, weight) in enumerate(_hf_parts(ctx, cs_name)):

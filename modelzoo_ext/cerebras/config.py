@@ -35,7 +35,11 @@ from pydantic import field_validator, model_validator
 
 from modelzoo_ext.families import FAMILIES, ModelFamily
 from modelzoo_ext.name_map import hf_module_to_cs_module
+from modelzoo_ext.run_config.model_section import MODELZOO_ALIASES
 from modelzoo_ext.run_config.sparse_lora_block import SparseLoRAConfig
+
+# The names ModelZoo accepts the `moe` block under (its alias and its field name).
+MOE_SPELLINGS = ("moe", *(name for name, alias in MODELZOO_ALIASES.items() if alias == "moe"))
 
 
 def _check_targets(sparse_lora: SparseLoRAConfig, family: str) -> SparseLoRAConfig:
@@ -61,7 +65,7 @@ def _with_moe_implementation(data, spec: ModelFamily):
     Runs on the raw YAML (`moe:` a dict) and again when pydantic revalidates the built config
     (`moe_params` then holds the MoEConfig object, which is only checked).
     """
-    key = next((k for k in ("moe", "moe_params") if isinstance(data, dict) and k in data), None)
+    key = next((k for k in MOE_SPELLINGS if isinstance(data, dict) and k in data), None)
     if spec.moe_implementation is None or key is None:
         return data
     moe = data[key]

@@ -33,13 +33,13 @@ names with one class path): `SparseLoRALlamaModel`, `SparseLoRAMistralModel`, `S
 # `config` annotation of its `__init__`, which must be the class object itself.
 import importlib
 from pathlib import Path
-from typing import Any
 
 from modelzoo_ext.cerebras.config import CONFIG_CLASSES
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.families import FAMILIES, ModelFamily
 from modelzoo_ext.masks.view import MaskView
 from modelzoo_ext.name_map import RopeLayout, cs_to_hf_name, cs_to_hf_names, hf_module_to_cs_module, is_fused
+from modelzoo_ext.run_config.model_section import NormalisedModelSection, normalise_model_section
 from modelzoo_ext.run_config.sparse_lora_block import SparseLoRAConfig
 from modelzoo_ext.sparse_lora import SparseLoRASummary, apply_sparse_lora_
 
@@ -52,14 +52,14 @@ class SparseLoRAMixin:
     family: str
     sparse_lora_config: SparseLoRAConfig
     sparse_lora_summary: SparseLoRASummary
-    model_section: dict[str, Any]
+    model_section: NormalisedModelSection
     masks: MaskView | None
     masks_applied: bool
 
     def _attach_sparse_lora(self, config) -> None:
         self.family = config.family
         self.sparse_lora_config = cfg = config.sparse_lora
-        self.model_section = config.model_dump()
+        self.model_section = normalise_model_section(config.model_dump())
         self.masks = None if cfg.dense_baseline else self._open_masks(cfg.mask_path)
         self.sparse_lora_summary = apply_sparse_lora_(
             self,
@@ -82,14 +82,14 @@ class SparseLoRAMixin:
                 fix="run `sparse-lora masks compute` (or `make tiny-assets` for the tiny config), or fix "
                 "the path (relative paths are taken from the directory cszoo runs in)",
             )
-        return MaskView(mask_path, "cs", self.family, RopeLayout.from_cs_config(self.model_section))
+        return MaskView(mask_path, "cs", self.family, RopeLayout.from_model_section(self.model_section))
 
     def hf_module_name(self, cs_module: str) -> str | list[str]:
         """ModelZoo module name -> HF module name (seeds LoRA A identically on both backends); for a
         fused expert module, the E per-expert HF module names."""
         if not is_fused(f"{cs_module}.weight", self.family):
             return cs_to_hf_name(f"{cs_module}.weight", self.family)[: -len(".weight")]
-        experts = RopeLayout.from_cs_config(self.model_section).num_experts
+        experts = self.model_section.num_experts
         names = cs_to_hf_names(f"{cs_module}.expert_weights", self.family, experts)
         return [name[: -len(".weight")] for name in names]
 
