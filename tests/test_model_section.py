@@ -25,7 +25,7 @@ from modelzoo_ext.errors import UserError
 from modelzoo_ext.families import FAMILIES
 from modelzoo_ext.name_map import RopeLayout
 from modelzoo_ext.run_config import hf_to_cs_model_config, load_run_config, normalise_model_section
-from modelzoo_ext.run_config.model_section import MODELZOO_ALIASES, MOE_DEFAULTS
+from modelzoo_ext.run_config.modelzoo_fields import MODELZOO_ALIASES, MOE_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "hf_configs"

@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 
 from modelzoo_ext.run_config import check_architecture, hf_to_cs_model_config, normalise_model_section
-from modelzoo_ext.run_config.architecture import MIXTRAL_MOE_FIXED, MODELZOO_ONLY_ABSENT, NOT_COMPARED
-from modelzoo_ext.run_config.model_section import (
+from modelzoo_ext.run_config.architecture import MIXTRAL_MOE_FIXED
+from modelzoo_ext.run_config.modelzoo_fields import (
     MODELZOO_ALIASES,
     MODELZOO_DEFAULTS,
+    MODELZOO_ONLY_ABSENT,
     MODELZOO_ONLY_DEFAULTS,
     MOE_DEFAULTS,
+    NOT_COMPARED,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_configs"

@@ -35,7 +35,7 @@ from pydantic import field_validator, model_validator
 
 from modelzoo_ext.families import FAMILIES, ModelFamily
 from modelzoo_ext.name_map import hf_module_to_cs_module
-from modelzoo_ext.run_config.model_section import MODELZOO_ALIASES
+from modelzoo_ext.run_config.modelzoo_fields import MODELZOO_ALIASES
 from modelzoo_ext.run_config.sparse_lora_block import SparseLoRAConfig
 
 # The names ModelZoo accepts the `moe` block under (its alias and its field name).

@@ -2,6 +2,8 @@
 
 - `modes`: the fine-tuning modes, their short names (s2s, s2d, lora) and the export rule.
 - `sparse_lora_block`: the `sparse_lora:` block (`SparseLoRAConfig`), validated by both backends.
+- `modelzoo_fields`: ModelZoo's model config fields as tables (second names, defaults, which
+  keys the architecture check compares and why not the others).
 - `model_section`: the `model:` section as ModelZoo reads it (`NormalisedModelSection`: either
   spelling of a key, ModelZoo's defaults), the one record every reader of the section uses.
 - `architecture`: HF `config.json` <-> the ModelZoo `model:` section, and the check that a run

@@ -32,12 +32,16 @@ from typing import Any
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.families import ModelFamily, get_family
 from modelzoo_ext.run_config.model_section import (
-    MODELZOO_DEFAULTS,
-    MODELZOO_ONLY_DEFAULTS,
     NormalisedModelSection,
     as_normalised,
     canonical_value,
     normalise_model_section,
+)
+from modelzoo_ext.run_config.modelzoo_fields import (
+    MODELZOO_DEFAULTS,
+    MODELZOO_ONLY_ABSENT,
+    MODELZOO_ONLY_DEFAULTS,
+    NOT_COMPARED,
 )
 
 GATED_ACTIVATIONS = {"silu": "swiglu", "relu": "reglu", "gelu": "geglu"}
@@ -252,8 +256,8 @@ def cs_to_hf_config(model: Mapping[str, Any] | NormalisedModelSection, family: s
 #
 # Both sides are read as `NormalisedModelSection`s (`run_config.model_section`: each key under its
 # YAML name, ModelZoo's defaults for keys left out). Every key of ModelZoo 2.10's Llama/Mistral
-# model config is in exactly one class below, and a test walks ModelZoo's config class to keep it
-# so (tests/test_run_config.py):
+# model config is in exactly one of these classes (tables in `run_config.modelzoo_fields`), and a
+# test walks ModelZoo's config class to keep it so (tests/test_run_config.py):
 # - a key of the HF map above (`hf_to_cs_model_config`): compared with the converted config.json;
 #   a key the run config leaves out counts with ModelZoo's default (`MODELZOO_DEFAULTS`);
 # - a ModelZoo-only key that changes the computation (`MODELZOO_ONLY_DEFAULTS`,
@@ -263,60 +267,6 @@ def cs_to_hf_config(model: Mapping[str, Any] | NormalisedModelSection, family: s
 # - the run config's own keys (`name`, `sparse_lora`, `loss_scaling`, `loss_weight`), read by
 #   `modelzoo_ext.run_config.params`.
 # A key in none of them is refused, as ModelZoo refuses it (its config classes forbid extra keys).
-
-# ModelZoo-only sections whose default is "off" (their default objects: memory tokens disabled,
-# no experts). A run config that sets one describes another network, unless the HF map of the
-# model's own family produces the key (an MoE family's `moe`).
-MODELZOO_ONLY_ABSENT: dict[str, str] = {
-    "memory_tokens": "memory tokens (transformers' Llama/Mistral have none)",
-    "moe": "mixture of experts (transformers' Llama/Mistral have dense MLPs)",
-}
-
-_INITIALISES = "initialises weights that the checkpoint then overwrites; LoRA factors use their own seeded rule (sparse_lora.init_seed)"
-_GENERATION = "a generation (inference) setting: training never reads it"
-
-# Keys that do not change what the network computes, and why.
-NOT_COMPARED: dict[str, str] = {
-    "name": "the registry name of the model, not part of its architecture",
-    "max_position_embeddings": "bounds the sequence length only: rotary positions take their frequencies "
-    "from rope_theta and the rope-scaling keys (compared), so e.g. Llama-3.1's YAML value 8192 and its "
-    "config.json value 131072 train the same network on sequences shorter than both (compared under "
-    "longrope scaling, whose frequencies and attention factor depend on it)",
-    "initializer_range": _INITIALISES,
-    "embedding_initializer": _INITIALISES,
-    "initializer": _INITIALISES,
-    "output_layer_initializer": _INITIALISES,
-    "ffn_initializer": _INITIALISES,
-    "ffn_output_layer_initializer": _INITIALISES,
-    "attention_softmax_fp32": "the precision of the CS attention softmax, not what it computes "
-    "(the reference trainer's precision follows trainer.init.precision)",
-    "dtype": "the CS embedding dtype: precision, not what is computed",
-    "boundary_casting": "CS casting at layer boundaries: precision, not what is computed",
-    "attention_kernel": "which CS kernel computes the attention, not what it computes",
-    "use_experimental_flex_api": "how the CS attention is built, not what it computes",
-    "fold_rope_consts": "whether the CS compiler folds the rotary sin/cos tables into constants: the same values",
-    "attention_qk_norm_eps": "used only with attention_qk_norm_layer (compared)",
-    "sliding_window_every_other_decoder_layer_pattern": "used only with "
-    "sliding_window_every_other_decoder_layer (compared)",
-    "num_relative_attention_buckets": "used only by relative position embeddings (position_embedding_type, compared)",
-    "alibi_trainable_slopes": "used only by ALiBi position embeddings (position_embedding_type, compared)",
-    "rel_distance_extra_args": "used only with a rel_distance_mode other than default (compared)",
-    "scale_output_logits_by_d": "used only with muP (mup_base_hidden_size, compared)",
-    "output_logits_alpha": "used only with muP (mup_base_hidden_size, compared)",
-    "compute_eval_metrics": "whether ModelZoo computes validation metrics (perplexity, accuracy): bookkeeping",
-    "start_token": _GENERATION,
-    "loop_dim": _GENERATION,
-    "stop_sequences": _GENERATION,
-    "max_tokens": _GENERATION,
-    "temperature": _GENERATION,
-    "top_k": _GENERATION,
-    "top_p": _GENERATION,
-    # The `moe:` block of an MoE family, compared key by key as `moe.<key>`.
-    "moe.moe_implementation": "how ModelZoo lays out the experts (every implementation computes the same "
-    "function); sparse_lora_mixtral requires and sets `optimized`",
-    "moe.gate_initializer": _INITIALISES,
-    "moe.sinkhorn_n_iters": "used only by sinkhorn routing (router_selection_nonlinearity, compared)",
-}
 
 
 @dataclass

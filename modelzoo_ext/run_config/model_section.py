@@ -15,12 +15,11 @@ the field's default, and `post_init` fills some from others (`rotary_dim`, the d
   rotary size, experts, top-k, load-balancing coefficient.
 
 Its readers: the architecture check and the HF <-> CS config map (`run_config.architecture`),
-the name map's `RopeLayout`, the reference trainer's router loss, and `RunConfig.model_section`.
+the name map's `RopeLayout`, the reference trainer (`RunConfig.model_section`, its router loss),
+the ModelZoo model variants (`model.model_section`) and the merged export's tied embeddings.
 
-The tables below are ModelZoo 2.10's (`GPT2LMHeadModelConfig`, which the Llama, Mistral and
-Mixtral configs inherit, and `MoEConfig`); tests/test_run_config.py and
-tests/test_model_section.py hold them to the installed classes where ModelZoo is installed. A
-release that adds or changes a field changes one entry here.
+ModelZoo's names and defaults come from one table module (`run_config.modelzoo_fields`, ModelZoo
+2.10's, tested against the installed classes).
 """
 
 from __future__ import annotations
@@ -30,98 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelzoo_ext.errors import UserError
-
-# Field name -> the YAML name (pydantic alias) of each model-section field ModelZoo accepts under
-# two names; the same in ModelZoo 2.6 ... 2.10. The record keys them by the YAML name.
-MODELZOO_ALIASES: dict[str, str] = {
-    "embd_pdrop": "embedding_dropout_rate",
-    "memory_tokens_config": "memory_tokens",
-    "moe_params": "moe",
-}
-
-# ModelZoo 2.10's defaults for the keys of the HF <-> CS map (what a CS-3 run trains with when the
-# run config leaves a key out).
-MODELZOO_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 50257,
-    "max_position_embeddings": 1024,
-    "hidden_size": 768,
-    "filter_size": 3072,
-    "num_hidden_layers": 12,
-    "num_heads": 12,
-    "nonlinearity": "gelu",
-    "layer_norm_epsilon": 1e-5,
-    "rope_theta": 10000,
-    "pos_scaling_factor": 1.0,
-    "pos_scaling_type": "linear",
-    "pos_scaling_extra_args": None,
-    "share_embedding_weights": True,
-    "rotary_dim": None,  # post_init: a quarter of the head size under rotary embeddings
-    "use_projection_bias_in_attention": True,
-    "use_ffn_bias": True,
-    "position_embedding_type": "learned",
-    "embedding_dropout_rate": None,  # post_init: dropout_rate
-    "embedding_layer_norm": False,
-    "attention_type": "scaled_dot_product",
-    "use_ffn_bias_in_attention": True,
-    "attention_dropout_rate": 0.1,
-    "dropout_rate": 0.1,
-    "use_bias_in_output": False,
-    "norm_type": "layernorm",
-    "attention_module": "aiayn_attention",
-    "extra_attention_params": {},
-    "attention_inner_dim": None,  # the hidden size
-    "attention_sliding_window_length": None,
-}
-
-# ModelZoo 2.10's defaults for keys without a config.json counterpart that change the forward
-# pass or the training step (the architecture check requires them at these values).
-MODELZOO_ONLY_DEFAULTS: dict[str, Any] = {
-    "num_extra_input_vocab_tokens": 0,
-    "position_embedding_offset": 0,
-    "constant_pos_embedding": None,
-    "rel_distance_mode": "default",
-    "sliding_window_every_other_decoder_layer": False,
-    "attention_sink_tokens": None,
-    "attention_vertical_column_spacing": None,
-    "attention_vertical_column_width": None,
-    "attention_chunk_size": None,
-    "attention_qk_norm_layer": None,
-    "attention_logit_softcapping": None,
-    "fixed_sparse_attention": None,
-    "cross_attention_layers": [],
-    "extra_ffn_params": {},
-    "use_sink_token": False,
-    "scale_qk_dot_by_layer_idx": False,
-    "norm_first_sandwich": False,
-    "embeddings_scale": 1.0,
-    "scale_qk_dot_by_d": None,  # None and False: 1/sqrt(head size), as transformers
-    "attention_logits_alpha": 1.0,
-    "output_logits_scale": None,
-    "final_logit_softcapping": None,
-    "mup_base_hidden_size": None,
-    "mup_base_filter_size": None,
-    "lr_adjustment_groups": None,  # scales the learning rate of parameter groups
-}
-
-# ModelZoo 2.10's `MoEConfig` defaults (`layers/FeedForwardNetwork.py`), every field, for
-# `moe.<key>` left out.
-MOE_DEFAULTS: dict[str, Any] = {
-    "num_experts": 0,
-    "top_k": 1,
-    "load_balancing_loss_coef": 0.0,
-    "moe_implementation": "experimental",
-    "router_use_bias": False,
-    "router_fp32": True,
-    "routing_algorithm": "learned",
-    "router_selection_nonlinearity": "softmax",
-    "expert_weighting_nonlinearity": "softmax",
-    "expert_weighting_normalization": True,
-    "null_expert_bias": 0.0,
-    "num_shared_experts": None,
-    "probability_before_ffn": False,
-    "sinkhorn_n_iters": 1,
-    "gate_initializer": None,
-}
+from modelzoo_ext.run_config.modelzoo_fields import (
+    MODELZOO_ALIASES,
+    MODELZOO_DEFAULTS,
+    MODELZOO_ONLY_DEFAULTS,
+    MOE_DEFAULTS,
+)
 
 _DROPOUT_FILLED_FROM_DROPOUT_RATE = ("embedding_dropout_rate", "attention_dropout_rate")
 
