@@ -220,3 +220,28 @@ def test_aliases_are_read_under_the_yaml_name():
     section = {k: v for k, v in llama31_section().items() if k != "embedding_dropout_rate"}
     check = check_architecture({**section, "embd_pdrop": 0.1}, real_config("Llama-3.1-8B"), "llama")
     assert check.mismatches == ["embedding_dropout_rate: run config 0.1, HF model 0.0"]
+
+
+# ----------------------------------------------------------------------------- one setting at a time
+def test_trainer_yaml_accessors_change_what_the_validated_config_reads(tmp_path):
+    """Each accessor reads or changes the setting where the run config holds it (the validated
+    view `load_run_config` gives back the values set)."""
+    from modelzoo_ext.run_config import load_run_config
+    from modelzoo_ext.run_config import trainer_yaml as rc
+
+    repo = Path(__file__).resolve().parents[1]
+    params = rc.load_yaml(repo / "model_configs" / "params_sparse_lora_tiny.yaml")
+    assert rc.max_steps(params) == 4 and rc.train_batch_size(params) == 4
+    assert rc.model_section(params)["name"] == "sparse_lora_llama"
+    rc.set_max_steps(params, 7)
+    rc.set_train_batch_size(params, 2)
+    rc.set_optimizer(params, {"AdamW": {"lr": 0.5}}, None)
+    rc.set_save_initial_checkpoint(params, False)
+    rc.set_model_section(params, {**rc.model_section(params), "moe_params": {}})
+    rc.train_dataloader(params)["shuffle"] = True
+    config = load_run_config(rc.write_yaml(tmp_path / "params.yaml", params))
+    assert (config.max_steps, config.init.checkpoint.steps, rc.max_steps(params)) == (7, 7, 7)
+    assert config.fit.train_dataloader.batch_size == 2 and config.fit.train_dataloader.shuffle
+    assert config.init.optimizer == {"AdamW": {"lr": 0.5}} and config.init.schedulers is None
+    assert config.init.checkpoint.save_initial_checkpoint is False
+    assert config.model_section.stated["moe"] == {} and config.model_section.spelled_as("moe") == "moe_params"

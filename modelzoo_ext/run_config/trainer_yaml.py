@@ -111,7 +111,7 @@ def set_save_initial_checkpoint(params: dict[str, Any], save: bool) -> None:
 def set_mode(params: dict[str, Any], short: str, mask_path: str | None) -> None:
     """`s2s`/`s2d` with `mask_path`, or `lora` (the dense baseline: no masks)."""
     mode, dense_baseline = yaml_mode(short)
-    block = _init(params)["model"]["sparse_lora"]
+    block = model_section(params)["sparse_lora"]
     block["mode"] = mode
     block.pop("mask_path", None)
     block.pop("dense_baseline", None)
@@ -157,7 +157,7 @@ def set_backend(params: dict[str, Any], backend_type: str) -> None:
 
 def set_seeds(params: dict[str, Any], lora_init: int, data_order: int) -> None:
     """The LoRA initialisation seed, and the data order: shuffled, with seed `data_order`."""
-    _init(params)["model"]["sparse_lora"]["init_seed"] = lora_init
+    model_section(params)["sparse_lora"]["init_seed"] = lora_init
     loader = train_dataloader(params)
     loader["shuffle"] = True
     loader["shuffle_seed"] = data_order
