@@ -27,7 +27,7 @@ def write_view(
     `metadata` defaults to the source file's provenance (`MaskFile.provenance`).
     """
     writer = MaskWriter(
-        out_path, naming=view.naming, metadata=view.file.provenance() if metadata is None else metadata
+        out_path, naming=view.naming, metadata=view.source.provenance() if metadata is None else metadata
     )
     for name in view.keys():  # noqa: SIM118 (not a dict)
         writer.add(name, view.get(name), source_checksum=view.source_checksum(name))

@@ -20,7 +20,6 @@ from modelzoo_ext.masks.select import (
     per_row_mask,
     rows_mask,
     threshold_mask,
-    top_k_mask,
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -34,10 +33,18 @@ def brute_force_keep(values: np.ndarray, kept: int) -> np.ndarray:
     return keep
 
 
+def top_k_mask(keys: np.ndarray, sparsity: float) -> np.ndarray:
+    """One tensor's unstructured mask as `masks compute` selects it in layer scope."""
+    from modelzoo_ext.masks.compute import unstructured_masks
+
+    (produce,), _ = unstructured_masks("w", keys, (sparsity,))
+    return produce().copy().reshape(keys.shape)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_weights_1_to_8_at_half_keep_5_to_8(dtype):
     weight = torch.tensor([[3.0, -8.0, 1.0, 6.0], [-5.0, 2.0, 7.0, -4.0]], dtype=dtype)
-    mask = top_k_mask(magnitude_keys(weight), kept_count(8, 0.5))
+    mask = top_k_mask(magnitude_keys(weight), 0.5)
     assert mask.tolist() == [[False, True, False, True], [True, False, True, False]]
 
 
@@ -45,7 +52,7 @@ def test_weights_1_to_8_at_half_keep_5_to_8(dtype):
 def test_ties_go_to_earlier_positions(dtype):
     weight = torch.tensor([[1.0, 2.0, 2.0, 2.0], [2.0, 3.0, 0.0, 1.0]], dtype=dtype)
     # 8 weights, 50% -> keep 4: the 3, then three of the four 2s, first by row-major position.
-    mask = top_k_mask(magnitude_keys(weight), 4)
+    mask = top_k_mask(magnitude_keys(weight), 0.5)
     assert mask.tolist() == [[False, True, True, True], [False, True, False, False]]
 
 
@@ -101,7 +108,7 @@ def test_exact_counts_and_brute_force(dtype, sparsity):
     generator = torch.Generator().manual_seed(7)
     weight = (torch.randn(37, 53, generator=generator) * 3).round().to(dtype)  # many ties
     kept = kept_count(weight.numel(), sparsity)
-    mask = top_k_mask(magnitude_keys(weight), kept)
+    mask = top_k_mask(magnitude_keys(weight), sparsity)
     assert int(mask.sum()) == kept
     expected = brute_force_keep(weight.float().numpy().reshape(-1), kept)
     assert np.array_equal(mask.reshape(-1), expected)
@@ -238,7 +245,7 @@ def test_count_search_gives_up_then_histograms_are_exact(monkeypatch):
     weight.view(-1)[1::4] = torch.linspace(0.01, 0.02, 1024).to(torch.bfloat16)
     keys = magnitude_keys(weight)
     assert bracket.tensor_masks(keys, [2048], step=4) is None
-    (produce,), _ = compute._unstructured_masks("w", keys, (0.5,))
+    (produce,), _ = compute.unstructured_masks("w", keys, (0.5,))
     mask = produce()
     assert calls == [1]
     assert np.array_equal(mask.reshape(-1), brute_force_keep(weight.float().numpy().reshape(-1), 2048))

@@ -36,11 +36,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from modelzoo_ext.atomic import atomic_files
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.hf_checkpoint import HFCheckpoint, TensorEntry
+from modelzoo_ext.hf_checkpoint import HFCheckpoint
 from modelzoo_ext.masks import bracket, checksum, select, window
 from modelzoo_ext.masks.calibration import CalibrationConfig
 from modelzoo_ext.masks.format import MaskWriter, PackedMask
+from modelzoo_ext.masks.provenance import source_record
 from modelzoo_ext.masks.scores import (
     DATA_DRIVEN,
     METHODS,
@@ -51,9 +53,10 @@ from modelzoo_ext.masks.scores import (
     score_keys,
 )
 from modelzoo_ext.masks.select import Structure, Threshold, ThresholdFinder
-from modelzoo_ext.masks.stats import LevelReport, MagnitudeHistogram
+from modelzoo_ext.masks.stats import LevelReport, MagnitudeHistogram, report_paths
 from modelzoo_ext.masks.stream import local_buffer, pipeline
 from modelzoo_ext.masks.targets import TargetRule
+from modelzoo_ext.safetensors_file import TensorEntry
 
 SCOPES = ("layer", "global")
 
@@ -110,11 +113,6 @@ def level_paths(out: str | Path, sparsities: tuple[float, ...]) -> list[Path]:
     return [out.with_name(f"{out.stem}_sparsity{s:g}{suffix}") for s in sparsities]
 
 
-def source_record(checkpoint: HFCheckpoint) -> dict[str, Any]:
-    """What the mask file records about its source checkpoint (`HFCheckpoint.describe`)."""
-    return checkpoint.describe()
-
-
 @contextlib.contextmanager
 def _one_torch_thread(needed: bool) -> Iterator[None]:
     """Torch work (data-driven scores, line sums) runs on the two workers: one torch thread each.
@@ -157,11 +155,12 @@ def _tensor_plan(name: str, keys: np.ndarray, levels) -> list[tuple[Threshold, i
     return _histogram_plan(kept, lambda: [(name, keys)])[name]
 
 
-def _unstructured_masks(
+def unstructured_masks(
     name: str, keys: np.ndarray, levels
 ) -> tuple[list[Callable[[], np.ndarray]], list[int]]:
-    """Layer scope: each level's exact mask (as a producer, see `bracket.tensor_masks`) and
-    threshold key; 15-bit keys by exact counts, others (or when the counts give up) by histograms."""
+    """Layer scope, one tensor: each level's exact mask (the largest keys, ties to the earliest
+    positions; as a producer, see `bracket.tensor_masks`) and threshold key; 15-bit keys by exact
+    counts, others (or when the counts give up) by histograms."""
     if keys.dtype == np.int16:
         kept = [select.kept_count(keys.size, s) for s in levels]
         found = bracket.tensor_masks(keys, kept, step=bracket.sample_step(keys.size))
@@ -293,7 +292,7 @@ def _layer_masks(
         return [lambda s=s: pick(scores, s) for s in levels], none
     if request.method == "wanda":  # Wanda's comparison group: each output row
         return [lambda s=s: select.per_row_mask(keys, s) for s in levels], none
-    return _unstructured_masks(weight.name, keys, levels)
+    return unstructured_masks(weight.name, keys, levels)
 
 
 class _Passes:
@@ -318,29 +317,65 @@ class _Passes:
                 yield result
 
 
-def _global_results(passes: _Passes, job: _Job, kept: list[int], sources: dict[str, tuple[str, str]]):
-    """Global scope: every tensor's masks (`TensorResult`s) from exact cuts over all targets.
+@dataclass
+class _FirstPass:
+    """What the global scope's first pass finds: every tensor's dtype and source checksum, the key
+    width, and (when no one-pass counts are made) every tensor's exact high-bits histogram."""
 
-    15-bit keys (bf16/fp16 magnitudes): a sample of a few MB guesses the thresholds, and one
-    pass counts around them and yields the masks (`window.GlobalCounts`), which it holds until
-    the end: only where they fit the memory bound (`_one_pass_allowance`). 31-bit keys, a
-    model too large for that, or a guess that missed: exact key histograms
-    (`select.ThresholdFinder`), then a masks pass that streams each mask to the writer.
+    sources: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    bits: int = 0
+    histograms: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _global_results(passes: _Passes, job: _Job, kept: list[int]) -> Iterator[TensorResult]:
+    """Global scope: every tensor's masks from exact cuts over all targets, in one way or the other:
+
+    - one pass (`window.GlobalCounts`): for 15-bit keys (bf16/fp16 magnitudes) whose masks fit
+      the memory bound (`_one_pass_allowance`), a sample of a few MB guesses the thresholds and
+      the first pass counts around them; when the exact totals settle every threshold, the masks
+      follow from the counts (held until the end) without reading the weights again;
+    - histograms (`select.ThresholdFinder`), for everything else and when a guess missed: the key
+      histograms (from the first pass, or a second pass after a miss; 31-bit keys need a low-bits
+      pass too), then a masks pass that streams each mask to the writer.
+
+    Each result carries its tensor's dtype and source checksum (computed in the first pass).
     """
-    counts, windows = None, None
-    if job.request.method == "magnitude" and all(e.dtype in ("bfloat16", "float16") for e in passes.entries):
-        pieces = window.sample_chunks(passes.entries)
-        sample = [np.bitwise_and(passes.checkpoint.read(p).view(np.int16), np.int16(0x7FFF)) for p in pieces]
-        counts = window.GlobalCounts(kept, passes.total, np.concatenate(sample))
-        if counts.held_bytes() > _one_pass_allowance(passes.checkpoint):
-            counts = None  # e.g. Mixtral-8x7B: its packed masks alone exceed a shard; stream instead
-        else:
-            windows = set(counts.windows().values())
-    bits, histograms = None, {}
+    counts = _one_pass_counts(passes, job, kept)
+    first = _first_pass(passes, job, counts)
+    finished = None if counts is None else counts.finish()
+    if finished is not None:
+        results = _packed_results(finished, counts.shapes, first.sources, passes.workers)
+    else:
+        counts = None  # free the counts before the histogram passes
+        results = passes.run(job.masks(_histogram_cuts(passes, job, kept, first)), "global scope: masks")
+    for result in results:
+        result.dtype, result.source = first.sources[result.name]
+        yield result
+
+
+def _one_pass_counts(passes: _Passes, job: _Job, kept: list[int]) -> window.GlobalCounts | None:
+    """The one-pass counts, with thresholds guessed from a sample; None where they do not apply
+    (keys other than bf16/fp16 magnitudes) or their masks would exceed the memory bound."""
+    if job.request.method != "magnitude" or any(
+        e.dtype not in ("bfloat16", "float16") for e in passes.entries
+    ):
+        return None
+    pieces = window.sample_chunks(passes.entries)
+    sample = [np.bitwise_and(passes.checkpoint.read(p).view(np.int16), np.int16(0x7FFF)) for p in pieces]
+    counts = window.GlobalCounts(kept, passes.total, np.concatenate(sample))
+    if counts.held_bytes() > _one_pass_allowance(passes.checkpoint):
+        return None  # e.g. Mixtral-8x7B: its packed masks alone exceed a shard; stream instead
+    return counts
+
+
+def _first_pass(passes: _Passes, job: _Job, counts: window.GlobalCounts | None) -> _FirstPass:
+    """Checksums and checks of every tensor, and its counts (into `counts`) or its histogram."""
+    windows = None if counts is None else set(counts.windows().values())
+    first = _FirstPass()
     for result in passes.run(job.first(windows), "global scope: checks and counts"):
-        sources[result.name] = (result.dtype, result.source)
-        bits = bits or result.bits
-        if result.bits != bits:
+        first.sources[result.name] = (result.dtype, result.source)
+        first.bits = first.bits or result.bits
+        if result.bits != first.bits:
             raise UserError(
                 "global scope needs one key width: the targeted weights mix 16-bit and 32-bit floats",
                 where=result.name,
@@ -349,21 +384,23 @@ def _global_results(passes: _Passes, job: _Job, kept: list[int], sources: dict[s
         if counts is not None:
             counts.add(result.name, result.shape, result.counted)
         else:
-            histograms[result.name] = result.histogram
-    if counts is not None:
-        finished = counts.finish()
-        if finished is not None:
-            return _packed_results(finished, counts.shapes, sources, passes.workers)
-        counts = None  # free the counts before the histogram passes
-        for result in passes.run(job.histograms, "global scope: histograms"):
-            histograms[result.name] = result.histogram
-    finder = ThresholdFinder(kept, bits)
+            first.histograms[result.name] = result.histogram
+    return first
+
+
+def _histogram_cuts(passes: _Passes, job: _Job, kept: list[int], first: _FirstPass) -> Plan:
+    """Every tensor's exact cut per level from the key histograms (counted again when the first
+    pass made one-pass counts instead)."""
+    histograms = first.histograms
+    if not histograms:
+        histograms = {r.name: r.histogram for r in passes.run(job.histograms, "global scope: histograms")}
+    finder = ThresholdFinder(kept, first.bits)
     for name, histogram in histograms.items():
         finder.add_high(name, None, histogram)
     if finder.needs_low_pass():
         for result in passes.run(job.low(finder.low_buckets()), "global scope: histograms"):
             finder.set_low(result.name, result.low)
-    return passes.run(job.masks(finder.plan()), "global scope: masks")
+    return finder.plan()
 
 
 def _one_pass_allowance(checkpoint: HFCheckpoint) -> int:
@@ -394,8 +431,9 @@ def compute_masks(
     """Compute masks for every level in `request`; returns each level's stats (also written as JSON).
 
     Output per level: the mask file (see `format.py`), `<file stem>.stats.json` and, unless
-    `plot=False`, `<file stem>.png`. Nothing is written when any input is bad. `workers`:
-    threads selecting masks of different tensors at once (2 uses two cores).
+    `plot=False`, `<file stem>.png`; all of them appear under their final names, or none (bad
+    input, or any error on the way). `workers`: threads selecting masks of different tensors at
+    once (2 uses two cores).
     """
     started = time.perf_counter()
     structure, levels = request.checked()
@@ -422,35 +460,72 @@ def compute_masks(
         "source_model": source_record(checkpoint),
         "calibration": calibration,
     }
-    paths = level_paths(out, levels)
-    writers = [
-        MaskWriter(path, naming="hf", metadata={**provenance, "requested_sparsity": s})
-        for path, s in zip(paths, levels, strict=True)
-    ]
-    thresholds: list[dict[str, int | None]] = [{} for _ in levels]
-    histogram = MagnitudeHistogram(enabled=plot)
-    job = _Job(checkpoint, request, structure, levels, statistics, histogram)
+    job = _Job(checkpoint, request, structure, levels, statistics, MagnitudeHistogram(enabled=plot))
     passes = _Passes(checkpoint, checkpoint.entries(names), workers)
-    sources: dict[str, tuple[str, str]] = {}  # name -> (dtype, source checksum), from the first pass
     needs_torch = request.method in DATA_DRIVEN or structure.kind in ("rows", "cols")
-
-    with _one_torch_thread(needs_torch):
+    with _LevelOutputs(out, levels, provenance, plot=plot) as outputs, _one_torch_thread(needs_torch):
         if request.scope == "layer":
             results = passes.run(job.layer, "masks (layer scope)")
         else:
-            results = _global_results(passes, job, [select.kept_count(total, s) for s in levels], sources)
+            results = _global_results(passes, job, [select.kept_count(total, s) for s in levels])
         for result in results:
-            _, source = sources.setdefault(result.name, (result.dtype, result.source))
-            for i, mask in enumerate(result.masks):
-                writers[i].add_packed(result.name, mask, source_checksum=source)
-                thresholds[i][result.name] = result.threshold_keys[i]
+            outputs.add(result)
+        return outputs.write(job.histogram, started=started)
 
-    dtypes = {name: dtype for name, (dtype, _) in sources.items()}
-    results = []
-    for i, writer in enumerate(writers):
-        writer.metadata["weight_dtypes"] = sorted(set(dtypes.values()))
-        metadata = writer.write()
-        writers[i] = None  # free this level's packed masks once written
-        report = LevelReport(writer.path, metadata, thresholds[i], dtypes, histogram)
-        results.append(report.write(plot=plot, seconds=time.perf_counter() - started))
-    return results
+
+class _LevelOutputs:
+    """Every level's outputs: its mask file (each tensor's mask handed to the level's spooling
+    writer as it comes), `<stem>.stats.json` and `<stem>.png`. `write` puts all of them under
+    their final names, or none (`atomic_files`); leaving the block any other way (an error
+    mid-way) drops every writer's spool, and nothing is written.
+    """
+
+    def __init__(self, out: str | Path, levels: tuple[float, ...], provenance: dict[str, Any], *, plot: bool):
+        self.writers = [
+            MaskWriter(path, naming="hf", metadata={**provenance, "requested_sparsity": level})
+            for path, level in zip(level_paths(out, levels), levels, strict=True)
+        ]
+        self.plot = plot
+        self.thresholds: list[dict[str, int | None]] = [{} for _ in levels]
+        self.dtypes: dict[str, str] = {}
+
+    def __enter__(self) -> _LevelOutputs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for writer in self.writers:
+            writer.close()
+
+    def add(self, result: TensorResult) -> None:
+        """One tensor's mask (and threshold key) at every level."""
+        self.dtypes[result.name] = result.dtype
+        for writer, thresholds, mask, key in zip(
+            self.writers, self.thresholds, result.masks, result.threshold_keys, strict=True
+        ):
+            writer.add_packed(result.name, mask, source_checksum=result.source)
+            thresholds[result.name] = key
+
+    def write(self, histogram: MagnitudeHistogram, *, started: float) -> list[dict[str, Any]]:
+        """Write every level's files; returns each level's stats (`started`: `perf_counter` at the
+        start of the command, for the stats' `seconds_since_start`)."""
+        files = {writer.path: report_paths(writer.path) for writer in self.writers}
+        finals = [
+            p for mask, (stats, figure) in files.items() for p in (mask, stats, figure if self.plot else None)
+        ]
+        stats = []
+        with atomic_files(p for p in finals if p is not None) as staged:
+            for writer, thresholds in zip(self.writers, self.thresholds, strict=True):
+                writer.metadata["weight_dtypes"] = sorted(set(self.dtypes.values()))
+                metadata = writer.write_to(staged[writer.path])
+                report = LevelReport(
+                    writer.path,
+                    staged[writer.path].stat().st_size,
+                    metadata,
+                    thresholds,
+                    self.dtypes,
+                    histogram,
+                )
+                stats_file, figure_file = files[writer.path]
+                seconds = time.perf_counter() - started
+                stats.append(report.write(staged[stats_file], staged.get(figure_file), seconds=seconds))
+        return stats

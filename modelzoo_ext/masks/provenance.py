@@ -43,6 +43,19 @@ RUN_CHECKPOINT = re.compile(r"checkpoint_\d+\.mdl")
 log = logging.getLogger("modelzoo_ext.provenance")
 
 
+def source_record(checkpoint: HFCheckpoint) -> dict[str, Any]:
+    """What a file derived from a checkpoint records about it (a mask file's `source_model`): the
+    name and revision its config.json gives, its directory, and the fingerprint this rule compares."""
+    config = checkpoint.config
+    return {
+        "name": config.get("_name_or_path") or checkpoint.directory.name,
+        "revision": config.get("_commit_hash") or config.get("transformers_version"),
+        "directory": str(checkpoint.directory.resolve()),
+        "model_type": config.get("model_type"),
+        "fingerprint": checkpoint.fingerprint(),
+    }
+
+
 def mask_identity(masks: MaskFile) -> str:
     """What names a set of masks across renamings: the metadata checksum of the file first written
     (files converted to the other naming carry it as `mask_identity`)."""

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modelzoo_ext.hf_checkpoint import TensorEntry
 from modelzoo_ext.masks.bracket import MAX_KEY, first_count
 from modelzoo_ext.masks.stream import local_buffer
+from modelzoo_ext.safetensors_file import TensorEntry
 
 SAMPLE_CHUNKS = 1024  # pieces read before the pass: ~2M keys, 4 MB
 SAMPLE_CHUNK_BYTES = 4096
