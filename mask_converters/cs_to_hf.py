@@ -12,7 +12,11 @@ Both hold `sparse_lora_masks.safetensors`, the masks in HF naming.
 
 Masks come from `--masks` (either naming), else from the checkpoint's `<param>_mask` entries,
 else from `sparse_lora.mask_path` of the config; where a file and the checkpoint both hold a
-mask they must be equal. Tensors are read, converted and written one at a time.
+mask they must be equal. Both are seen in HF naming through the one `MaskView` (the
+checkpoint's as `cs_checkpoint.EmbeddedMasks`), and written beside the export with the file's
+provenance (or the checkpoint's path). The legacy `ln_f` duplicate must equal the final norm
+(`name_map.cs_duplicate_of`) and is not exported. Tensors are read, converted and written one
+at a time.
 
 Mixtral: a fused expert tensor [out, E, in] (weight, `expert_weights_mask`, stacked LoRA
 factors) is unstacked into the E per-expert HF tensors first (`name_map.to_hf_parts`); each

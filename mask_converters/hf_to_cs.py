@@ -2,7 +2,9 @@
 
 Output directory:
 - `model.mdl`: the model state in ModelZoo's layout (`model.`-prefixed names, q/k rows
-  interleaved), plus `<param>_mask` (bool) for every masked weight, permuted like its weight;
+  interleaved, the legacy `ln_f` duplicate and a tied `lm_head` that ModelZoo's strict loading
+  expects; mapped by `name_map.hf_to_cs_state`, as ModelZoo's registry entries map it), plus
+  `<param>_mask` (bool) for every masked weight, permuted like its weight;
 - `model_config.yaml`: the `trainer.init.model` section to paste into a trainer YAML (without
   the keys ModelZoo 2.10 rejects);
 - `masks_cs.safetensors`: the masks in CS naming (when `--masks` was given);

@@ -26,6 +26,8 @@ to the fused name, `cs_to_hf_names` a fused name to the E expert names, `to_cs_s
 `to_hf_parts` move the tensors. transformers 5 stores the experts fused too, in its own layout
 (`mlp.experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]); `hf_fused_parts` names the
 per-expert slices of those, so every reader sees one HF naming (4.57's, per expert).
+`hf_to_cs_state` maps a whole HF state at once (experts grouped, recomputed buffers skipped,
+CS duplicates such as `ln_f` added), for both converters (`convert hf-to-cs`, ModelZoo's registry).
 
 RoPE: HF rotates halves of each head (rotate-half), CS rotates interleaved pairs, so the rows of
 q and k projections are permuted per head between the two formats (exactly what ModelZoo's stock

@@ -33,7 +33,7 @@ def brute_force_keep(values: np.ndarray, kept: int) -> np.ndarray:
     return keep
 
 
-def top_k_mask(keys: np.ndarray, sparsity: float) -> np.ndarray:
+def layer_mask(keys: np.ndarray, sparsity: float) -> np.ndarray:
     """One tensor's unstructured mask as `masks compute` selects it in layer scope."""
     from modelzoo_ext.masks.compute import unstructured_masks
 
@@ -44,7 +44,7 @@ def top_k_mask(keys: np.ndarray, sparsity: float) -> np.ndarray:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_weights_1_to_8_at_half_keep_5_to_8(dtype):
     weight = torch.tensor([[3.0, -8.0, 1.0, 6.0], [-5.0, 2.0, 7.0, -4.0]], dtype=dtype)
-    mask = top_k_mask(magnitude_keys(weight), 0.5)
+    mask = layer_mask(magnitude_keys(weight), 0.5)
     assert mask.tolist() == [[False, True, False, True], [True, False, True, False]]
 
 
@@ -52,7 +52,7 @@ def test_weights_1_to_8_at_half_keep_5_to_8(dtype):
 def test_ties_go_to_earlier_positions(dtype):
     weight = torch.tensor([[1.0, 2.0, 2.0, 2.0], [2.0, 3.0, 0.0, 1.0]], dtype=dtype)
     # 8 weights, 50% -> keep 4: the 3, then three of the four 2s, first by row-major position.
-    mask = top_k_mask(magnitude_keys(weight), 0.5)
+    mask = layer_mask(magnitude_keys(weight), 0.5)
     assert mask.tolist() == [[False, True, True, True], [False, True, False, False]]
 
 
@@ -108,7 +108,7 @@ def test_exact_counts_and_brute_force(dtype, sparsity):
     generator = torch.Generator().manual_seed(7)
     weight = (torch.randn(37, 53, generator=generator) * 3).round().to(dtype)  # many ties
     kept = kept_count(weight.numel(), sparsity)
-    mask = top_k_mask(magnitude_keys(weight), sparsity)
+    mask = layer_mask(magnitude_keys(weight), sparsity)
     assert int(mask.sum()) == kept
     expected = brute_force_keep(weight.float().numpy().reshape(-1), kept)
     assert np.array_equal(mask.reshape(-1), expected)

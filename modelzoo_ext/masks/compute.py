@@ -19,6 +19,11 @@ the masks need, `window.GlobalCounts`; three when a guess misses) and three for 
 masks). One scoring pass serves every requested level, and the masks of the levels are
 nested (same keys, same tie order).
 
+Outputs (`_LevelOutputs`): each level's mask file, `<stem>.stats.json` and `<stem>.png`, written
+under temporary names and renamed together once all are complete (`atomic.atomic_files`); an
+error at any point (bad input, a worker, a full disk) closes every level's spool and leaves none
+of them.
+
 Magnitude and random masks import numpy but not torch (start-up); the data-driven methods
 (calibration) and `rows`/`cols` (line sums) import torch when they run.
 """

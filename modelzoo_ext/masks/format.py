@@ -155,7 +155,9 @@ class MaskWriter:
 
     Memory holds one mask at a time: each packed mask goes to an anonymous spool file beside the
     output as it is added, and `write` assembles the safetensors file from it (Mixtral-8x7B's
-    masks are 5.6 GB packed, more than the bound of `masks compute`'s peak memory).
+    masks are 5.6 GB packed, more than the bound of `masks compute`'s peak memory): byte for
+    byte what `safetensors.numpy.save_file` writes (`tests/test_masks_format.py`). `write_to`
+    writes to a temporary path the caller renames (several files committed together).
     """
 
     def __init__(self, path: str | Path, *, naming: str, metadata: dict[str, Any] | None = None) -> None:

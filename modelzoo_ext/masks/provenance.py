@@ -16,7 +16,8 @@ the same rule decides:
               `sparse_lora.skip_provenance_check: true`), which is logged.
 
 The check reads a few megabytes (`modelzoo_ext.fingerprint`), never the whole checkpoint; the
-records it needs are written when masks, pruned checkpoints and converted checkpoints are.
+records it needs are written when masks (`source_record`: the source checkpoint's name,
+revision, directory and fingerprint), pruned checkpoints and converted checkpoints are.
 `masks validate --model` and `masks apply` still compare every weight's full checksum.
 """
 

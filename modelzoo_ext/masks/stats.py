@@ -1,8 +1,10 @@
 """Per-level statistics next to each mask file: `<stem>.stats.json` and a `<stem>.png` figure.
 
 The figure has per-tensor sparsity bars and a histogram of weight magnitudes with the magnitude
-threshold(s). The histogram is exact and cheap: |W| is counted in bf16 bit space (32,768 bins,
-the same counts magnitude scoring computes anyway), then drawn on log-spaced bins.
+threshold(s). The histogram is cheap: |W| of a 1-in-16 sample of each weight is counted in bf16
+bit space (32,768 bins; the magnitude keys are reused where scoring made them), then drawn on
+log-spaced bins. The exact counts are the stats'. `LevelReport.write` writes where it is told
+(`masks compute` renames every level's files together); `report_paths` names the final files.
 """
 
 from __future__ import annotations
