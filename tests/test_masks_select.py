@@ -35,7 +35,7 @@ def brute_force_keep(values: np.ndarray, kept: int) -> np.ndarray:
 
 def layer_mask(keys: np.ndarray, sparsity: float) -> np.ndarray:
     """One tensor's unstructured mask as `masks compute` selects it in layer scope."""
-    from modelzoo_ext.masks.compute import unstructured_masks
+    from modelzoo_ext.masks.passes import unstructured_masks
 
     (produce,), _ = unstructured_masks("w", keys, (sparsity,))
     return produce().copy().reshape(keys.shape)
@@ -230,11 +230,11 @@ def test_count_search_thresholds_match_brute_force(shapes, dtype, levels, spread
 
 
 def test_count_search_gives_up_then_histograms_are_exact(monkeypatch):
-    from modelzoo_ext.masks import bracket, compute
+    from modelzoo_ext.masks import bracket, passes
 
     calls = []
-    histogram_plan = compute._histogram_plan
-    monkeypatch.setattr(compute, "_histogram_plan", lambda *a: calls.append(1) or histogram_plan(*a))
+    histogram_plan = passes._histogram_plan
+    monkeypatch.setattr(passes, "_histogram_plan", lambda *a: calls.append(1) or histogram_plan(*a))
     monkeypatch.setattr(bracket, "MAX_PROBES", 2)
 
     # Every 4th weight (what a step-4 sample sees) is large, the rest tiny: the sample's guess
@@ -245,7 +245,7 @@ def test_count_search_gives_up_then_histograms_are_exact(monkeypatch):
     weight.view(-1)[1::4] = torch.linspace(0.01, 0.02, 1024).to(torch.bfloat16)
     keys = magnitude_keys(weight)
     assert bracket.tensor_masks(keys, [2048], step=4) is None
-    (produce,), _ = compute.unstructured_masks("w", keys, (0.5,))
+    (produce,), _ = passes.unstructured_masks("w", keys, (0.5,))
     mask = produce()
     assert calls == [1]
     assert np.array_equal(mask.reshape(-1), brute_force_keep(weight.float().numpy().reshape(-1), 2048))

@@ -5,8 +5,8 @@ Lifecycle:
     results = compute_masks("path/to/hf_model", request, "masks.safetensors")
     # -> masks_sparsity0.5.safetensors, masks_sparsity0.7.safetensors (+ .stats.json, .png each)
 
-Pipeline (`stream.py`): one thread reads the next tensors (`os.preadv`, in file order) while
-two workers each take a whole tensor: checksum of its bytes (BLAKE3), checks, keys,
+Pipeline (`passes.py`, on `stream.py`): one thread reads the next tensors (`os.preadv`, in file
+order) while two workers each take a whole tensor: checksum of its bytes (BLAKE3), checks, keys,
 selection, packing. Memory: the tensors in flight (a byte budget of a few of the largest
 tensors) and their keys; each packed mask goes to the writer's spool file as it is made, except
 in one-pass global scope, which holds them (numel/8 bytes per level) to the end, and is used
@@ -32,36 +32,29 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from modelzoo_ext.atomic import atomic_files
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
-from modelzoo_ext.masks import bracket, checksum, select, window
+from modelzoo_ext.masks import select, window
 from modelzoo_ext.masks.calibration import CalibrationConfig
 from modelzoo_ext.masks.format import MaskWriter, PackedMask
+from modelzoo_ext.masks.passes import Passes, Plan, TensorJob, TensorResult
 from modelzoo_ext.masks.provenance import source_record
 from modelzoo_ext.masks.scores import (
     DATA_DRIVEN,
     METHODS,
-    Weight,
-    key_dtype,
-    line_scores_source,
-    require_finite,
-    score_keys,
 )
-from modelzoo_ext.masks.select import Structure, Threshold, ThresholdFinder
+from modelzoo_ext.masks.select import Structure, ThresholdFinder
 from modelzoo_ext.masks.stats import LevelReport, MagnitudeHistogram, report_paths
-from modelzoo_ext.masks.stream import local_buffer, pipeline
 from modelzoo_ext.masks.targets import TargetRule
-from modelzoo_ext.safetensors_file import TensorEntry
 
 SCOPES = ("layer", "global")
 
@@ -138,190 +131,6 @@ def _one_torch_thread(needed: bool) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-Plan = dict[str, list[tuple[Threshold, int, int]]]
-
-
-def _histogram_plan(kept: list[int], tensors) -> Plan:
-    """Exact plan from full key histograms (any key width); `tensors` yields (name, keys) and is
-    called again for the low-bits pass of 31-bit keys."""
-    finder = None
-    for name, keys in tensors():
-        finder = finder or ThresholdFinder(kept, select.key_bits(keys))
-        finder.add_high(name, keys)
-    if finder.needs_low_pass():
-        for name, keys in tensors():
-            finder.add_low(name, keys)
-    return finder.plan()
-
-
-def _tensor_plan(name: str, keys: np.ndarray, levels) -> list[tuple[Threshold, int, int]]:
-    """Layer scope, unstructured: one tensor's exact cut per level from its full key histograms."""
-    kept = [select.kept_count(keys.size, s) for s in levels]
-    return _histogram_plan(kept, lambda: [(name, keys)])[name]
-
-
-def unstructured_masks(
-    name: str, keys: np.ndarray, levels
-) -> tuple[list[Callable[[], np.ndarray]], list[int]]:
-    """Layer scope, one tensor: each level's exact mask (the largest keys, ties to the earliest
-    positions; as a producer, see `bracket.tensor_masks`) and threshold key; 15-bit keys by exact
-    counts, others (or when the counts give up) by histograms."""
-    if keys.dtype == np.int16:
-        kept = [select.kept_count(keys.size, s) for s in levels]
-        found = bracket.tensor_masks(keys, kept, step=bracket.sample_step(keys.size))
-        if found is not None:
-            return found
-    plan = _tensor_plan(name, keys, levels)
-    producers = [lambda cut=cut: select.threshold_mask(keys, *cut)[0] for cut in plan]
-    return producers, [cut[0].key for cut in plan]
-
-
-@dataclass
-class TensorResult:
-    """What a worker hands back for one tensor: its source checksum and, per pass, its share."""
-
-    name: str
-    dtype: str
-    numel: int
-    source: str | None = None
-    masks: list[PackedMask] = field(default_factory=list)
-    threshold_keys: list[int | None] = field(default_factory=list)
-    shape: tuple[int, ...] = ()
-    bits: int = 0
-    histogram: np.ndarray | None = None  # exact counts of the key's top 15 bits
-    low: dict[int, np.ndarray] | None = None
-    counted: dict[tuple[int, int], window.Window] | None = None
-
-
-class _Job:
-    """The per-tensor work of each pass, run on the worker threads (`stream.pipeline`)."""
-
-    def __init__(self, checkpoint, request, structure, levels, statistics, histogram) -> None:
-        self.checkpoint = checkpoint
-        self.request = request
-        self.structure = structure
-        self.levels = levels
-        self.statistics = statistics
-        self.histogram = histogram
-
-    def _keys(self, entry: TensorEntry, raw: np.ndarray, first_pass: bool) -> tuple[Weight, np.ndarray]:
-        weight = Weight.from_raw(entry, raw)
-        buffer = local_buffer("keys", entry.numel, key_dtype(weight.dtype))  # reused: no page faults
-        keys = score_keys(
-            self.request.method,
-            weight,
-            seed=self.request.seed,
-            statistic=self.statistics.get(entry.name),
-            out=buffer,
-        )
-        if first_pass:
-            magnitude = keys if self.request.method == "magnitude" else None
-            require_finite(entry.name, weight, str(self.checkpoint.directory), magnitude)
-            self.histogram.add(weight, magnitude)
-        return weight, keys
-
-    def _result(self, entry: TensorEntry, raw: np.ndarray | None) -> TensorResult:
-        source = None if raw is None else checksum.array_checksum(raw)
-        return TensorResult(entry.name, entry.dtype, entry.numel, source, shape=entry.shape)
-
-    def layer(self, entry: TensorEntry, raw: np.ndarray) -> TensorResult:
-        """Layer scope, the only pass: checksum, checks, keys, every level's mask."""
-        result = self._result(entry, raw)
-        weight, keys = self._keys(entry, raw, first_pass=True)
-        producers, result.threshold_keys = _layer_masks(
-            self.request, self.structure, self.levels, weight, keys, self.statistics.get(entry.name)
-        )
-        result.masks = [PackedMask.of(produce().reshape(weight.shape)) for produce in producers]
-        return result
-
-    def first(
-        self, windows: set[tuple[int, int]] | None
-    ) -> Callable[[TensorEntry, np.ndarray], TensorResult]:
-        """Global scope, first pass: checksum, checks, and for 15-bit keys the counts in each
-        window around a guessed threshold (`window.GlobalCounts`), for 31-bit keys (`windows`
-        None) the exact high-bits histogram."""
-
-        def work(entry: TensorEntry, raw: np.ndarray) -> TensorResult:
-            result = self._result(entry, raw)
-            _, keys = self._keys(entry, raw, first_pass=True)
-            result.bits = select.key_bits(keys)
-            if windows is None:
-                result.histogram = select.high_histogram(keys)
-            elif result.bits == 15:
-                result.counted = {w: window.count_window(keys, *w) for w in windows}
-            return result
-
-        return work
-
-    def histograms(self, entry: TensorEntry, raw: np.ndarray) -> TensorResult:
-        """Global scope, 15-bit keys when the counts missed: exact key histograms."""
-        result = self._result(entry, None)
-        result.histogram = select.high_histogram(self._keys(entry, raw, first_pass=False)[1])
-        return result
-
-    def low(self, buckets: set[int]) -> Callable[[TensorEntry, np.ndarray], TensorResult]:
-        """Global scope, 31-bit keys: the low-bits histograms inside the threshold buckets."""
-
-        def work(entry: TensorEntry, raw: np.ndarray) -> TensorResult:
-            result = self._result(entry, None)
-            result.low = select.low_histograms(self._keys(entry, raw, first_pass=False)[1], buckets)
-            return result
-
-        return work
-
-    def masks(self, plan: Plan) -> Callable[[TensorEntry, np.ndarray], TensorResult]:
-        """Global scope, last pass: every level's mask from the global plan."""
-
-        def work(entry: TensorEntry, raw: np.ndarray) -> TensorResult:
-            result = self._result(entry, None)
-            keys = self._keys(entry, raw, first_pass=False)[1]
-            for cut in plan[entry.name]:
-                result.masks.append(PackedMask.of(select.threshold_mask(keys, *cut)[0]))
-                result.threshold_keys.append(cut[0].key)
-            return result
-
-        return work
-
-
-def _layer_masks(
-    request: MaskRequest, structure: Structure, levels, weight: Weight, keys: np.ndarray, statistic
-) -> tuple[list[Callable[[], np.ndarray]], list[int | None]]:
-    """One tensor's mask for every level (layer scope) as producers to call one at a time, and
-    each level's threshold key (or None)."""
-    none = [None] * len(levels)
-    if structure.kind == "N:M":
-        return [lambda: select.n_m_mask(keys, structure.n, structure.m, name=weight.name)], none
-    if structure.kind in ("rows", "cols"):
-        scores = line_scores_source(request.method, weight, seed=request.seed, statistic=statistic)
-        pick = select.rows_mask if structure.kind == "rows" else select.cols_mask
-        return [lambda s=s: pick(scores, s) for s in levels], none
-    if request.method == "wanda":  # Wanda's comparison group: each output row
-        return [lambda s=s: select.per_row_mask(keys, s) for s in levels], none
-    return unstructured_masks(weight.name, keys, levels)
-
-
-class _Passes:
-    """Runs passes of a `_Job` over the targeted tensors through the read-ahead pipeline."""
-
-    def __init__(self, checkpoint: HFCheckpoint, entries: list[TensorEntry], workers: int) -> None:
-        self.checkpoint = checkpoint
-        self.entries = entries
-        self.workers = workers
-        self.total = sum(e.numel for e in entries)
-        largest = max(e.nbytes for e in entries)
-        # Enough read-ahead to keep the disk busy while both workers compute; bounded so that
-        # peak memory stays a few tensors above the packed masks.
-        self.budget = max(64 << 20, 2 * largest)
-
-    def run(self, work, desc: str) -> Iterator[TensorResult]:
-        """`work(entry, raw)` for every targeted tensor, in file order, with a progress bar."""
-        results = pipeline(self.checkpoint.read, self.entries, work, workers=self.workers, budget=self.budget)
-        with tqdm(total=self.total, desc=desc, unit="weights", unit_scale=True, leave=False) as bar:
-            for result in results:
-                bar.update(result.numel)
-                yield result
-
-
 @dataclass
 class _FirstPass:
     """What the global scope's first pass finds: every tensor's dtype and source checksum, the key
@@ -332,7 +141,7 @@ class _FirstPass:
     histograms: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _global_results(passes: _Passes, job: _Job, kept: list[int]) -> Iterator[TensorResult]:
+def _global_results(passes: Passes, job: TensorJob, kept: list[int]) -> Iterator[TensorResult]:
     """Global scope: every tensor's masks from exact cuts over all targets, in one way or the other:
 
     - one pass (`window.GlobalCounts`): for 15-bit keys (bf16/fp16 magnitudes) whose masks fit
@@ -358,7 +167,7 @@ def _global_results(passes: _Passes, job: _Job, kept: list[int]) -> Iterator[Ten
         yield result
 
 
-def _one_pass_counts(passes: _Passes, job: _Job, kept: list[int]) -> window.GlobalCounts | None:
+def _one_pass_counts(passes: Passes, job: TensorJob, kept: list[int]) -> window.GlobalCounts | None:
     """The one-pass counts, with thresholds guessed from a sample; None where they do not apply
     (keys other than bf16/fp16 magnitudes) or their masks would exceed the memory bound."""
     if job.request.method != "magnitude" or any(
@@ -373,7 +182,7 @@ def _one_pass_counts(passes: _Passes, job: _Job, kept: list[int]) -> window.Glob
     return counts
 
 
-def _first_pass(passes: _Passes, job: _Job, counts: window.GlobalCounts | None) -> _FirstPass:
+def _first_pass(passes: Passes, job: TensorJob, counts: window.GlobalCounts | None) -> _FirstPass:
     """Checksums and checks of every tensor, and its counts (into `counts`) or its histogram."""
     windows = None if counts is None else set(counts.windows().values())
     first = _FirstPass()
@@ -393,7 +202,7 @@ def _first_pass(passes: _Passes, job: _Job, counts: window.GlobalCounts | None) 
     return first
 
 
-def _histogram_cuts(passes: _Passes, job: _Job, kept: list[int], first: _FirstPass) -> Plan:
+def _histogram_cuts(passes: Passes, job: TensorJob, kept: list[int], first: _FirstPass) -> Plan:
     """Every tensor's exact cut per level from the key histograms (counted again when the first
     pass made one-pass counts instead)."""
     histograms = first.histograms
@@ -465,8 +274,8 @@ def compute_masks(
         "source_model": source_record(checkpoint),
         "calibration": calibration,
     }
-    job = _Job(checkpoint, request, structure, levels, statistics, MagnitudeHistogram(enabled=plot))
-    passes = _Passes(checkpoint, checkpoint.entries(names), workers)
+    job = TensorJob(checkpoint, request, structure, levels, statistics, MagnitudeHistogram(enabled=plot))
+    passes = Passes(checkpoint, checkpoint.entries(names), workers)
     needs_torch = request.method in DATA_DRIVEN or structure.kind in ("rows", "cols")
     with _LevelOutputs(out, levels, provenance, plot=plot) as outputs, _one_torch_thread(needs_torch):
         if request.scope == "layer":
