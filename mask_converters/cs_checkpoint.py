@@ -6,7 +6,8 @@ deferred tensor (no storage) whose value is produced only when the saver seriali
 from a safetensors shard, renamed, permuted) and dropped right after it is written.
 
 Reading: `cstorch.load` returns deferred tensors that read from the file on first use, so
-`CSCheckpoint.get(name)` loads one tensor at a time.
+`CSCheckpoint.get(name)` loads one tensor at a time. `EmbeddedMasks` shows a checkpoint's
+`<param>_mask` entries as a mask source, for `MaskView` to show in HF naming like a mask file.
 
 cerebras-pytorch is imported lazily; without it these functions raise a UserError that says
 how to install it.
@@ -22,7 +23,7 @@ import torch
 
 from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.name_map import canonical_cs_names
+from modelzoo_ext.name_map import MASK_SUFFIX, canonical_cs_names
 
 
 def _cstorch():
@@ -143,3 +144,36 @@ class CSCheckpoint:
         if not isinstance(value, torch.Tensor):
             raise UserError(f"entry {name!r} is a {type(value).__name__}, not a tensor", where=str(self.path))
         return value.detach()  # a deferred tensor reads its data here (not cached)
+
+
+class EmbeddedMasks:
+    """The `<param>_mask` entries of a CS checkpoint as a `modelzoo_ext.masks.view.MaskSource`:
+    CS naming, keyed by parameter name, each read (as bool) when asked for."""
+
+    naming = "cs"
+
+    def __init__(self, checkpoint: CSCheckpoint, mask_keys: list[str]) -> None:
+        self.path = checkpoint.path
+        self._checkpoint = checkpoint
+        self._names = sorted(key[: -len(MASK_SUFFIX)] for key in mask_keys)
+
+    def keys(self) -> list[str]:
+        """The masked parameter names, sorted."""
+        return list(self._names)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The mask of parameter `name` as stored (bool, CS row order)."""
+        return self._checkpoint.get(name + MASK_SUFFIX).bool()
+
+    def info(self, name: str) -> dict[str, Any]:
+        """Shape, kept and numel of one mask (read to count)."""
+        mask = self.get(name)
+        return {"shape": list(mask.shape), "kept": int(mask.sum()), "numel": mask.numel()}
+
+    def source_checksum(self, name: str) -> str | None:
+        """None: a checkpoint records no checksum of the weight a mask was computed for."""
+        return None
+
+    def provenance(self) -> dict[str, Any]:
+        """What a mask file written from these masks records: the checkpoint they came from."""
+        return {"converted_from": {"path": str(self.path)}}

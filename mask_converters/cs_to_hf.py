@@ -12,7 +12,11 @@ Both hold `sparse_lora_masks.safetensors`, the masks in HF naming.
 
 Masks come from `--masks` (either naming), else from the checkpoint's `<param>_mask` entries,
 else from `sparse_lora.mask_path` of the config; where a file and the checkpoint both hold a
-mask they must be equal. Tensors are read, converted and written one at a time.
+mask they must be equal. Both are seen in HF naming through the one `MaskView` (the
+checkpoint's as `cs_checkpoint.EmbeddedMasks`), and written beside the export with the file's
+provenance (or the checkpoint's path). The legacy `ln_f` duplicate must equal the final norm
+(`name_map.cs_duplicate_of`) and is not exported. Tensors are read, converted and written one
+at a time.
 
 Mixtral: a fused expert tensor [out, E, in] (weight, `expert_weights_mask`, stacked LoRA
 factors) is unstacked into the E per-expert HF tensors first (`name_map.to_hf_parts`); each
@@ -34,20 +38,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mask_converters.cs_checkpoint import CSCheckpoint
+from mask_converters.cs_checkpoint import CSCheckpoint, EmbeddedMasks
 from mask_converters.hf_writer import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter
 from mask_converters.mask_files import write_view
 from modelzoo_ext.atomic import atomic_dir
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.families import resolve_family
-from modelzoo_ext.masks.format import MaskWriter
 from modelzoo_ext.masks.view import MaskView
 from modelzoo_ext.name_map import (
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     MASK_SUFFIX,
     RopeLayout,
-    cs_aliases,
+    cs_duplicate_of,
     cs_to_hf_names,
     map_names,
     split_name,
@@ -77,50 +80,16 @@ BASE_FILES = (
 )
 
 
-class CheckpointMasks:
-    """The `<param>_mask` entries of a CS checkpoint, seen in HF naming and row order (read on `get`)."""
-
-    def __init__(
-        self, checkpoint: CSCheckpoint, mask_keys: list[str], family: str, layout: RopeLayout
-    ) -> None:
-        self.origin = str(checkpoint.path)
-        self._checkpoint, self._family, self._layout = checkpoint, family, layout
-        self._key: dict[str, tuple[str, int]] = {}  # HF name -> (checkpoint key, expert or 0)
-        for key in mask_keys:
-            for e, name in enumerate(cs_to_hf_names(key[: -len(MASK_SUFFIX)], family, layout.num_experts)):
-                self._key[name] = (key, e)
-        self._last: tuple[str, list] | None = None  # a fused mask is read once for its E experts
-
-    def keys(self) -> list[str]:
-        return sorted(self._key)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._key
-
-    def __len__(self) -> int:
-        return len(self._key)
-
-    def get(self, name: str) -> torch.Tensor:
-        key, expert = self._key[name]
-        if self._last is None or self._last[0] != key:
-            mask = self._checkpoint.get(key).bool()
-            self._last = (key, to_hf_parts(key[: -len(MASK_SUFFIX)], mask, self._family, self._layout))
-        return self._last[1][expert][1]
-
-
-Masks = MaskView | CheckpointMasks
-
-
 class _Classified:
     """The checkpoint's keys sorted by role (all CS names)."""
 
     def __init__(self, checkpoint: CSCheckpoint, family: str) -> None:
-        aliases = cs_aliases(family)
         self.weights, self.lora, self.masks, self.aliases = [], {}, [], {}
         for key in checkpoint.keys():  # noqa: SIM118 (not a dict)
             module, suffix = split_name(key)
-            if module in aliases:
-                self.aliases[key] = f"{aliases[module]}.{suffix}"
+            original = cs_duplicate_of(key, family)
+            if original is not None:
+                self.aliases[key] = original
             elif suffix.endswith(MASK_SUFFIX):
                 self.masks.append(key)
             elif suffix in (LORA_A_SUFFIX, LORA_B_SUFFIX):
@@ -153,6 +122,7 @@ def _hf_weights_of(module: str, family: str, layout: RopeLayout) -> list[str]:
 
 
 def _check_aliases(checkpoint: CSCheckpoint, aliases: dict[str, str]) -> None:
+    """Each CS duplicate (`ln_f`) equals the tensor it repeats (which is exported in its place)."""
     for alias, original in aliases.items():
         if original not in checkpoint or not torch.equal(checkpoint.get(alias), checkpoint.get(original)):
             raise UserError(
@@ -188,9 +158,11 @@ def _resolve_masks(
     config_path: Path,
     family: str,
     layout: RopeLayout,
-) -> tuple[Masks | None, CheckpointMasks | None]:
-    """(masks to use or None, checkpoint masks to compare against or None)."""
-    embedded = CheckpointMasks(checkpoint, classified.masks, family, layout) if classified.masks else None
+) -> tuple[MaskView | None, MaskView | None]:
+    """(masks to use or None, the checkpoint's own masks to compare against or None), in HF naming."""
+    embedded = None
+    if classified.masks:
+        embedded = MaskView(EmbeddedMasks(checkpoint, classified.masks), "hf", family, layout)
     if masks_path is None and embedded is None and config is not None and config.mask_path:
         candidate = Path(config.mask_path)
         if not candidate.is_absolute() and not candidate.exists():
@@ -209,7 +181,7 @@ def _resolve_masks(
     return None, None
 
 
-def _mask(masks: Masks | None, embedded: CheckpointMasks | None, hf_name: str) -> torch.Tensor | None:
+def _mask(masks: MaskView | None, embedded: MaskView | None, hf_name: str) -> torch.Tensor | None:
     if masks is None or hf_name not in masks:
         return None
     mask = masks.get(hf_name)
@@ -256,19 +228,6 @@ def _lora_layer(
 def _must_stay_sparse(config: SparseLoRAConfig | None) -> bool:
     """A merged export must have zero violations unless it is an s2d run meant to become an adapter."""
     return config is None or config.export_kind == "merged"
-
-
-def _write_masks(out_dir: Path, masks: Masks, checkpoint_path: Path) -> None:
-    """The masks in HF naming beside the export (with the source file's provenance when there is one)."""
-    if isinstance(masks, MaskView):
-        write_view(masks, out_dir / HF_MASKS_NAME)
-        return
-    writer = MaskWriter(
-        out_dir / HF_MASKS_NAME, naming="hf", metadata={"converted_from": {"path": str(checkpoint_path)}}
-    )
-    for name in masks.keys():  # noqa: SIM118 (not a dict)
-        writer.add(name, masks.get(name))
-    writer.write()
 
 
 def _hf_config(
@@ -378,8 +337,8 @@ class _Export:
     layout: RopeLayout
     classified: _Classified
     config: SparseLoRAConfig | None
-    masks: Masks | None
-    embedded: CheckpointMasks | None
+    masks: MaskView | None
+    embedded: MaskView | None
     model_section: dict[str, Any]
     base_model: Path | None
     dtype: torch.dtype | None
@@ -455,8 +414,8 @@ def export_cs_to_hf(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         summary = _export_merged(ctx, tmp) if kind == "merged" else _export_adapter(ctx, tmp)
-        if masks:
-            _write_masks(tmp, masks, checkpoint.path)
+        if masks:  # in HF naming, with the mask file's provenance (or the checkpoint's path)
+            write_view(masks, tmp / HF_MASKS_NAME)
         if kind == "merged" and base is not None:
             for name in BASE_FILES:
                 if (base / name).is_file():

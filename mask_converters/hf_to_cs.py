@@ -2,7 +2,9 @@
 
 Output directory:
 - `model.mdl`: the model state in ModelZoo's layout (`model.`-prefixed names, q/k rows
-  interleaved), plus `<param>_mask` (bool) for every masked weight, permuted like its weight;
+  interleaved, the legacy `ln_f` duplicate and a tied `lm_head` that ModelZoo's strict loading
+  expects; mapped by `name_map.hf_to_cs_state`, as ModelZoo's registry entries map it), plus
+  `<param>_mask` (bool) for every masked weight, permuted like its weight;
 - `model_config.yaml`: the `trainer.init.model` section to paste into a trainer YAML (without
   the keys ModelZoo 2.10 rejects);
 - `masks_cs.safetensors`: the masks in CS naming (when `--masks` was given);
@@ -26,6 +28,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from mask_converters.cs_checkpoint import LazyTensor, save_cs_checkpoint
@@ -37,15 +40,13 @@ from modelzoo_ext.masks.format import MaskFile
 from modelzoo_ext.masks.provenance import CS_PROVENANCE, check_hf_checkpoint, cs_provenance_record
 from modelzoo_ext.masks.view import MaskView
 from modelzoo_ext.name_map import (
-    HF_RECOMPUTED,
     MASK_SUFFIX,
+    CSSource,
     RopeLayout,
-    cs_aliases,
-    group_by_cs,
     hf_to_cs_name,
+    hf_to_cs_state,
     is_fused,
-    map_names,
-    to_cs_stacked,
+    make_cs_tensor,
 )
 from modelzoo_ext.run_config import hf_to_cs_model_config, trainer_yaml_model_section
 
@@ -73,57 +74,28 @@ def _check_masks_fit(masks: MaskFile, checkpoint: HFCheckpoint) -> None:
 
 
 def _weight_entries(checkpoint: HFCheckpoint, family: str, layout: RopeLayout) -> dict[str, LazyTensor]:
-    """CS name -> LazyTensor for every HF tensor (renamed, q/k rows permuted, experts stacked)."""
-    names = [n for n in checkpoint.keys() if not HF_RECOMPUTED.fullmatch(n)]  # noqa: SIM118 (not a dict)
+    """CS name -> LazyTensor for every HF tensor (`name_map.hf_to_cs_state`: renamed, q/k rows
+    permuted, experts stacked, `ln_f` beside the final norm)."""
     where = str(checkpoint.directory)
-    map_names(names, family, to_cs=True, where=where)  # every unknown tensor in one error
-    groups = group_by_cs(names, family, layout.num_experts, where=where)
-    return {
-        cs_name: _lazy_hf(checkpoint, cs_name, parts, family, layout) for cs_name, parts in groups.items()
-    }
+    state = hf_to_cs_state(checkpoint.keys(), family, layout.num_experts, where=where)
+    return {cs_name: _lazy_hf(checkpoint, source, family, layout) for cs_name, source in state.items()}
 
 
-def _lazy_hf(
-    checkpoint: HFCheckpoint, cs_name: str, parts: list[str], family: str, layout: RopeLayout
-) -> LazyTensor:
-    """The CS tensor made of the HF tensors `parts` (one, or every expert of a fused tensor)."""
-    shape = checkpoint.shape(parts[0])
-    if is_fused(cs_name, family):
-        shape = (shape[0], len(parts), *shape[1:])
+def _lazy_hf(checkpoint: HFCheckpoint, source: CSSource, family: str, layout: RopeLayout) -> LazyTensor:
+    """The CS tensor made of the HF tensors `source.hf_names` (one, or every expert of a fused tensor)."""
+    first = checkpoint.entry(source.hf_names[0])
+    shape = first.shape
+    if is_fused(source.made_as, family):
+        shape = (shape[0], len(source.hf_names), *shape[1:])
     return LazyTensor(
         shape,
-        _safetensors_dtype(checkpoint.dtype_name(parts[0])),
-        lambda: to_cs_stacked(cs_name, [(n, checkpoint.get(n)) for n in parts], family, layout),
+        getattr(torch, first.dtype),
+        lambda: make_cs_tensor(source, checkpoint.get, family, layout),
     )
 
 
-def _safetensors_dtype(name: str):
-    import torch
-
-    table = {
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "F64": torch.float64,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-    }
-    if name not in table:
-        raise UserError(f"unsupported tensor dtype {name} in the checkpoint")
-    return table[name]
-
-
-def _add_derived_entries(
-    state: dict[str, LazyTensor], checkpoint: HFCheckpoint, family: str, config: dict
-) -> None:
-    """CS duplicates (`ln_f`) and a tied `lm_head`, which ModelZoo's strict loading expects."""
-    for alias, original in cs_aliases(family).items():
-        for suffix in ("weight", "bias"):
-            if f"{original}.{suffix}" in state:
-                state[f"{alias}.{suffix}"] = state[f"{original}.{suffix}"]
+def _tie_lm_head(state: dict[str, LazyTensor], checkpoint: HFCheckpoint, family: str, config: dict) -> None:
+    """A tied `lm_head` (the embedding), which ModelZoo's strict loading expects."""
     lm_head = hf_to_cs_name("lm_head.weight", family)
     if lm_head not in state:
         if not config.get("tie_word_embeddings"):
@@ -137,8 +109,6 @@ def _add_derived_entries(
 
 def _mask_entries(view: MaskView) -> dict[str, LazyTensor]:
     """`<param>_mask` entries (bool, CS row order) for every mask of the view (CS naming)."""
-    import torch
-
     return {
         name + MASK_SUFFIX: LazyTensor(
             tuple(view.info(name)["shape"]), torch.bool, lambda n=name: view.get(n)
@@ -166,7 +136,7 @@ def convert_hf_to_cs(
     layout = RopeLayout.from_hf_config(config)
     model_section = hf_to_cs_model_config(config, family)
     state = _weight_entries(checkpoint, family, layout)
-    _add_derived_entries(state, checkpoint, family, config)
+    _tie_lm_head(state, checkpoint, family, config)
     masks = view = provenance = None
     if masks_path is not None:
         masks = MaskFile(masks_path).require_naming("hf", "convert hf-to-cs")

@@ -2,7 +2,8 @@
 
 Same layout as `save_pretrained`: `model.safetensors` when everything fits in one shard,
 otherwise `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`.
-Write into a temporary directory (`atomic_dir`): shards are renamed only by `close()`.
+The directory is the caller's temporary one (`atomic_dir`); shards are written as
+`.shard-N.safetensors` and get their final names (and the index) in `close()`.
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 
 A mask in CS naming applies directly to the CS weight of the same name: its key is the CS
 parameter name and its q/k rows are permuted like the weight's. The view that renames and
-permutes is the core's `MaskView`; this module writes what it shows as a new file. Provenance
-(method, sparsity, seed, source checkpoint, ...) is carried over; the per-tensor source checksum
-is kept where the tensor was not permuted (a permuted mask no longer describes the original
-byte order).
+permutes is the core's `MaskView`; this module writes what a view shows as a new file (the view
+of a mask file, or of a `.mdl`'s embedded masks for `convert cs-to-hf`). Provenance (method,
+sparsity, seed, source checkpoint, ...) is carried over; the per-tensor source checksum is kept
+where the mask was neither permuted nor stacked or split (such a mask no longer describes the
+original weight's bytes).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def write_view(
     `metadata` defaults to the source file's provenance (`MaskFile.provenance`).
     """
     writer = MaskWriter(
-        out_path, naming=view.naming, metadata=view.file.provenance() if metadata is None else metadata
+        out_path, naming=view.naming, metadata=view.source.provenance() if metadata is None else metadata
     )
     for name in view.keys():  # noqa: SIM118 (not a dict)
         writer.add(name, view.get(name), source_checksum=view.source_checksum(name))

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mask_converters.cs_checkpoint import CSCheckpoint
+from mask_converters.cs_checkpoint import CSCheckpoint, EmbeddedMasks
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.families import resolve_family
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
@@ -51,12 +51,12 @@ def _open_checkpoint(path: Path, family: str | None, config_path: str | Path | N
 
 def _embedded_mask_mismatches(source: CSCheckpoint, masks: MaskView) -> list[str]:
     """Names of `<param>_mask` entries in a .mdl that differ from the mask file's masks."""
-    names = set(source.keys())
+    embedded = EmbeddedMasks(source, [key for key in source.keys() if key.endswith(MASK_SUFFIX)])  # noqa: SIM118
+    stored = set(embedded.keys())
     return [
         name + MASK_SUFFIX
         for name in masks.keys()  # noqa: SIM118 (not a dict)
-        if name + MASK_SUFFIX in names
-        and not torch.equal(source.get(name + MASK_SUFFIX).bool(), masks.get(name))
+        if name in stored and not torch.equal(embedded.get(name), masks.get(name))
     ]
 
 

@@ -1,7 +1,8 @@
 """Outputs appear under their final name only when complete.
 
 Write into a temporary sibling, then rename: a crash, a Ctrl-C or a failed check leaves no
-half-written file or directory under the name the user asked for.
+half-written file or directory under the name the user asked for. `atomic_files` does it for
+several files that belong together: none is renamed unless all were written.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -35,6 +36,14 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_files(finals: Iterable[str | os.PathLike]) -> Iterator[dict[Path, Path]]:
+    """Yield {final: temporary sibling} for several outputs; all are renamed onto their final
+    names if the block succeeds, and all temporaries are removed (none renamed) if it fails."""
+    with contextlib.ExitStack() as stack:
+        yield {Path(final): stack.enter_context(atomic_file(final)) for final in finals}
 
 
 @contextlib.contextmanager

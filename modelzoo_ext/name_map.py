@@ -28,6 +28,8 @@ to the fused name, `cs_to_hf_names` a fused name to the E expert names, `to_cs_s
 `to_hf_parts` move the tensors. transformers 5 stores the experts fused too, in its own layout
 (`mlp.experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]); `hf_fused_parts` names the
 per-expert slices of those, so every reader sees one HF naming (4.57's, per expert).
+`hf_to_cs_state` maps a whole HF state at once (experts grouped, recomputed buffers skipped,
+CS duplicates such as `ln_f` added), for both converters (`convert hf-to-cs`, ModelZoo's registry).
 
 RoPE: HF rotates halves of each head (rotate-half), CS rotates interleaved pairs, so the rows of
 q and k projections are permuted per head between the two formats (exactly what ModelZoo's stock
@@ -42,7 +44,7 @@ converts to: one derivation for both formats.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -294,6 +296,20 @@ def cs_aliases(family: str) -> dict[str, str]:
     return get_family(family).cs_aliases
 
 
+def cs_duplicate_of(cs_name: str, family: str) -> str | None:
+    """The CS tensor a CS duplicate repeats (`model.ln_f.weight` -> `model.transformer_decoder.norm.weight`,
+    see `Family.cs_aliases`), or None for a tensor that is no duplicate."""
+    module, suffix = split_name(cs_name)
+    original = cs_aliases(family).get(module)
+    return None if original is None else f"{original}.{suffix}"
+
+
+def cs_duplicates(cs_name: str, family: str) -> list[str]:
+    """The CS duplicates ModelZoo also stores of a CS tensor (`model.ln_f.weight` of the final norm's)."""
+    module, suffix = split_name(cs_name)
+    return [f"{alias}.{suffix}" for alias, original in cs_aliases(family).items() if original == module]
+
+
 def canonical_cs_names(names: Iterable[str]) -> dict[str, str]:
     """Checkpoint key -> CS name with the `model.` prefix.
 
@@ -499,3 +515,40 @@ def hf_fused_parts(stored: str, shape: tuple[int, ...]) -> dict[str, FusedPart] 
         parts[f"{prefix}.{e}.w1.weight"] = (stored, (e, slice(0, half)))
         parts[f"{prefix}.{e}.w3.weight"] = (stored, (e, slice(half, rows)))
     return parts
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole HF state as CS tensors (both converters: `convert hf-to-cs` and the ModelZoo registry)
+
+
+@dataclass(frozen=True)
+class CSSource:
+    """How one CS tensor of a converted HF state is made: as the CS tensor `made_as` (itself, or the
+    original a CS duplicate repeats) from the HF tensors `hf_names` (one, or every expert in order)."""
+
+    made_as: str
+    hf_names: tuple[str, ...]
+
+
+def hf_to_cs_state(
+    hf_names: Iterable[str], family: str, num_experts: int | None, *, where: str
+) -> dict[str, CSSource]:
+    """CS name -> how it is made, for every tensor of an HF state: recomputed buffers skipped, every
+    name no rule maps in one UserError, each fused tensor from all its experts, then the CS
+    duplicates ModelZoo's strict loading expects (`ln_f`) with their originals' sources."""
+    names = [name for name in hf_names if not HF_RECOMPUTED.fullmatch(name)]
+    map_names(names, family, to_cs=True, where=where)
+    groups = group_by_cs(names, family, num_experts, where=where)
+    state = {cs_name: CSSource(cs_name, tuple(parts)) for cs_name, parts in groups.items()}
+    for cs_name in list(state):
+        for duplicate in cs_duplicates(cs_name, family):
+            state[duplicate] = state[cs_name]
+    return state
+
+
+def make_cs_tensor(
+    source: CSSource, read: Callable[[str], torch.Tensor], family: str, layout: RopeLayout
+) -> torch.Tensor:
+    """The CS tensor `source` describes, from HF tensors read by name (renamed, q/k rows permuted,
+    experts stacked: `to_cs_stacked`)."""
+    return to_cs_stacked(source.made_as, [(name, read(name)) for name in source.hf_names], family, layout)

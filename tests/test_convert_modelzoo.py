@@ -21,6 +21,7 @@ from mask_converters.cs_to_hf import export_cs_to_hf
 from mask_converters.hf_to_cs import CHECKPOINT_NAME, CONFIG_NAME, convert_hf_to_cs
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
 from modelzoo_ext.masks.format import save_masks
+from modelzoo_ext.masks.provenance import source_record
 from modelzoo_ext.name_map import MASK_SUFFIX, hf_module_to_cs_module
 from modelzoo_ext.sparse_lora import SparseLoRAConfig, apply_sparse_lora_
 
@@ -59,7 +60,7 @@ def converted(request, tmp_path_factory, tiny_llama_dir, tiny_mistral_dir):
     save_masks(
         root / "masks.safetensors",
         masks,
-        {"method": "random", "source_model": checkpoint.describe()},
+        {"method": "random", "source_model": source_record(checkpoint)},
         naming="hf",
     )
     convert_hf_to_cs(source, root / "cs", family, root / "masks.safetensors")

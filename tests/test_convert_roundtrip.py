@@ -21,6 +21,7 @@ from modelzoo_ext.cli import main as cli_main
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
 from modelzoo_ext.masks.format import MaskFile, load_masks, save_masks
+from modelzoo_ext.masks.provenance import source_record
 from modelzoo_ext.name_map import MASK_SUFFIX, RopeLayout, hf_to_cs_name, to_cs
 from modelzoo_ext.sparse_lora import SparseLoRAConfig, apply_sparse_lora_, load_lora_state_dict_
 
@@ -65,7 +66,7 @@ def pruned(request, tmp_path_factory, tiny_llama_dir, tiny_mistral_dir):
     model_dir = pruned_copy(source, masks, root / "hf")
     mask_path = root / "masks.safetensors"
     # The copy is pruned by the masks (W*M == W): the masks describe it, so it is their source.
-    source = HFCheckpoint(model_dir).describe()
+    source = source_record(HFCheckpoint(model_dir))
     save_masks(mask_path, masks, {"method": "random", "seed": 1, "source_model": source}, naming="hf")
     cs_dir = root / "cs"
     convert_hf_to_cs(model_dir, cs_dir, family, mask_path)

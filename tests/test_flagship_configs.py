@@ -183,7 +183,8 @@ def test_another_vocabulary_is_refused_before_any_weight_file_is_opened(model, t
     def no_shard(path, *args, **kwargs):
         raise AssertionError(f"a weight file was opened: {path}")
 
-    monkeypatch.setattr(modelzoo_ext.hf_checkpoint, "safe_open", no_shard)
+    monkeypatch.setattr(modelzoo_ext.hf_checkpoint, "read_header", no_shard)  # the layout's one open
+    monkeypatch.setattr(modelzoo_ext.hf_checkpoint, "safe_open", no_shard)  # the torch reader's
     other = OTHER_VOCABULARY[model]
     hf = model_dir(tmp_path, {**real_config(model), "vocab_size": other})
     out = tmp_path / "run"

@@ -5,20 +5,21 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
-from modelzoo_ext.masks.format import MaskFile, load_masks, pack_mask, save_masks, unpack_mask
+from modelzoo_ext.masks.format import MaskFile, load_masks, pack_bits, save_masks, unpack_bits
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5), (64, 17)])
 def test_pack_unpack_round_trip(shape):
-    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5
-    packed = pack_mask(mask)
-    assert packed.numel() == (mask.numel() + 7) // 8
-    assert torch.equal(unpack_mask(packed, shape), mask)
+    mask = (torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5).numpy()
+    packed = pack_bits(mask)
+    assert packed.dtype == np.uint8 and packed.size == (mask.size + 7) // 8
+    assert np.array_equal(unpack_bits(packed, shape), mask)
 
 
 def test_save_load_round_trip_and_size(tmp_path):

@@ -31,6 +31,7 @@ from gpu_reference.metrics import read_metrics
 from gpu_reference.train import train
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
 from modelzoo_ext.masks.format import load_masks, save_masks
+from modelzoo_ext.masks.provenance import source_record
 from modelzoo_ext.run_config import hf_to_cs_model_config
 
 GOLDEN = Path(__file__).parent / "golden" / "gpu_reference_tiny_s2s.json"
@@ -63,7 +64,7 @@ def assets(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
             masks[name] = torch.rand(state[name].shape, generator=g) >= 0.5
             state[name] = state[name] * masks[name]
     save_file(state, hf / "model.safetensors", metadata={"format": "pt"})
-    source = HFCheckpoint(hf).describe()  # the model is pruned by the masks: it is their source
+    source = source_record(HFCheckpoint(hf))  # the model is pruned by the masks: it is their source
     save_masks(
         root / "masks.safetensors",
         masks,

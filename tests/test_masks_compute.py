@@ -291,3 +291,65 @@ def test_global_streams_when_one_pass_would_exceed_the_memory_bound(tiny_llama_d
         ma, _ = load_masks(a["mask_file"])
         mb, _ = load_masks(b["mask_file"])
         assert ma.keys() == mb.keys() and all(torch.equal(ma[n], mb[n]) for n in ma)
+
+
+def _open_files_under(directory) -> list[str]:
+    """Files under `directory` this process still holds open (the writers' spools included)."""
+    import os
+
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    return [link for link in links if link.startswith(str(directory))]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_an_error_mid_way_leaves_nothing_and_closes_every_writer(
+    tiny_llama_dir, tmp_path, monkeypatch, scope
+):
+    """An error after some masks were handed to the writers (here the spool's disk filling up):
+    no file under any final name, no temporary left, and every level's spool closed."""
+    from modelzoo_ext.masks.format import MaskWriter
+
+    add_packed, added = MaskWriter.add_packed, []
+
+    def failing_add_packed(self, name, mask, *, source_checksum=None):
+        added.append(name)
+        if len(added) == 7:
+            raise OSError("no space left on device")
+        return add_packed(self, name, mask, source_checksum=source_checksum)
+
+    monkeypatch.setattr(MaskWriter, "add_packed", failing_add_packed)
+    out = tmp_path / "out"
+    # The caller keeps the exception (and so its traceback's frames): the spools must be closed
+    # by compute_masks itself, not by the garbage collector.
+    with pytest.raises(OSError, match="no space left") as failed:
+        compute_masks(tiny_llama_dir, MaskRequest(scope=scope, sparsities=(0.3, 0.6)), out / "m.safetensors")
+    assert len(added) == 7  # 3 tensors' masks at both levels were spooled before the error
+    assert list(out.iterdir()) == []
+    assert _open_files_under(tmp_path) == [], failed.value
+
+
+def test_an_error_writing_a_later_level_leaves_no_level_written(tiny_llama_dir, tmp_path, monkeypatch):
+    """Levels are written together: when the second level's figure fails, neither level's mask
+    file, stats or figure appears."""
+    from matplotlib.figure import Figure
+
+    savefig, saved = Figure.savefig, []
+
+    def failing_savefig(self, *args, **kwargs):
+        saved.append(1)
+        if len(saved) == 2:
+            raise OSError("no space left on device")
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", failing_savefig)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="no space left") as failed:
+        compute_masks(tiny_llama_dir, MaskRequest(sparsities=(0.3, 0.6)), out / "m.safetensors")
+    assert len(saved) == 2
+    assert list(out.iterdir()) == []
+    assert _open_files_under(tmp_path) == [], failed.value

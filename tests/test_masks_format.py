@@ -24,7 +24,7 @@ from modelzoo_ext.hf_checkpoint import HFCheckpoint
 from modelzoo_ext.masks import MaskFile, checksum, load_masks, tensor_checksum, tensor_sha256
 from modelzoo_ext.masks.apply import apply_masks
 from modelzoo_ext.masks.compute import MaskRequest, compute_masks
-from modelzoo_ext.masks.format import METADATA_KEY, _metadata_digest
+from modelzoo_ext.masks.format import METADATA_KEY, MaskWriter, _metadata_digest, pack_bits
 from modelzoo_ext.masks.validate import validate_masks
 
 V1_FILE = Path(__file__).parent / "golden" / "masks_v1_sha256.safetensors"
@@ -183,20 +183,21 @@ def test_converters_carry_source_checksums(golden_bf16, tmp_path):
                 assert converted.source_checksum(name) == original.source_checksum(name) is not None
 
 
-def test_the_writer_writes_what_safetensors_writes(tmp_path):
+def test_the_mask_writer_writes_what_safetensors_writes(tmp_path):
+    """`MaskWriter` assembles the file itself (from its spool); byte for byte it is what
+    `safetensors.numpy.save_file` writes, whatever the tensor sizes (header padding) and
+    whatever characters the provenance holds (JSON escapes, non-ASCII)."""
     from safetensors.numpy import save_file as save_numpy
 
-    from modelzoo_ext.masks.format import write_safetensors
-
     rng = np.random.default_rng(0)
-    tensors = {
-        f"model.layers.{i}.mlp.up_proj.weight": rng.integers(0, 256, 13 * i + 5, dtype=np.uint8)
-        for i in range(12)
-    }
-    metadata = {
-        METADATA_KEY: json.dumps({"a": 'quote " backslash \\ newline \n', "b": [1, 2]}, sort_keys=True)
-    }
+    masks = {f"model.layers.{i}.mlp.up_proj.weight": rng.random((i + 1, 13 * i + 5)) < 0.5 for i in range(12)}
+    provenance = {"note": 'quote " backslash \\ newline \n données', "levels": [1, 2]}
     ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
-    write_safetensors(ours, tensors, metadata)
-    save_numpy(tensors, str(theirs), metadata=metadata)
+    writer = MaskWriter(ours, naming="hf", metadata=provenance)
+    for name in reversed(list(masks)):
+        writer.add(name, masks[name])
+    metadata = writer.write()
+    packed = {name: pack_bits(mask) for name, mask in masks.items()}
+    save_numpy(packed, str(theirs), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     assert ours.read_bytes() == theirs.read_bytes()
+    assert metadata["note"] == provenance["note"]

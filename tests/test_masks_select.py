@@ -20,7 +20,6 @@ from modelzoo_ext.masks.select import (
     per_row_mask,
     rows_mask,
     threshold_mask,
-    top_k_mask,
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -34,10 +33,18 @@ def brute_force_keep(values: np.ndarray, kept: int) -> np.ndarray:
     return keep
 
 
+def layer_mask(keys: np.ndarray, sparsity: float) -> np.ndarray:
+    """One tensor's unstructured mask as `masks compute` selects it in layer scope."""
+    from modelzoo_ext.masks.passes import unstructured_masks
+
+    (produce,), _ = unstructured_masks("w", keys, (sparsity,))
+    return produce().copy().reshape(keys.shape)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_weights_1_to_8_at_half_keep_5_to_8(dtype):
     weight = torch.tensor([[3.0, -8.0, 1.0, 6.0], [-5.0, 2.0, 7.0, -4.0]], dtype=dtype)
-    mask = top_k_mask(magnitude_keys(weight), kept_count(8, 0.5))
+    mask = layer_mask(magnitude_keys(weight), 0.5)
     assert mask.tolist() == [[False, True, False, True], [True, False, True, False]]
 
 
@@ -45,7 +52,7 @@ def test_weights_1_to_8_at_half_keep_5_to_8(dtype):
 def test_ties_go_to_earlier_positions(dtype):
     weight = torch.tensor([[1.0, 2.0, 2.0, 2.0], [2.0, 3.0, 0.0, 1.0]], dtype=dtype)
     # 8 weights, 50% -> keep 4: the 3, then three of the four 2s, first by row-major position.
-    mask = top_k_mask(magnitude_keys(weight), 4)
+    mask = layer_mask(magnitude_keys(weight), 0.5)
     assert mask.tolist() == [[False, True, True, True], [False, True, False, False]]
 
 
@@ -101,7 +108,7 @@ def test_exact_counts_and_brute_force(dtype, sparsity):
     generator = torch.Generator().manual_seed(7)
     weight = (torch.randn(37, 53, generator=generator) * 3).round().to(dtype)  # many ties
     kept = kept_count(weight.numel(), sparsity)
-    mask = top_k_mask(magnitude_keys(weight), kept)
+    mask = layer_mask(magnitude_keys(weight), sparsity)
     assert int(mask.sum()) == kept
     expected = brute_force_keep(weight.float().numpy().reshape(-1), kept)
     assert np.array_equal(mask.reshape(-1), expected)
@@ -223,11 +230,11 @@ def test_count_search_thresholds_match_brute_force(shapes, dtype, levels, spread
 
 
 def test_count_search_gives_up_then_histograms_are_exact(monkeypatch):
-    from modelzoo_ext.masks import bracket, compute
+    from modelzoo_ext.masks import bracket, passes
 
     calls = []
-    histogram_plan = compute._histogram_plan
-    monkeypatch.setattr(compute, "_histogram_plan", lambda *a: calls.append(1) or histogram_plan(*a))
+    histogram_plan = passes._histogram_plan
+    monkeypatch.setattr(passes, "_histogram_plan", lambda *a: calls.append(1) or histogram_plan(*a))
     monkeypatch.setattr(bracket, "MAX_PROBES", 2)
 
     # Every 4th weight (what a step-4 sample sees) is large, the rest tiny: the sample's guess
@@ -238,7 +245,7 @@ def test_count_search_gives_up_then_histograms_are_exact(monkeypatch):
     weight.view(-1)[1::4] = torch.linspace(0.01, 0.02, 1024).to(torch.bfloat16)
     keys = magnitude_keys(weight)
     assert bracket.tensor_masks(keys, [2048], step=4) is None
-    (produce,), _ = compute._unstructured_masks("w", keys, (0.5,))
+    (produce,), _ = passes.unstructured_masks("w", keys, (0.5,))
     mask = produce()
     assert calls == [1]
     assert np.array_equal(mask.reshape(-1), brute_force_keep(weight.float().numpy().reshape(-1), 2048))

@@ -3,6 +3,7 @@ results in order, errors raised in the caller with nothing left running."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from safetensors import safe_open
 from test_masks_golden import write_checkpoint
 
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.hf_checkpoint import HFCheckpoint, TensorEntry, read_safetensors_header
+from modelzoo_ext.hf_checkpoint import HFCheckpoint
 from modelzoo_ext.masks.stream import BufferPool, local_buffer, pipeline
+from modelzoo_ext.safetensors_file import TensorEntry, read_header
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,61 @@ def test_reader_gives_the_bytes_safetensors_gives(checkpoints, dtype):
         assert checkpoint.read(entry, out) is out and np.array_equal(out, expected)
 
 
+def _safetensors_bytes(header: dict, data: bytes) -> bytes:
+    encoded = json.dumps(header).encode()
+    return len(encoded).to_bytes(8, "little") + encoded + data
+
+
+def _two_tensors(**changes) -> dict:
+    header = {
+        "a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+        "b": {"dtype": "BF16", "shape": [1], "data_offsets": [2, 4]},
+    }
+    for name, entry in changes.items():
+        header[name] = {**header.get(name, {}), **entry} if entry is not None else None
+    return {name: entry for name, entry in header.items() if entry is not None}
+
+
+BAD_FILES = {
+    "bytes after the data": _safetensors_bytes(_two_tensors(), b"1234xx"),
+    "a gap": _safetensors_bytes(_two_tensors(b={"data_offsets": [3, 5]}), b"12345"),
+    "an overlap": _safetensors_bytes(_two_tensors(b={"data_offsets": [1, 3]}), b"123"),
+    "a size off its shape": _safetensors_bytes(_two_tensors(b={"shape": [2]}), b"1234"),
+    "an unknown dtype": _safetensors_bytes(_two_tensors(b={"dtype": "F7"}), b"1234"),
+    "metadata not strings": _safetensors_bytes({"__metadata__": {"x": 1}, **_two_tensors()}, b"1234"),
+    "no offsets": _safetensors_bytes(_two_tensors(b={"data_offsets": None}), b"1234"),
+}
+GOOD_FILES = {
+    "names out of offset order": _safetensors_bytes(
+        {"b": _two_tensors()["b"], "a": _two_tensors()["a"], "__metadata__": {"format": "pt"}}, b"1234"
+    ),
+    "8-bit floats": _safetensors_bytes(_two_tensors(b={"dtype": "F8_E4M3", "shape": [2]}), b"1234"),
+    "no tensors": _safetensors_bytes({}, b""),
+}
+
+
+@pytest.mark.parametrize("what", BAD_FILES)
+def test_the_header_reader_refuses_what_safetensors_refuses(tmp_path, what):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(BAD_FILES[what])
+    with pytest.raises(Exception):  # noqa: B017 (safetensors raises its own error types)
+        safe_open(str(path), framework="numpy")
+    with pytest.raises(UserError, match="truncated or corrupt") as refused:
+        read_header(path)
+    assert refused.value.where == str(path)
+
+
+@pytest.mark.parametrize("what", GOOD_FILES)
+def test_the_header_reader_reads_what_safetensors_reads(tmp_path, what):
+    path = tmp_path / "good.safetensors"
+    path.write_bytes(GOOD_FILES[what])
+    with safe_open(str(path), framework="numpy") as f:
+        names = sorted(f.keys())
+    header = read_header(path)
+    assert sorted(header.tensors) == names
+    assert list(header.tensors) == sorted(names, key=lambda n: header.tensors[n].begin)  # file order
+
+
 def test_corrupt_and_truncated_shards_are_refused(checkpoints, tmp_path):
     checkpoint = HFCheckpoint(checkpoints["bfloat16"])
     shard = next(iter(checkpoint.shards()))
@@ -47,15 +104,15 @@ def test_corrupt_and_truncated_shards_are_refused(checkpoints, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes((len(data) * 2).to_bytes(8, "little") + data[8:])
     with pytest.raises(UserError, match="header length"):
-        read_safetensors_header(bad)
+        read_header(bad)
     for broken in (b"x", b"["):
         bad.write_bytes(data[:8] + broken + data[9:])
         with pytest.raises(UserError, match="not JSON|not a JSON object"):
-            read_safetensors_header(bad)
+            read_header(bad)
     bad.write_bytes(data[: len(data) - 10])
-    with pytest.raises(UserError, match="inconsistent"):
-        read_safetensors_header(bad)
-    entry = max(read_safetensors_header(shard).values(), key=lambda e: e.end)
+    with pytest.raises(UserError, match="the tensors end at byte"):
+        read_header(bad)
+    entry = max(read_header(shard).tensors.values(), key=lambda e: e.end)
     bad.write_bytes(data)
     truncated = TensorEntry(entry.name, bad, entry.dtype, entry.shape, entry.begin, entry.end)
     bad.write_bytes(data[: entry.end - 2])

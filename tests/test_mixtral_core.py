@@ -159,6 +159,46 @@ def test_transformers5_fused_checkpoint_reads_as_per_expert_tensors(tiny_mixtral
     ] == (2,)
 
 
+TORCH_FREE_LAYOUT = """
+import sys
+from modelzoo_ext.hf_checkpoint import HFCheckpoint
+from modelzoo_ext.masks.provenance import source_record
+for directory in sys.argv[1:]:
+    checkpoint = HFCheckpoint(directory)
+    shapes = checkpoint.shapes()
+    for entry in checkpoint.entries(checkpoint.keys()):
+        assert checkpoint.read(entry).size == entry.nbytes and entry.shape == shapes[entry.name]
+    source_record(checkpoint)
+print("torch imported:", "torch" in sys.modules)
+"""
+
+
+def test_the_layout_and_byte_reader_never_import_torch(
+    tiny_mixtral_dir, tiny_llama_dir, tiny_llama_sharded_dir, tmp_path
+):
+    """Opening a checkpoint (Mixtral per expert, transformers-5 fused, Llama single and sharded),
+    its names, shapes, entries, raw bytes and source record: all from the headers, no torch."""
+    import subprocess
+    import sys
+
+    v5 = save_v5_layout(tiny_mixtral_dir, tmp_path / "v5")
+    directories = [tiny_mixtral_dir, v5, tiny_llama_dir, tiny_llama_sharded_dir]
+    result = subprocess.run(
+        [sys.executable, "-c", TORCH_FREE_LAYOUT, *map(str, directories)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "torch imported: False"
+
+
+def test_an_experts_bytes_are_its_slice_of_the_fused_tensor(tiny_mixtral_dir, tmp_path):
+    """The torch-free reader of a transformers-5 checkpoint reads exactly each expert's tensor."""
+    v5 = HFCheckpoint(save_v5_layout(tiny_mixtral_dir, tmp_path / "v5"))
+    v4 = HFCheckpoint(tiny_mixtral_dir)
+    for entry in v5.entries(v5.keys()):
+        expected = v4.get(entry.name).contiguous().view(-1).view(torch.uint8).numpy()
+        assert entry.shape == v4.shape(entry.name) and (v5.read(entry) == expected).all(), entry.name
+
+
 def test_masks_compute_and_apply_on_a_transformers5_checkpoint_equal_the_per_expert_ones(
     tiny_mixtral_dir, tmp_path
 ):
@@ -424,7 +464,7 @@ def test_mask_writer_streams_to_disk_and_writes_what_save_file_writes(tmp_path):
     the exact bytes `safetensors.save_file` would, in any order of `add`."""
     from safetensors.torch import save_file
 
-    from modelzoo_ext.masks.format import METADATA_KEY, MaskFile, MaskWriter, pack_mask
+    from modelzoo_ext.masks.format import METADATA_KEY, MaskFile, MaskWriter, pack_bits
 
     gen = torch.Generator().manual_seed(0)
     masks = {f"model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight": torch.rand(9, 5, generator=gen) < 0.5
@@ -436,7 +476,7 @@ def test_mask_writer_streams_to_disk_and_writes_what_save_file_writes(tmp_path):
         writer.add(name, masks[name])
     assert not hasattr(writer, "packed")  # nothing kept in memory but the per-tensor records
     metadata = writer.write()
-    reference = {name: pack_mask(mask) for name, mask in masks.items()}
+    reference = {name: torch.from_numpy(pack_bits(mask.numpy())) for name, mask in masks.items()}
     save_file(
         reference,
         str(tmp_path / "ref.safetensors"),

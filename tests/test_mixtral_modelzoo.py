@@ -23,6 +23,7 @@ from mask_converters.cs_to_hf import export_cs_to_hf
 from mask_converters.hf_to_cs import CHECKPOINT_NAME, CONFIG_NAME, convert_hf_to_cs
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
 from modelzoo_ext.masks.format import save_masks
+from modelzoo_ext.masks.provenance import source_record
 from modelzoo_ext.name_map import MASK_SUFFIX
 
 pytestmark = [pytest.mark.modelzoo, pytest.mark.cs]
@@ -88,7 +89,9 @@ def tiny(tmp_path_factory, tokenizer_dir):
         for n in checkpoint.keys()  # noqa: SIM118 (not a dict)
         if n.rsplit(".", 2)[-2] in TARGETS
     }
-    save_masks(root / "masks.safetensors", masks, {"method": "random", "source_model": checkpoint.describe()})
+    save_masks(
+        root / "masks.safetensors", masks, {"method": "random", "source_model": source_record(checkpoint)}
+    )
     convert_hf_to_cs(source, root / "cs", "mixtral", root / "masks.safetensors")
     section = yaml.safe_load((root / "cs" / CONFIG_NAME).read_text())["trainer"]["init"]["model"]
     return source, masks, root, section

@@ -87,7 +87,7 @@ class SparseLoRAMasks(Callback):
                 fix=f"set fit.ckpt_path to the base from `sparse-lora convert hf-to-cs` (or {OVERRIDE_KEY}: true)",
             )
         verdict = check_cs_checkpoint(
-            model.masks.file, ckpt_path, run_dir=trainer.model_dir, skip=config.skip_provenance_check
+            model.masks.source, ckpt_path, run_dir=trainer.model_dir, skip=config.skip_provenance_check
         )
         self._base_checked = True
         trainer.logger.info(f"SparseLoRAMasks: {ckpt_path} accepted for {config.mask_path}: {verdict}")

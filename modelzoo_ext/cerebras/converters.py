@@ -5,7 +5,11 @@ between `hf` and `cs-2.6` ... `cs-2.10` (the stock llama/mistral lists stop at c
 ModelZoo 2.10, so `cs-auto` fails on a 2.10 checkpoint). Every tensor goes through the one rule
 table (`modelzoo_ext.name_map`): base weights, LoRA `lora_A`/`lora_B` and `<param>_mask` buffers
 are renamed (and q/k rows permuted) instead of being rejected ("Unable to match all keys") or
-dropped by `--drop-unmatched-keys`; a key no rule maps still fails the conversion, naming it.
+dropped by `--drop-unmatched-keys`; keys no rule maps fail the conversion, all named in one error.
+The whole state's names are mapped once before any tensor is converted (`pre_model_convert`), by
+what `sparse-lora convert` uses too: HF -> CS `name_map.hf_to_cs_state` (experts grouped, the
+`ln_f` duplicate written beside the final norm), CS -> HF `canonical_cs_names` (a checkpoint's
+keys carry the `model.` prefix all or none) and `cs_duplicate_of` (the duplicate is dropped).
 
 This is a name-and-layout conversion: a CS -> HF result keeps `lora_*` and `*_mask` tensors
 under HF names. For a model transformers loads (LoRA folded in, masks checked) or a PEFT
@@ -31,15 +35,12 @@ from functools import cache
 
 from modelzoo_ext.families import FAMILIES, ModelFamily
 from modelzoo_ext.name_map import (
-    CS_PREFIX,
-    HF_RECOMPUTED,
+    CSSource,
     RopeLayout,
-    cs_aliases,
-    cs_to_hf_names,
-    expert_index,
-    hf_to_cs_name,
-    split_name,
-    to_cs_stacked,
+    canonical_cs_names,
+    cs_duplicate_of,
+    hf_to_cs_state,
+    make_cs_tensor,
     to_hf_parts,
 )
 
@@ -98,25 +99,41 @@ def converter_classes() -> dict[str, type]:
             def __init__(self):
                 super().__init__()
                 self.rules = [ConversionRule([r".*"], action=self.convert_by_rule_table)]
+                self._made_from: dict[str, list[str]] = {}  # HF: first key -> the CS names it starts
+                self._hf_state: dict[str, CSSource] = {}
+                self._cs_names: dict[str, str] = {}  # CS: checkpoint key -> canonical CS name
+
+            def pre_model_convert(self, old_state_dict, new_state_dict, configs, converter_indices, drop):
+                """Map the whole state's names once, as `convert hf-to-cs` / `cs-to-hf` do."""
+                super().pre_model_convert(old_state_dict, new_state_dict, configs, converter_indices, drop)
+                if converter_indices.direction == 0:
+                    layout = RopeLayout.from_cs_config(configs[1]["model"])
+                    where = "the HF checkpoint"
+                    self._hf_state = hf_to_cs_state(
+                        old_state_dict.keys(), family, layout.num_experts, where=where
+                    )
+                    self._made_from = {}
+                    for cs_name, source in self._hf_state.items():
+                        self._made_from.setdefault(source.hf_names[0], []).append(cs_name)
+                else:
+                    self._cs_names = canonical_cs_names(old_state_dict.keys())
 
             def convert_by_rule_table(
                 self, old_key, new_key, old_state_dict, new_state_dict, from_index, action_fn_args
             ):
                 layout = RopeLayout.from_cs_config(action_fn_args["configs"][1]["model"])
-                if from_index == 0:
-                    if HF_RECOMPUTED.fullmatch(old_key) or expert_index(old_key, family) not in (None, 0):
-                        return  # recomputed, or an expert stacked when expert 0's key was converted
-                    name = hf_to_cs_name(old_key, family)
-                    parts = cs_to_hf_names(name, family, layout.num_experts)
-                    tensor = to_cs_stacked(name, [(k, old_state_dict[k]) for k in parts], family, layout)
-                    new_state_dict[name] = tensor
-                    module, suffix = split_name(name)
-                    for alias, original in cs_aliases(family).items():
-                        if module == original:  # ModelZoo also stores the legacy duplicate (ln_f)
-                            new_state_dict[f"{alias}.{suffix}"] = tensor
+                if from_index == 0:  # recomputed keys and experts after the first start nothing
+                    made = {}
+                    for cs_name in self._made_from.get(old_key, []):
+                        source = self._hf_state[cs_name]
+                        if source.made_as not in made:  # a duplicate (ln_f) shares its original's tensor
+                            made[source.made_as] = make_cs_tensor(
+                                source, old_state_dict.__getitem__, family, layout
+                            )
+                        new_state_dict[cs_name] = made[source.made_as]
                     return
-                cs_name = old_key if old_key.startswith(CS_PREFIX) else CS_PREFIX + old_key
-                if split_name(cs_name)[0] in cs_aliases(family):
+                cs_name = self._cs_names[old_key]
+                if cs_duplicate_of(cs_name, family) is not None:
                     return  # the duplicate of a tensor converted under its own name
                 for name, tensor in to_hf_parts(cs_name, old_state_dict[old_key], family, layout):
                     new_state_dict[name] = tensor

@@ -99,20 +99,6 @@ def _as_bool_array(mask) -> np.ndarray:
     return mask
 
 
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bool torch mask of any shape -> uint8 tensor [ceil(numel / 8)] (see `pack_bits`)."""
-    import torch
-
-    return torch.from_numpy(pack_bits(_as_bool_array(mask)))
-
-
-def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of `pack_mask`: uint8 [ceil(numel / 8)] -> bool tensor of `shape`."""
-    import torch
-
-    return torch.from_numpy(unpack_bits(packed.numpy(), shape))
-
-
 @dataclass(frozen=True)
 class PackedMask:
     """One mask ready for the file: packed bits, shape, kept count and checksum of the packed bytes.
@@ -154,19 +140,6 @@ def _safetensors_header(sizes: dict[str, int], metadata: dict[str, str]) -> byte
     return len(encoded).to_bytes(8, "little") + encoded
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Write uint8 1-D arrays as a safetensors file, byte for byte what `safetensors.numpy.save_file`
-    writes (`tests/test_masks_format.py`), streaming each array from memory instead of first
-    copying every tensor into one bytes object as `save_file` does."""
-    for name, array in tensors.items():
-        if array.dtype != np.uint8 or array.ndim != 1:
-            raise ValueError(f"{name}: expected a 1-D uint8 array, got {array.dtype} {array.shape}")
-    with open(path, "wb") as f:
-        f.write(_safetensors_header({name: array.size for name, array in tensors.items()}, metadata))
-        for name in sorted(tensors):
-            f.write(memoryview(np.ascontiguousarray(tensors[name])))
-
-
 def _metadata_digest(metadata: dict[str, Any]) -> str:
     body = {k: v for k, v in metadata.items() if k != "metadata_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -182,7 +155,9 @@ class MaskWriter:
 
     Memory holds one mask at a time: each packed mask goes to an anonymous spool file beside the
     output as it is added, and `write` assembles the safetensors file from it (Mixtral-8x7B's
-    masks are 5.6 GB packed, more than the bound of `masks compute`'s peak memory).
+    masks are 5.6 GB packed, more than the bound of `masks compute`'s peak memory): byte for
+    byte what `safetensors.numpy.save_file` writes (`tests/test_masks_format.py`). `write_to`
+    writes to a temporary path the caller renames (several files committed together).
     """
 
     def __init__(self, path: str | Path, *, naming: str, metadata: dict[str, Any] | None = None) -> None:
@@ -243,6 +218,19 @@ class MaskWriter:
 
     def write(self) -> dict[str, Any]:
         """Write the file (temporary name, then rename) and return its metadata."""
+        metadata = self._file_metadata()
+        with atomic_file(self.path) as tmp:
+            self._write_file(tmp, metadata)
+        return metadata
+
+    def write_to(self, target: Path) -> dict[str, Any]:
+        """Write the file to `target` (a temporary path the caller renames onto `path`, e.g. with
+        `atomic.atomic_files`) and return its metadata."""
+        metadata = self._file_metadata()
+        self._write_file(target, metadata)
+        return metadata
+
+    def _file_metadata(self) -> dict[str, Any]:
         if not self.tensors:
             raise UserError(
                 "no masks to write", where=str(self.path), fix="check the target rule matched tensors"
@@ -260,15 +248,18 @@ class MaskWriter:
             "tensors": self.tensors,
         }
         metadata["metadata_sha256"] = _metadata_digest(metadata)
+        return metadata
+
+    def _write_file(self, target: Path, metadata: dict[str, Any]) -> None:
+        """The safetensors file from the spool, then the spool dropped."""
         sizes = {name: size for name, (_, size) in self._spooled.items()}
-        with atomic_file(self.path) as tmp, open(tmp, "wb") as out:
+        with open(target, "wb") as out:
             out.write(_safetensors_header(sizes, {METADATA_KEY: json.dumps(metadata, sort_keys=True)}))
             for name in sorted(self._spooled):
                 start, size = self._spooled[name]
                 self._spool.seek(start)
                 _copy_bytes(self._spool, out, size)
         self.close()
-        return metadata
 
     def close(self) -> None:
         """Drop the spool (the written file, if any, stays)."""

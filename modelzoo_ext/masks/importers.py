@@ -26,8 +26,8 @@ import torch
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
 from modelzoo_ext.masks.checksum import tensor_checksum
-from modelzoo_ext.masks.compute import source_record
 from modelzoo_ext.masks.format import MaskWriter
+from modelzoo_ext.masks.provenance import source_record
 from modelzoo_ext.masks.targets import TargetRule
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")

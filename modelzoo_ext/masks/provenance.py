@@ -16,7 +16,8 @@ the same rule decides:
               `sparse_lora.skip_provenance_check: true`), which is logged.
 
 The check reads a few megabytes (`modelzoo_ext.fingerprint`), never the whole checkpoint; the
-records it needs are written when masks, pruned checkpoints and converted checkpoints are.
+records it needs are written when masks (`source_record`: the source checkpoint's name,
+revision, directory and fingerprint), pruned checkpoints and converted checkpoints are.
 `masks validate --model` and `masks apply` still compare every weight's full checksum.
 """
 
@@ -41,6 +42,19 @@ OVERRIDE_KEY = "sparse_lora.skip_provenance_check"
 RUN_CHECKPOINT = re.compile(r"checkpoint_\d+\.mdl")
 
 log = logging.getLogger("modelzoo_ext.provenance")
+
+
+def source_record(checkpoint: HFCheckpoint) -> dict[str, Any]:
+    """What a file derived from a checkpoint records about it (a mask file's `source_model`): the
+    name and revision its config.json gives, its directory, and the fingerprint this rule compares."""
+    config = checkpoint.config
+    return {
+        "name": config.get("_name_or_path") or checkpoint.directory.name,
+        "revision": config.get("_commit_hash") or config.get("transformers_version"),
+        "directory": str(checkpoint.directory.resolve()),
+        "model_type": config.get("model_type"),
+        "fingerprint": checkpoint.fingerprint(),
+    }
 
 
 def mask_identity(masks: MaskFile) -> str:

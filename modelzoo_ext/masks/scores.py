@@ -29,7 +29,7 @@ from modelzoo_ext.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from modelzoo_ext.hf_checkpoint import TensorEntry
+    from modelzoo_ext.safetensors_file import TensorEntry
 
 METHODS = ("magnitude", "random", "wanda", "gradient", "taylor")
 DATA_DRIVEN = ("wanda", "gradient", "taylor")

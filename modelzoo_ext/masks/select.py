@@ -261,16 +261,6 @@ def threshold_mask(
     return mask.reshape(keys.shape), int(ties.size)
 
 
-def top_k_mask(keys: np.ndarray, kept: int) -> np.ndarray:
-    """Exactly `kept` True entries at the largest keys, ties to the earliest positions."""
-    finder = ThresholdFinder([kept], key_bits(keys))
-    finder.add_high("", keys)
-    if finder.needs_low_pass():
-        finder.add_low("", keys)
-    ((cut),) = finder.plan()[""]
-    return threshold_mask(keys, *cut)[0]
-
-
 # ---------------------------------------------------------------- structured selections
 
 

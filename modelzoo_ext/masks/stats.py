@@ -1,8 +1,10 @@
 """Per-level statistics next to each mask file: `<stem>.stats.json` and a `<stem>.png` figure.
 
 The figure has per-tensor sparsity bars and a histogram of weight magnitudes with the magnitude
-threshold(s). The histogram is exact and cheap: |W| is counted in bf16 bit space (32,768 bins,
-the same counts magnitude scoring computes anyway), then drawn on log-spaced bins.
+threshold(s). The histogram is cheap: |W| of a 1-in-16 sample of each weight is counted in bf16
+bit space (32,768 bins; the magnitude keys are reused where scoring made them), then drawn on
+log-spaced bins. The exact counts are the stats'. `LevelReport.write` writes where it is told
+(`masks compute` renames every level's files together); `report_paths` names the final files.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.masks.scores import Weight
 from modelzoo_ext.masks.select import HIGH_BINS, high_histogram
 
@@ -78,18 +79,28 @@ def _short(name: str) -> str:
     return f"{match.group(1)}.{match.group(2).split('.')[-1]}"
 
 
+def report_paths(mask_path: Path) -> tuple[Path, Path]:
+    """(`<stem>.stats.json`, `<stem>.png`) beside a mask file."""
+    return mask_path.with_name(mask_path.stem + ".stats.json"), mask_path.with_name(mask_path.stem + ".png")
+
+
 class LevelReport:
-    """Stats of one written mask file, rendered as JSON (and a PNG)."""
+    """Stats of one written mask file, rendered as JSON (and a PNG).
+
+    `path` is the mask file's final name (what the stats record), `file_bytes` its size.
+    """
 
     def __init__(
         self,
         path: Path,
+        file_bytes: int,
         metadata: dict[str, Any],
         thresholds: dict[str, int | None],
         dtypes: dict[str, str],
         histogram: MagnitudeHistogram,
     ) -> None:
         self.path = Path(path)
+        self.file_bytes = file_bytes
         self.metadata = metadata
         self.thresholds = thresholds
         self.dtypes = dtypes
@@ -116,7 +127,7 @@ class LevelReport:
         numel = sum(info["numel"] for info in meta["tensors"].values())
         return {
             "mask_file": str(self.path),
-            "file_bytes": self.path.stat().st_size,
+            "file_bytes": self.file_bytes,
             "method": meta["method"],
             "structure": meta["structure"],
             "scope": meta["scope"],
@@ -128,16 +139,16 @@ class LevelReport:
             "seconds_since_start": round(seconds, 3),
         }
 
-    def write(self, *, plot: bool, seconds: float) -> dict[str, Any]:
-        """Write `<stem>.stats.json` (and `<stem>.png` when `plot`); returns the stats."""
+    def write(self, stats_file: Path, figure_file: Path | None, *, seconds: float) -> dict[str, Any]:
+        """Write the stats as JSON to `stats_file` (and the figure as PNG to `figure_file`, when
+        given): temporary paths the caller renames (`report_paths` names the final ones). Returns the stats."""
         stats = self.as_dict(seconds)
-        with atomic_file(self.path.with_name(self.path.stem + ".stats.json")) as tmp:
-            tmp.write_text(json.dumps(stats, indent=2))
-        if plot:
-            self._plot(stats)
+        stats_file.write_text(json.dumps(stats, indent=2))
+        if figure_file is not None:
+            self._plot(stats, figure_file)
         return stats
 
-    def _plot(self, stats: dict[str, Any]) -> None:
+    def _plot(self, stats: dict[str, Any], figure_file: Path) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -175,6 +186,7 @@ class LevelReport:
         if thresholds:
             hist.legend()
         fig.tight_layout()
-        with atomic_file(self.path.with_name(self.path.stem + ".png")) as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
-        plt.close(fig)
+        try:
+            fig.savefig(figure_file, format="png", dpi=90)
+        finally:
+            plt.close(fig)

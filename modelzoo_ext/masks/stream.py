@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from modelzoo_ext.hf_checkpoint import TensorEntry
+from modelzoo_ext.safetensors_file import TensorEntry
 
 Result = TypeVar("Result")
 _DONE = object()

@@ -32,8 +32,8 @@ import torch
 from modelzoo_ext.atomic import atomic_dir
 from modelzoo_ext.data.hdf5 import write_samples
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
-from modelzoo_ext.masks.compute import source_record
 from modelzoo_ext.masks.format import save_masks
+from modelzoo_ext.masks.provenance import source_record
 from modelzoo_ext.masks.select import kept_count
 
 FAMILY = "llama"
