@@ -298,7 +298,7 @@ def cs_aliases(family: str) -> dict[str, str]:
 
 def cs_duplicate_of(cs_name: str, family: str) -> str | None:
     """The CS tensor a CS duplicate repeats (`model.ln_f.weight` -> `model.transformer_decoder.norm.weight`,
-    see `Family.cs_aliases`), or None for a tensor that is no duplicate."""
+    see `ModelFamily.cs_alias_pairs`), or None for a tensor that is no duplicate."""
     module, suffix = split_name(cs_name)
     original = cs_aliases(family).get(module)
     return None if original is None else f"{original}.{suffix}"
