@@ -317,6 +317,26 @@ MODELZOO_ALIASES = {
     "moe_params": "moe",
 }
 
+# Keys of the tables above that ModelZoo's config classes have only from a release on (the tables
+# describe 2.10, the newest supported release; 2.6-2.9 lack these fields, and the values listed are
+# what those releases compute without them). Tests hold the tables to the installed release's
+# classes minus the keys newer than it (tests/test_run_config.py).
+MODELZOO_KEYS_SINCE: dict[str, str] = {
+    "use_sink_token": "2.10",
+    "sliding_window_every_other_decoder_layer_pattern": "2.10",
+    "moe.router_use_bias": "2.10",
+    "moe.probability_before_ffn": "2.10",
+}
+
+
+def keys_newer_than(release: str) -> set[str]:
+    """The table keys ModelZoo `release` (e.g. "2.6.0") does not have yet."""
+    installed = tuple(int(x) for x in release.split(".")[:2])
+    return {
+        k for k, since in MODELZOO_KEYS_SINCE.items() if tuple(int(x) for x in since.split(".")) > installed
+    }
+
+
 _INITIALISES = "initialises weights that the checkpoint then overwrites; LoRA factors use their own seeded rule (sparse_lora.init_seed)"
 _GENERATION = "a generation (inference) setting: training never reads it"
 
