@@ -237,6 +237,7 @@ def migrate_run_config(
             callbacks.append({name: {}})
             changes.append(f"callbacks: + {name}")
     init["callbacks"] = callbacks
+    _note_data_processors(out, changes)
     checkpoint = init.setdefault("checkpoint", {})
     if checkpoint.get("disable_strict_checkpoint_loading") is not True:
         checkpoint["disable_strict_checkpoint_loading"] = True
@@ -244,6 +245,24 @@ def migrate_run_config(
             "checkpoint.disable_strict_checkpoint_loading: true (the base has no LoRA or mask tensors)"
         )
     return Migration(out, changes)
+
+
+def _note_data_processors(params: dict[str, Any], changes: list[str]) -> None:
+    """Kept as they are, but said: the reference trainer reads fine-tuning data only."""
+    fit = params["trainer"].get("fit") or {}
+    loaders = [fit.get("train_dataloader")] + (
+        fit.get("val_dataloader")
+        if isinstance(fit.get("val_dataloader"), list)
+        else [fit.get("val_dataloader")]
+    )
+    others = sorted(
+        {d.get("data_processor") for d in loaders if isinstance(d, dict)} - {"GptHDF5MapDataProcessor"}
+    )
+    if others:
+        changes.append(
+            f"  kept data_processor {others}: `sparse-lora train` reads GptHDF5MapDataProcessor only (fine-tuning "
+            "data from `cszoo data_preprocess` or `sparse-lora data prepare`)"
+        )
 
 
 def _set_moe_implementation(model: dict[str, Any], family: str, changes: list[str]) -> None:
