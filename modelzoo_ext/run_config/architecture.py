@@ -318,14 +318,14 @@ MODELZOO_ALIASES = {
 }
 
 # Keys of the tables above that ModelZoo's config classes have only from a release on (the tables
-# describe 2.10, the newest supported release; 2.6-2.9 lack these fields, and the values listed are
-# what those releases compute without them). Tests hold the tables to the installed release's
-# classes minus the keys newer than it (tests/test_run_config.py).
+# describe 2.10, the newest supported release; older releases lack these fields, and the values
+# listed are what they compute without them). Tests hold the tables to the installed release's
+# classes minus the keys newer than it (tests/test_run_config.py; checked on 2.6, 2.8 and 2.10).
 MODELZOO_KEYS_SINCE: dict[str, str] = {
     "use_sink_token": "2.10",
     "sliding_window_every_other_decoder_layer_pattern": "2.10",
     "moe.router_use_bias": "2.10",
-    "moe.probability_before_ffn": "2.10",
+    "moe.probability_before_ffn": "2.7",
 }
 
 
