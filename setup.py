@@ -6,8 +6,11 @@ packages onto the workers, and ModelZoo itself only supports editable installs.
 
 from setuptools import find_packages, setup
 
-# Ranges include ModelZoo 2.10's pins (transformers 4.57.1, pydantic 2.8.2, h5py 3.13.0,
-# safetensors 0.4.5, datasets 3.6.0, lm-eval 0.4.9.1) and current releases.
+# Ranges include the pins of every supported ModelZoo release (2.6 to 2.10: torch 2.4.0,
+# transformers 4.45.2 / 4.57.1, tokenizers 0.20.1 / 0.22.1, datasets 2.19.1 / 3.6.0, lm-eval 0.4.7 /
+# 0.4.9.1, pydantic 2.8.2, h5py 3.13.0, safetensors 0.4.5) and current releases, so that adding this
+# package to a release's environment changes nothing installed (scripts/install_into_env.py checks
+# it). Floors are the oldest release's versions, on which the tests pass.
 INSTALL_REQUIRES = [
     "torch>=2.4",
     "numpy>=1.25",
@@ -25,8 +28,9 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "matplotlib>=3.8",
     "peft>=0.13",
-    "datasets>=2.20",
-    "lm-eval==0.4.9.1",
+    "datasets>=2.19.1",
+    # 0.4.7 (ModelZoo 2.6, 2.7) to 0.4.9.1 (2.8 to 2.10): the versions `sparse-lora eval` is tested with
+    "lm-eval>=0.4.7,<=0.4.9.1",
     "accelerate>=0.34",
     "gguf>=0.10",
     # the reference trainer's curves, under a ModelZoo run's tags (gpu_reference.tensorboard); a
@@ -45,13 +49,15 @@ EXTRAS_REQUIRE = {
         "tokenizers==0.22.1",
         "sentencepiece==0.2.1",  # 0.2.3 needs a protobuf newer than cerebras' 4.21.12
         "datasets==3.6.0",
+        "lm-eval==0.4.9.1",
         "pydantic==2.8.2",
         "h5py==3.13.0",
         "safetensors==0.4.5",
         "pyarrow==17.0.0",
         "tensorboard==2.17.1",
     ],
-    "dev": ["pytest>=8", "hypothesis>=6.100", "ruff==0.8.4", "import-linter==2.17"],
+    # import-linter 2.17 needs click>=8.2; ModelZoo 2.6-2.8 pin click 8.1.7, where 2.16 is taken.
+    "dev": ["pytest>=8", "hypothesis>=6.100", "ruff==0.8.4", "import-linter>=2.16,<2.18"],
 }
 
 setup(

@@ -25,6 +25,7 @@ NaN (0/0): refused here.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,28 @@ def aux_loss_sum(router_logits, loss_mask: torch.Tensor, num_experts: int, top_k
     return num_experts * ((fraction / layers) * (probability / layers)).sum()
 
 
+def forward_at(model, input_ids: torch.Tensor, keep: torch.Tensor, **extra):
+    """`model(input_ids, **extra)` with logits only at the positions `keep` [P]: `.logits` is [B, P, vocab].
+
+    transformers >= 4.50 takes the positions as `logits_to_keep`. 4.45 (ModelZoo 2.6-2.8) names
+    the argument `num_logits_to_keep` and keeps only the last N positions: there the LM head runs
+    from the first kept position on and the kept ones are picked out of that suffix (the same
+    values: the head is applied per position). Which one applies is read from the forward
+    signature of the transformers model inside `model` (a PEFT or FSDP wrapper takes **kwargs).
+    """
+    takes = {"logits_to_keep", "num_logits_to_keep"}
+    names = next(
+        (n for m in model.modules() if (n := takes & set(inspect.signature(type(m).forward).parameters))),
+        {"logits_to_keep"},
+    )
+    if "logits_to_keep" in names:
+        return model(input_ids=input_ids, logits_to_keep=keep, **extra)
+    first = int(keep[0]) if keep.numel() else 0
+    out = model(input_ids=input_ids, num_logits_to_keep=input_ids.shape[1] - first, **extra)
+    out.logits = out.logits[:, keep - first]
+    return out
+
+
 def loss_sums(
     model,
     batch: dict[str, torch.Tensor],
@@ -105,7 +128,7 @@ def loss_sums(
     loss_mask = loss_mask[:, keep]
     extra = {"output_router_logits": True} if router else {}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(input_ids=input_ids, logits_to_keep=keep, **extra)
+        out = forward_at(model, input_ids, keep, **extra)
         logits = out.logits  # [B, P, vocab]
         token_loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
@@ -132,7 +155,7 @@ def per_example_loss_sums(
     labels = batch["labels"].to(device).long()[:, keep]
     weights = loss_mask[:, keep].float()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=input_ids, logits_to_keep=keep).logits
+        logits = forward_at(model, input_ids, keep).logits
     token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")  # [B, P]
     return (token_loss * weights).sum(dim=1), weights.sum(dim=1)
 

@@ -72,6 +72,7 @@ from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.data.hdf5 import SampleDataset, read_params
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.run_config import RunConfig, load_run_config
+from modelzoo_ext.versions import stack_versions
 
 
 @dataclass
@@ -306,14 +307,10 @@ def run_loop(run: Run, progress: bool = True) -> float:
 
 
 # ----------------------------------------------------------------------------- save
-def _versions() -> dict[str, str]:
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": sys.version.split()[0],
-    }
+def _versions() -> dict[str, str | None]:
+    """The software stack (`modelzoo_ext.versions.stack_versions`: ModelZoo release, cerebras-pytorch,
+    transformers, lm-eval, ...; None where not installed) and Python."""
+    return {**stack_versions(), "python": sys.version.split()[0]}
 
 
 def finish(run: Run, last_loss: float) -> None:

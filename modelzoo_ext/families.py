@@ -98,7 +98,8 @@ class ModelFamily:
 
     Names: `modelzoo_module` holds ModelZoo's stock model class `modelzoo_class` and its config
     class `modelzoo_config_class`; `modelzoo_config_converter` is the dotted path of ModelZoo's
-    own HF <-> CS config converter; the sparse-LoRA variant registered with ModelZoo is named
+    own HF <-> CS config converter and `modelzoo_checkpoint_converter` that of its checkpoint
+    converter (whose formats say the newest `cs-X.Y` the installed ModelZoo knows); the sparse-LoRA variant registered with ModelZoo is named
     `sparse_lora_<name>`.
 
     Tensors: `rules` map module paths (`modelzoo_ext.name_map` applies them); `cs_aliases` pairs a
@@ -121,6 +122,7 @@ class ModelFamily:
     modelzoo_class: str
     modelzoo_config_class: str
     modelzoo_config_converter: str
+    modelzoo_checkpoint_converter: str
     rules: tuple[ModuleRule, ...]
     cs_alias_pairs: tuple[tuple[str, str], ...] = LLAMA_CS_ALIASES
     sliding_window: bool = False
@@ -158,6 +160,7 @@ FAMILIES: dict[str, ModelFamily] = {
         modelzoo_class="LlamaModel",
         modelzoo_config_class="LlamaModelConfig",
         modelzoo_config_converter=f"{_CONVERTERS}.llama.ConfigConverter_LLaMa_HF_CS21",
+        modelzoo_checkpoint_converter=f"{_CONVERTERS}.llama.Converter_LlamaForCausalLM_HF_CS21",
         rules=LLAMA_RULES,
         hf_mlp_bias=True,
     ),
@@ -170,6 +173,7 @@ FAMILIES: dict[str, ModelFamily] = {
         modelzoo_class="MistralModel",
         modelzoo_config_class="MistralModelConfig",
         modelzoo_config_converter=f"{_CONVERTERS}.mistral.ConfigConverter_Mistral_HF_CS21",
+        modelzoo_checkpoint_converter=f"{_CONVERTERS}.mistral.Converter_MistralForCausalLM_HF_CS21",
         rules=LLAMA_RULES,
         sliding_window=True,
     ),
@@ -182,6 +186,7 @@ FAMILIES: dict[str, ModelFamily] = {
         modelzoo_class="MixtralModel",
         modelzoo_config_class="MixtralModelConfig",
         modelzoo_config_converter=f"{_CONVERTERS}.mixtral.ConfigConverter_Mixtral_HF_CS23",
+        modelzoo_checkpoint_converter=f"{_CONVERTERS}.mixtral.Converter_MixtralForCausalLM_HF_CS23",
         rules=MIXTRAL_RULES,
         sliding_window=True,
         moe_implementation="optimized",

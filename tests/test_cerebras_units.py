@@ -422,3 +422,12 @@ def test_modelzoo_status_lists_what_cszoo_fit_needs(capsys):
     assert "ok       cerebras.modelzoo" in out
     bigcode_missing = "MISSING  bigcode_eval" in out
     assert status == (1 if bigcode_missing else 0)
+    # the stack's versions, the tested releases, and a warning only where the release is untested
+    from modelzoo_ext.versions import TESTED_RELEASES, release_warning, stack_versions
+
+    versions = stack_versions()
+    for name in ("cerebras-modelzoo", "cerebras-pytorch", "cerebras-appliance", "transformers", "lm-eval"):
+        assert f"{name:22} {versions[name]}" in out.splitlines()
+    assert f"tested with ModelZoo releases: {', '.join(TESTED_RELEASES)}" in out
+    assert ("WARNING" in out) == (release_warning(versions) is not None)
+    assert "checkpoint converters: " in out

@@ -213,7 +213,9 @@ def test_cszoo_checkpoint_convert_keeps_lora_and_masks(converted, tmp_path, monk
 
 
 def test_cszoo_hf_to_cs_equals_our_conversion(converted, tmp_path, monkeypatch, tokenizer_dir):
-    """`cszoo checkpoint convert --src-fmt hf --tgt-fmt cs-2.10` on a sharded HF checkpoint = `convert hf-to-cs`."""
+    """`cszoo checkpoint convert --src-fmt hf --tgt-fmt cs-X.Y` (the installed release) on a sharded HF
+    checkpoint = `convert hf-to-cs`."""
+    from modelzoo_ext.cerebras.converters import our_cs_formats
     from modelzoo_ext.tiny_models import save_tiny_model
 
     family, _, _, root, _ = converted
@@ -225,7 +227,8 @@ def test_cszoo_hf_to_cs_equals_our_conversion(converted, tmp_path, monkeypatch, 
         max_shard_size="2MB",
     )
     ours = CSCheckpoint(root / "cs" / CHECKPOINT_NAME)  # from the same weights (same seed), unsharded
-    args = ["checkpoint", "convert", "--model", f"sparse_lora_{family}", "--src-fmt", "hf", "--tgt-fmt", "cs-2.10",
+    fmt = our_cs_formats()[-1]
+    args = ["checkpoint", "convert", "--model", f"sparse_lora_{family}", "--src-fmt", "hf", "--tgt-fmt", fmt,
             "--config", str(sharded / "config.json"), str(sharded / "model.safetensors.index.json"),
             "--output-dir", str(tmp_path / "out")]  # fmt: skip
     register_for_cszoo()
@@ -236,9 +239,9 @@ def test_cszoo_hf_to_cs_equals_our_conversion(converted, tmp_path, monkeypatch, 
         cszoo_main()
     except SystemExit as exc:
         assert exc.code in (0, None)
-    theirs = CSCheckpoint(tmp_path / "out" / "model_to_cs-2.10.mdl")
+    theirs = CSCheckpoint(tmp_path / "out" / f"model_to_{fmt}.mdl")
     assert set(theirs.keys()) == {k for k in ours.keys() if not k.endswith(MASK_SUFFIX)}  # noqa: SIM118
     assert all(torch.equal(theirs.get(k), ours.get(k)) for k in theirs.keys())  # noqa: SIM118
-    config = yaml.safe_load((tmp_path / "out" / "config_to_cs-2.10.yaml").read_text())["model"]
+    config = yaml.safe_load((tmp_path / "out" / f"config_to_{fmt}.yaml").read_text())["model"]
     assert config["name"] == f"sparse_lora_{family}"
     assert "norm_first" not in config and "use_ff_layer1_dropout" not in config

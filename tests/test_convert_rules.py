@@ -213,18 +213,22 @@ def test_layouts_agree_between_hf_and_cs_configs(tiny_llama_dir):
 @pytest.mark.modelzoo
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_equal_to_the_stock_converter(family, tiny_llama_dir, tiny_mistral_dir):
-    """Our names, permutations and model config equal ModelZoo 2.10's own llama/mistral converters."""
+    """Our names, permutations and model config equal the installed ModelZoo's own llama/mistral
+    converters (at the newest `cs-X.Y` they know)."""
     import json
 
     from cerebras.modelzoo.tools.convert_checkpoint import convert_checkpoint
 
+    from modelzoo_ext.cerebras.converters import newest_stock_cs_format
     from modelzoo_ext.hf_checkpoint import HFCheckpoint
 
     model_dir = tiny_llama_dir if family == "llama" else tiny_mistral_dir
     checkpoint = HFCheckpoint(model_dir)
     hf_config = json.loads((model_dir / "config.json").read_text())
     state = {k: checkpoint.get(k) for k in checkpoint.keys()}  # noqa: SIM118 (not a dict)
-    stock, stock_config = convert_checkpoint(family, "hf", "cs-2.9", dict(state), dict(hf_config))
+    stock, stock_config = convert_checkpoint(
+        family, "hf", newest_stock_cs_format(family), dict(state), dict(hf_config)
+    )
     stock_state = {canonical_cs_names(stock["model"])[k]: v for k, v in stock["model"].items()}
     layout = RopeLayout.from_hf_config(hf_config)
     ours = dict(to_cs(k, v, family, layout) for k, v in state.items())

@@ -28,7 +28,7 @@ import gpu_reference.train
 from gpu_reference.model import open_base
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.run_config import check_architecture, hf_to_cs_model_config, load_run_config
-from modelzoo_ext.run_config.architecture import MODELZOO_DEFAULTS
+from modelzoo_ext.run_config.modelzoo_fields import MODELZOO_DEFAULTS
 from modelzoo_ext.run_config.params import set_mode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,8 +256,11 @@ def test_modelzoo_config_converter_on_the_real_config_json(model):
     """ModelZoo's own HF -> CS config converter turns each real config.json into our model section."""
     from cerebras.modelzoo.tools.convert_checkpoint import convert_config
 
+    from modelzoo_ext.cerebras.converters import newest_stock_cs_format
+
     family = FLAGSHIPS[model][1]
-    stock = convert_config(family, "hf", "cs-2.9", real_config(model), drop_unmatched_keys=True)["model"]
+    fmt = newest_stock_cs_format(family)
+    stock = convert_config(family, "hf", fmt, real_config(model), drop_unmatched_keys=True)["model"]
     expected = {k: v for k, v in stock.items() if k not in ("norm_first", "use_ff_layer1_dropout")}
     ours = hf_to_cs_model_config(real_config(model), family)
     assert {k: ours[k] for k in expected} == expected

@@ -98,11 +98,14 @@ def tiny(tmp_path_factory, tokenizer_dir):
 
 
 def test_our_hf_to_cs_equals_modelzoos_own_mixtral_converter(tiny, tmp_path, monkeypatch):
+    from modelzoo_ext.cerebras.converters import newest_stock_cs_format
+
     source, masks, root, section = tiny
-    run_cszoo(monkeypatch, ["checkpoint", "convert", "--model", "mixtral", "--src-fmt", "hf", "--tgt-fmt", "cs-2.9",
+    fmt = newest_stock_cs_format("mixtral")  # cs-2.9 in ModelZoo 2.10, cs-2.5 in 2.6
+    run_cszoo(monkeypatch, ["checkpoint", "convert", "--model", "mixtral", "--src-fmt", "hf", "--tgt-fmt", fmt,
                             "--config", str(source / "config.json"), str(source / "model.safetensors.index.json"),
                             "--output-dir", str(tmp_path / "mz")])  # fmt: skip
-    theirs = CSCheckpoint(tmp_path / "mz" / "model_to_cs-2.9.mdl")
+    theirs = CSCheckpoint(tmp_path / "mz" / f"model_to_{fmt}.mdl")
     ours = CSCheckpoint(root / "cs" / CHECKPOINT_NAME)
     weights = [k for k in ours.keys() if not k.endswith(MASK_SUFFIX)]  # noqa: SIM118
     assert sorted(theirs.keys()) == sorted(weights)
@@ -110,7 +113,7 @@ def test_our_hf_to_cs_equals_modelzoos_own_mixtral_converter(tiny, tmp_path, mon
     fused = [k for k in weights if k.endswith("expert_weights")]
     assert len(fused) == 2 * 3 and ours.shape(fused[0])[1] == 4
     assert len([k for k in ours.keys() if k.endswith("expert_weights_mask")]) == 6  # noqa: SIM118
-    their_model = yaml.safe_load((tmp_path / "mz" / "config_to_cs-2.9.yaml").read_text())["model"]
+    their_model = yaml.safe_load((tmp_path / "mz" / f"config_to_{fmt}.yaml").read_text())["model"]
     assert {k: v for k, v in section["moe"].items() if k != "moe_implementation"} == their_model["moe"]
     assert (
         section["moe"]["moe_implementation"] == "optimized"
@@ -257,18 +260,22 @@ def test_adapter_export_loads_with_peft_and_reproduces_the_cs_model(tiny, tmp_pa
 
 
 def test_cszoo_checkpoint_convert_sparse_lora_mixtral_both_ways(tiny, tmp_path, monkeypatch):
-    """Our registry entry: hf -> cs-2.10 equals `convert hf-to-cs`; cs-auto -> hf keeps per-expert LoRA and masks."""
+    """Our registry entry: hf -> cs-X.Y (the installed release) equals `convert hf-to-cs`; cs-auto -> hf
+    keeps per-expert LoRA and masks."""
     from safetensors.torch import load_file
 
+    from modelzoo_ext.cerebras.converters import our_cs_formats
+
     source, masks, root, _ = tiny
+    fmt = our_cs_formats()[-1]
     run_cszoo(monkeypatch, ["checkpoint", "convert", "--model", "sparse_lora_mixtral", "--src-fmt", "hf", "--tgt-fmt",
-                            "cs-2.10", "--config", str(source / "config.json"), str(source / "model.safetensors.index.json"),
+                            fmt, "--config", str(source / "config.json"), str(source / "model.safetensors.index.json"),
                             "--output-dir", str(tmp_path / "to_cs")])  # fmt: skip
-    theirs = CSCheckpoint(tmp_path / "to_cs" / "model_to_cs-2.10.mdl")
+    theirs = CSCheckpoint(tmp_path / "to_cs" / f"model_to_{fmt}.mdl")
     ours = CSCheckpoint(root / "cs" / CHECKPOINT_NAME)
     assert set(theirs.keys()) == {k for k in ours.keys() if not k.endswith(MASK_SUFFIX)}  # noqa: SIM118
     assert all(torch.equal(theirs.get(k), ours.get(k)) for k in theirs.keys())  # noqa: SIM118
-    config = yaml.safe_load((tmp_path / "to_cs" / "config_to_cs-2.10.yaml").read_text())["model"]
+    config = yaml.safe_load((tmp_path / "to_cs" / f"config_to_{fmt}.yaml").read_text())["model"]
     assert config["moe"]["moe_implementation"] == "optimized" and "norm_first" not in config
 
     ckpt, run_yaml, _ = finetuned_checkpoint(tiny, tmp_path, "sparse_to_dense")

@@ -11,7 +11,10 @@ modules and, right after each one finishes executing, runs the registration step
     cerebras.modelzoo.trainer (the package, once complete)   -> import our callback and
                                                                 sparsity classes (validation
                                                                 collects subclasses by name)
-    cerebras.modelzoo.tools.checkpoint_converters.registry   -> add the converter entries
+    cerebras.modelzoo.tools.checkpoint_converters.registry   -> add the converter entries (and,
+                                                                just before it executes, stand in
+                                                                for the `internal` modules that
+                                                                ModelZoo 2.6-2.9 import but lack)
 
 A module that is already imported when `install()` runs gets its step at once. Each step runs
 once per process, so registration is idempotent; and because `install()` runs at import of
@@ -33,6 +36,12 @@ POST_IMPORT_STEPS = {
     # complete `cerebras.modelzoo.trainer` package, and validation only runs after it is.
     "cerebras.modelzoo.trainer": "import_trainer_classes",
     "cerebras.modelzoo.tools.checkpoint_converters.registry": "register_converters",
+}
+
+# ModelZoo module -> function in `registration` to run just BEFORE it executes (stand-ins for
+# modules it imports that the installed release lacks).
+PRE_EXEC_STEPS = {
+    "cerebras.modelzoo.tools.checkpoint_converters.registry": "prepare_converter_registry",
 }
 
 _done: set[str] = set()
@@ -63,6 +72,10 @@ class _RunStepAfterExec:
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        if self._module_name in PRE_EXEC_STEPS:
+            from modelzoo_ext.cerebras import registration
+
+            getattr(registration, PRE_EXEC_STEPS[self._module_name])()
         self._loader.exec_module(module)
         run_step(self._module_name)
 

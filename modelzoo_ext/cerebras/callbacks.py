@@ -25,12 +25,16 @@ from cerebras.modelzoo.trainer.callbacks import Callback
 from modelzoo_ext.cerebras.sparsity import MaskFileSparsity
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.loss_log import LossRow, append_row, loss_log_path
+from modelzoo_ext.run_config.migrate import lora_callback_refusal
 from modelzoo_ext.sparse_lora import sparse_lora_modules
 
 
 class SparseLoRAMasks(Callback):
     """Make the mask file's masks cstorch sparse parameters of the model (model only, at setup).
 
+    At `pre_setup` (trainer construction, before the model is built) it refuses ModelZoo's own
+    `Lora` callback (`modelzoo_ext.run_config.migrate.lora_callback_refusal`); at `setup` it also
+    refuses ModelZoo LoRA layers found in the built model.
     At `setup` (after the model is built, before any compile or appliance job) it applies a
     `MaskFileSparsity` to the model, checks that it masks exactly the sparse-LoRA weights and
     uses every mask in the file (a UserError lists the offending names otherwise), then lets the
@@ -43,10 +47,23 @@ class SparseLoRAMasks(Callback):
         self.sparsity: MaskFileSparsity | None = None
         self._base_checked = False  # a later load of None keeps the weights already there
 
+    def pre_setup(self, trainer):
+        """Refuse ModelZoo's own `Lora` callback (any spelling; a legacy `model.lora_params` becomes
+        it) before the model is built: it would add a second, dense adapter next to ours."""
+        from cerebras.modelzoo.trainer.callbacks import Lora
+
+        if trainer.get_callback(Lora) is not None:
+            raise lora_callback_refusal("trainer.init.callbacks")
+
     def setup(self, trainer):
+        from cerebras.modelzoo.common.utils.model.lora import LoRALayer
+
         from modelzoo_ext.cerebras.model import SparseLoRAMixin
 
         model = trainer.model
+        foreign = [name for name, module in model.named_modules() if isinstance(module, LoRALayer)]
+        if foreign:  # however it got there: ModelZoo's LoRA layers next to ours
+            raise lora_callback_refusal(f"the model ({len(foreign)} ModelZoo LoRA layers, e.g. {foreign[0]})")
         if not isinstance(model, SparseLoRAMixin):
             raise UserError(
                 f"SparseLoRAMasks needs a sparse_lora_<family> model (e.g. sparse_lora_llama), got {type(model).__name__}",

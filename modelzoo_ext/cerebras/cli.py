@@ -1,4 +1,4 @@
-"""`sparse-lora install-hook` and `sparse-lora modelzoo status`."""
+"""`sparse-lora install-hook`, `sparse-lora modelzoo status` and `sparse-lora migrate-config`."""
 
 from __future__ import annotations
 
@@ -23,6 +23,24 @@ def register(subparsers: argparse._SubParsersAction, groups: dict[str, argparse.
     )
     hook.set_defaults(func=_install_hook)
 
+    migrate = subparsers.add_parser(
+        "migrate-config",
+        help="turn a ModelZoo (LoRA) run config into a sparse-LoRA one, printing what changed",
+        description="Read a ModelZoo trainer YAML (llama, mistral or mixtral; with or without ModelZoo's "
+        "`Lora` callback) and write the sparse-LoRA run config: model name -> its sparse_lora_<family> "
+        "variant, the Lora callback's r/alpha/dropout/target_modules -> the `sparse_lora` block (ModelZoo "
+        "class names such as `Linear` spelled out as the Hugging Face projections they wrap), the "
+        "SparseLoRAMasks and SparseLoRALossLog callbacks added, everything else kept. Each change is printed.",
+    )
+    migrate.add_argument("config", help="the ModelZoo run config (trainer YAML)")
+    migrate.add_argument("--out", required=True, help="where to write the sparse-LoRA run config")
+    migrate.add_argument(
+        "--mode", choices=("s2s", "s2d", "lora"), default="s2s",
+        help="sparse_to_sparse (default), sparse_to_dense, or lora (the dense baseline, no masks)",
+    )  # fmt: skip
+    migrate.add_argument("--mask-path", default=None, help="the mask file (needed for s2s and s2d)")
+    migrate.set_defaults(func=_migrate_config)
+
     modelzoo = subparsers.add_parser(
         "modelzoo", help="ModelZoo integration: status", description="ModelZoo integration commands."
     )
@@ -31,11 +49,32 @@ def register(subparsers: argparse._SubParsersAction, groups: dict[str, argparse.
     status = sub.add_parser(
         "status",
         help="is ModelZoo installed, is the hook in place, are our models registered",
-        description="Report whether Cerebras ModelZoo and cerebras-pytorch are importable, whether the "
-        "install-hook .pth is in place, and which sparse-LoRA model names ModelZoo's registry knows "
-        "(imports ModelZoo; takes a few seconds). Exit status 1 when something `cszoo fit` needs is missing.",
+        description="Report the versions of the stack (ModelZoo release, cerebras-pytorch, "
+        "cerebras-appliance, transformers, lm-eval, ...) and the ModelZoo releases this package was tested "
+        "with (an untested release gets a warning, not a refusal), whether Cerebras ModelZoo and "
+        "cerebras-pytorch are importable, whether the install-hook .pth is in place, and which sparse-LoRA "
+        "model names ModelZoo's registry knows (imports ModelZoo; takes a few seconds). Exit status 1 when "
+        "something `cszoo fit` needs is missing.",
     )
     status.set_defaults(func=_status)
+
+
+def _migrate_config(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from modelzoo_ext.run_config import load_yaml, write_yaml
+    from modelzoo_ext.run_config.migrate import migrate_run_config
+
+    if Path(args.out).resolve() == Path(args.config).resolve():
+        raise UserError("--out is the input file", where="--out", fix="write the migrated config elsewhere")
+    migration = migrate_run_config(
+        load_yaml(args.config), mode=args.mode, mask_path=args.mask_path, where=args.config
+    )
+    write_yaml(args.out, migration.params)
+    print(f"{args.config} -> {args.out}:")
+    for change in migration.changes:
+        print(f"  {change}")
+    return 0
 
 
 def _install_hook(args: argparse.Namespace) -> int:
@@ -56,6 +95,15 @@ def _status(args: argparse.Namespace) -> int:
     import importlib.util
 
     from modelzoo_ext.cerebras.hook import hook_installed, hook_outdated, hook_path
+    from modelzoo_ext.versions import TESTED_RELEASES, release_warning, stack_versions
+
+    versions = stack_versions()
+    for name, version in versions.items():
+        print(f"{name:22} {version or 'not installed'}")
+    print(f"tested with ModelZoo releases: {', '.join(TESTED_RELEASES)}")
+    warning = release_warning(versions)
+    if warning:
+        print(f"WARNING  {warning}")
 
     def importable(name: str) -> bool:
         try:
@@ -80,5 +128,8 @@ def _status(args: argparse.Namespace) -> int:
 
         names = registered_model_names()
         print(f"registered models: {', '.join(names) or 'none'} (expected {', '.join(model_paths())})")
+        from modelzoo_ext.cerebras.converters import converter_registry_note
+
+        print(f"checkpoint converters: {converter_registry_note()}")
     missing = [what for what, ok in checks.items() if not ok and not what.startswith("install-hook")]
     return 1 if missing else 0

@@ -1,8 +1,10 @@
 """Entries for ModelZoo's checkpoint-converter registry: one per `sparse_lora_<family>` model.
 
 After `register_converters()`, `cszoo checkpoint convert --model sparse_lora_llama ...` converts
-between `hf` and `cs-2.6` ... `cs-2.10` (the stock llama/mistral lists stop at cs-2.9 in
-ModelZoo 2.10, so `cs-auto` fails on a 2.10 checkpoint). Every tensor goes through the one rule
+between `hf` and `cs-2.6` ... `cs-X.Y`, X.Y the installed cerebras-pytorch release
+(`our_cs_formats()`; the stock llama/mistral lists stop one release earlier, at cs-2.9 in ModelZoo
+2.10 and cs-2.5 in 2.6, so `cs-auto` fails there on a checkpoint of the running release;
+`newest_stock_cs_format()` is the newest they know). Every tensor goes through the one rule
 table (`modelzoo_ext.name_map`): base weights, LoRA `lora_A`/`lora_B` and `<param>_mask` buffers
 are renamed (and q/k rows permuted) instead of being rejected ("Unable to match all keys") or
 dropped by `--drop-unmatched-keys`; keys no rule maps fail the conversion, all named in one error.
@@ -23,14 +25,30 @@ converter leaves it out, and its default `experimental` cannot load the converte
 Mixtral's experts are stacked into / unstacked from the fused tensors by the name map (all E
 experts are read when expert 0's key is converted, as ModelZoo's `mixtral` converter does).
 
-ModelZoo is imported only inside `converter_classes()` / `register_converters()`; the ModelZoo
-model names themselves are registered by `modelzoo_ext.cerebras.registration` (which calls
-`register_converters` when ModelZoo's converter registry is imported).
+ModelZoo 2.6-2.9's own converter registry (`checkpoint_converters/registry.py`) imports modules
+of a `checkpoint_converters.internal` package that their public tree does not ship (`qwen2`; 2.9
+also `qwen3`, `qwen3_moe`, `moe_implementation`), so importing it fails and `cszoo checkpoint
+convert` fails for every model there. `stand_in_missing_internal_converters()`, run just before
+that registry executes, puts stand-in modules for exactly the missing ones into `sys.modules`
+(only when the real package cannot be found); `drop_stand_in_entries()`, run just after, removes
+the registry entries that hold stand-ins (`qwen2`, ...), so those models are reported as unknown
+instead of failing later, and every other model converts with ModelZoo's own code.
+`converter_registry_note()` says which were dropped (`sparse-lora modelzoo status`, and a warning
+on stderr when the registry loads). No ModelZoo file is touched.
+
+ModelZoo is imported only inside the functions below; the ModelZoo model names themselves are
+registered by `modelzoo_ext.cerebras.registration` (which calls these functions around the import
+of ModelZoo's converter registry).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
+import re
+import sys
+import types
 from functools import cache
 
 from modelzoo_ext.families import FAMILIES, ModelFamily
@@ -43,9 +61,109 @@ from modelzoo_ext.name_map import (
     make_cs_tensor,
     to_hf_parts,
 )
+from modelzoo_ext.versions import stack_versions
 
-CS_FORMATS = ("cs-2.6", "cs-2.7", "cs-2.8", "cs-2.9", "cs-2.10")
+# The releases this package supports; our entries accept those up to the installed one.
+SUPPORTED_CS_FORMATS = ("cs-2.6", "cs-2.7", "cs-2.8", "cs-2.9", "cs-2.10")
 REJECTED_BY_2_10 = ("norm_first", "use_ff_layer1_dropout")
+CONVERTERS_PACKAGE = "cerebras.modelzoo.tools.checkpoint_converters"
+INTERNAL_PACKAGE = f"{CONVERTERS_PACKAGE}.internal"
+_log = logging.getLogger(__name__)
+
+
+def _format_key(fmt: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in fmt.removeprefix("cs-").split("."))
+
+
+def our_cs_formats() -> tuple[str, ...]:
+    """`cs-2.6` ... up to the installed cerebras-pytorch's release (all five where it is not installed)."""
+    client = stack_versions()["cerebras-pytorch"]
+    if client is None:
+        return SUPPORTED_CS_FORMATS
+    installed = _format_key("cs-" + ".".join(client.split(".")[:2]))
+    return tuple(f for f in SUPPORTED_CS_FORMATS if _format_key(f) <= installed) or SUPPORTED_CS_FORMATS[:1]
+
+
+def newest_stock_cs_format(family: str) -> str:
+    """The newest `cs-X.Y` ModelZoo's own HF <-> CS converter of `family` accepts (imports ModelZoo).
+
+    `cs-2.5` in ModelZoo 2.6-2.8, `cs-2.9` in 2.9 and 2.10: read from its class, not assumed.
+    """
+    module, name = FAMILIES[family].modelzoo_checkpoint_converter.rsplit(".", 1)
+    converter = getattr(importlib.import_module(module), name)
+    cs_side = [f for side in converter.formats() for f in side.formats if re.fullmatch(r"cs-\d+\.\d+", f)]
+    return max(cs_side, key=_format_key)
+
+
+# ----------------------------------------------------------------------------- ModelZoo 2.6-2.9
+_stand_ins: list[str] = []  # the missing `internal` modules stood in for
+_dropped: list[str] = []  # the registry entries removed because they hold stand-ins
+
+
+class _StandInModule(types.ModuleType):
+    """A module of the missing `internal` package: any converter name it is asked for is a stand-in class."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        stand_in = type(name, (), {"modelzoo_sparse_lora_stand_in": True, "__module__": self.__name__})
+        setattr(self, name, stand_in)
+        return stand_in
+
+
+def _internal_modules_imported_by_registry() -> list[str]:
+    """The `checkpoint_converters.internal.*` modules ModelZoo's converter registry imports."""
+    spec = importlib.util.find_spec(f"{CONVERTERS_PACKAGE}.registry")
+    source = spec.loader.get_source(spec.name) if spec and spec.loader else ""
+    pattern = rf"^from {re.escape(INTERNAL_PACKAGE)}\.(\w+) import"
+    return sorted(set(re.findall(pattern, source or "", flags=re.MULTILINE)))
+
+
+def stand_in_missing_internal_converters() -> None:
+    """Before ModelZoo's converter registry executes: stand-ins for the `internal` modules it imports
+    that the installed ModelZoo lacks (ModelZoo 2.6-2.9's public trees). Nothing where they exist."""
+    missing = _internal_modules_imported_by_registry()
+    if not missing or importlib.util.find_spec(INTERNAL_PACKAGE) is not None:
+        return
+    package = _StandInModule(INTERNAL_PACKAGE)
+    package.__path__ = []
+    sys.modules[INTERNAL_PACKAGE] = package
+    for name in missing:
+        module = _StandInModule(f"{INTERNAL_PACKAGE}.{name}")
+        sys.modules[module.__name__] = module
+        setattr(package, name, module)
+        _stand_ins.append(name)
+
+
+def drop_stand_in_entries() -> list[str]:
+    """After ModelZoo's converter registry executed: remove the entries holding stand-ins; returns their names."""
+    from cerebras.modelzoo.tools.checkpoint_converters import registry
+
+    dropped = [
+        name
+        for name, entries in registry.converters.items()
+        if any(getattr(c, "modelzoo_sparse_lora_stand_in", False) for c in entries)
+    ]
+    for name in dropped:
+        del registry.converters[name]
+    _dropped.extend(dropped)
+    if dropped:
+        _log.warning(converter_registry_note())
+    return dropped
+
+
+def converter_registry_note() -> str:
+    """One line on ModelZoo's converter registry in this process: as shipped, or which entries were
+    dropped because their modules are missing (imports the registry, which runs the steps above)."""
+    importlib.import_module(f"{CONVERTERS_PACKAGE}.registry")
+    if not _stand_ins:
+        return "ModelZoo's converter registry as shipped"
+    return (
+        f"this ModelZoo's public tree lacks {INTERNAL_PACKAGE} ({', '.join(_stand_ins)}), which its converter "
+        "registry imports: modelzoo-sparse-lora stood in for them so that the other converters work; "
+        f"conversion of {', '.join(_dropped) or 'the models that need them'} is unavailable here "
+        "(`sparse-lora convert` covers llama, mistral and mixtral without the registry)"
+    )
 
 
 @cache
@@ -58,7 +176,7 @@ def converter_classes() -> dict[str, type]:
     )
 
     def formats():
-        return (FormatVersions("hf"), FormatVersions(*CS_FORMATS))
+        return (FormatVersions("hf"), FormatVersions(*our_cs_formats()))
 
     def strip_rejected(config_converter, family: ModelFamily):
         moe_implementation = family.moe_implementation

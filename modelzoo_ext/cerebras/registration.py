@@ -53,10 +53,20 @@ def import_trainer_classes() -> None:
         importlib.import_module(module_name)
 
 
-def register_converters() -> None:
-    """Add the checkpoint-converter entries for our model names (`modelzoo_ext.cerebras.converters`)."""
+def prepare_converter_registry() -> None:
+    """Before ModelZoo's converter registry executes: stand-ins for the modules it imports but the
+    installed release lacks (ModelZoo 2.6-2.9; `modelzoo_ext.cerebras.converters`)."""
     from modelzoo_ext.cerebras import converters
 
+    converters.stand_in_missing_internal_converters()
+
+
+def register_converters() -> None:
+    """Drop the registry entries that hold stand-ins, then add the checkpoint-converter entries for
+    our model names (`modelzoo_ext.cerebras.converters`)."""
+    from modelzoo_ext.cerebras import converters
+
+    converters.drop_stand_in_entries()
     converters.register_converters()
 
 

@@ -165,3 +165,23 @@ NOT_COMPARED: dict[str, str] = {
     "moe.gate_initializer": _INITIALISES,
     "moe.sinkhorn_n_iters": "used only by sinkhorn routing (router_selection_nonlinearity, compared)",
 }
+
+
+# Keys of the tables above that ModelZoo's config classes have only from a release on (the tables
+# describe 2.10, the newest supported release; older releases lack these fields, and the values
+# listed are what they compute without them). Tests hold the tables to the installed release's
+# classes minus the keys newer than it (tests/test_run_config.py; checked on 2.6, 2.8 and 2.10).
+MODELZOO_KEYS_SINCE: dict[str, str] = {
+    "use_sink_token": "2.10",
+    "sliding_window_every_other_decoder_layer_pattern": "2.10",
+    "moe.router_use_bias": "2.10",
+    "moe.probability_before_ffn": "2.7",
+}
+
+
+def keys_newer_than(release: str) -> set[str]:
+    """The table keys ModelZoo `release` (e.g. "2.6.0") does not have yet."""
+    installed = tuple(int(x) for x in release.split(".")[:2])
+    return {
+        k for k, since in MODELZOO_KEYS_SINCE.items() if tuple(int(x) for x in since.split(".")) > installed
+    }

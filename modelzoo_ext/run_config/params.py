@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.run_config.migrate import is_lora_callback, lora_callback_refusal
 from modelzoo_ext.run_config.model_section import NormalisedModelSection, normalise_model_section
 from modelzoo_ext.run_config.sparse_lora_block import SparseLoRAConfig
 from modelzoo_ext.run_config.trainer_yaml import (  # noqa: F401 (re-exported, see the docstring)
@@ -53,6 +54,13 @@ OBSERVING_CALLBACKS = {
 # ModelZoo callbacks that only set Cerebras (CSX) compiler/runtime flags: they change how a CS-3 runs
 # the step, never what it computes. Accepted when every flag they set is a `csx.` flag.
 CSX_FLAG_CALLBACKS = {"ScopedTrainFlags", "ScopedValidateFlags", "GlobalFlags"}
+# ModelZoo callbacks about checkpoints that leave the computation as it is (what is kept on disk;
+# which states of fit.ckpt_path are read, checked in `_check_callbacks`).
+CHECKPOINT_CALLBACKS = {
+    "KeepNCheckpoints": "how many CS checkpoints are kept on disk: bookkeeping",
+    "LoadCheckpointStates": "which states of fit.ckpt_path ModelZoo loads; gpu_reference loads the model "
+    "only (from --hf-model), and the base from `convert hf-to-cs` holds the model only",
+}
 # This package's own callbacks (modelzoo_ext.cerebras): the CS side of what gpu_reference does itself.
 PACKAGE_CALLBACKS = {
     "SparseLoRAMasks": "this package's CS-side mask hook; gpu_reference applies the masks itself",
@@ -81,6 +89,9 @@ IGNORED_REASONS = {
     "checkpoint.autoload_last_checkpoint": "ModelZoo's resume; gpu_reference resumes from its own "
     "checkpoints/ when rerun",
     "checkpoint.save_hf_checkpoint": "ModelZoo's HF export; gpu_reference writes its own exports",
+    "checkpoint.checkpoint_root": "where ModelZoo writes its checkpoints; gpu_reference writes under the run dir",
+    "checkpoint.checkpoint_name": "ModelZoo's checkpoint file names; gpu_reference names its own",
+    "checkpoint.strict_version": "ModelZoo's check of a loaded checkpoint's version; gpu_reference reads --hf-model",
 }
 # Dataloader keys that change how samples are streamed, never which samples come in which order.
 STREAMING_KEYS = {
@@ -152,6 +163,9 @@ class CheckpointSection(_Strict):
     disable_strict_checkpoint_loading: bool | None = None
     autoload_last_checkpoint: bool | None = None
     save_hf_checkpoint: bool | None = None
+    checkpoint_root: str | None = None
+    checkpoint_name: str | None = None
+    strict_version: bool | None = None
 
 
 class DataLoaderSection(_Strict):
@@ -249,12 +263,32 @@ def _check_callbacks(callbacks: list[Any] | None, ignored: dict[str, str]) -> No
             )
         elif name in PACKAGE_CALLBACKS:
             ignored[f"callbacks.{name}"] = PACKAGE_CALLBACKS[name]
+        elif is_lora_callback(entry):
+            raise lora_callback_refusal(f"trainer.init.callbacks.{name}")
+        elif name in CHECKPOINT_CALLBACKS:
+            _check_loaded_states(name, entry[name] if isinstance(entry, dict) else None)
+            ignored[f"callbacks.{name}"] = CHECKPOINT_CALLBACKS[name]
         else:
             raise UserError(
                 f"callback {name!r} may change the computation and gpu_reference cannot run it",
                 where="trainer.init.callbacks",
                 fix="remove it from the run config, or run on the Cerebras backend",
             )
+
+
+def _check_loaded_states(name: str, settings: Any) -> None:
+    """LoadCheckpointStates must load the model: without it a CS run would train a random base."""
+    if name != "LoadCheckpointStates":
+        return
+    states = (settings or {}).get("load_checkpoint_states", "all")
+    names = {s.strip() for s in (states.split(",") if isinstance(states, str) else states)}
+    if "all" not in {n.lower() for n in names} and "model" not in names:
+        raise UserError(
+            f"LoadCheckpointStates loads {sorted(names)} but not the model: the CS run would start from "
+            "ModelZoo's random initialisation, which gpu_reference cannot reproduce",
+            where="trainer.init.callbacks.LoadCheckpointStates",
+            fix="load_checkpoint_states: model",
+        )
 
 
 def _ignore_streaming_keys(dl: DataLoaderSection, where: str, ignored: dict[str, str]) -> None:

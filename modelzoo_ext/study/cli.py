@@ -27,7 +27,7 @@ def _add_eval(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
         help="evaluate an HF model (optionally with a PEFT adapter): lm-eval BoolQ/HellaSwag/GSM8K, held-out loss",
-        description="Run lm-eval 0.4.9.1's built-in protocol (BoolQ acc 0-shot, HellaSwag acc_norm 0-shot, "
+        description="Run the installed lm-eval's built-in protocol (0.4.7 to 0.4.9.1: ModelZoo 2.6-2.10's pins; BoolQ acc 0-shot, HellaSwag acc_norm 0-shot, "
         "GSM8K 5-shot exact match strict+flexible) on an HF model directory, logging every example; with "
         "--loss-data, also the held-out loss (mean NLL of the completion tokens). Official protocol: the whole "
         "official evaluation split; offline protocol (--held-out-fraction): its held-out part. Local data "

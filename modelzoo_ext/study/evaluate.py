@@ -181,7 +181,8 @@ def evaluate(
             model=model,
             tasks=task_specs,
             limit=limit,
-            gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
+            # the comma-separated string form: lm-eval 0.4.7 (ModelZoo 2.6, 2.7) parses only a string
+            gen_kwargs=f"max_gen_toks={max_gen_toks}" if max_gen_toks else None,
             task_manager=builtin_task_manager(tasks),
             log_samples=True,
             bootstrap_iters=1000,
