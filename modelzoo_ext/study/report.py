@@ -72,7 +72,15 @@ MODE_NAMES = {
 def build_report(
     registry_path: str | Path, out_dir: str | Path, *, published_csv: str | Path | None = None
 ) -> list[Path]:
-    """Write the report for every succeeded run in the registry; return the written paths."""
+    """Write the report for every succeeded run in the registry; return the written paths.
+
+    The registry of a sweep directory is first rebuilt from the sweep's run records (the records
+    are the truth; the registry is their index)."""
+    from modelzoo_ext.study.sweep import REGISTRY_FILE, rebuild_index
+
+    sweep_dir = Path(registry_path).parent
+    if Path(registry_path).name == REGISTRY_FILE and (sweep_dir / "sweep.json").is_file():
+        rebuild_index(sweep_dir)
     if not Path(registry_path).is_file():
         raise UserError(
             "registry not found", where=str(registry_path), fix="run `sparse-lora sweep run` first"

@@ -1,7 +1,11 @@
 """Executing one grid point's stage, given its plan: the unit that a local runner (`runner.py`) and a
-cluster task run.
+cluster task (`task.py`) run.
 
-    outcome = execute_stage(plan, stage, registry, policy=StepPolicy(), assets=None)
+    outcome = execute_stage(plan, stage, policy=StepPolicy(), assets=None)   # -> StageOutcome
+
+It reads and writes only the run's own directory (and builds the shared assets the run is
+missing): its progress and results go to the run's record (`records.py`, `record.json`, written
+atomically), never to the registry database, which one process rebuilds from the records.
 
 Stages of a run:
     train  (fine-tunes) `train.epochs` resolved into `max_steps` from the prepared training data
@@ -9,16 +13,18 @@ Stages of a run:
            (cs3: then `convert cs-to-hf` of the last checkpoint), skipped when the trainer's
            record says it finished; then the model to evaluate must satisfy the run's mask with
            zero violations (a dense checkpoint is never evaluated in place of a sparse one) ->
-           status `trained`, with the export's paths, the mask file's sha256 and the throughput
+           status `trained`, with the export's paths and checksums, the mask file's sha256, the
+           throughput and the software versions of the stage
     eval   `sparse-lora eval` of that model (the no-fine-tune runs: the pruned or dense base, after
-           the same sparsity check) -> status `succeeded`, with its metrics
+           the same sparsity check) -> status `succeeded`, with its metrics (each with its 95%
+           interval), the evaluation's checksums and the software versions of the stage
     all    both
 
-The run's status goes to `running` when a stage starts, and ends `trained`, `succeeded`, `failed`
-(a permanent step failure, or a transient one past its attempts; `UserError`s too) or `stopped`
-(disk full or quota: every further run would fail too). Work that is finished is not redone: a
-run that `succeeded`, or (stage `train`) is `trained`, is `skipped`; `eval` before training is
-`not_trained`. Missing shared assets are built first (`AssetBuilder.ensure`).
+The record's status goes to `running` when a stage starts, and ends `trained`, `succeeded`,
+`failed` (a permanent step failure, or a transient one past its attempts; `UserError`s too) or
+`stopped` (disk full or quota: every further run would fail too). A run killed meanwhile stays
+`running` and is redone like a failed one. Finished work is not redone: a run that `succeeded`, or
+(stage `train`) is `trained`, is `skipped`; `eval` before training is `not_trained`.
 """
 
 from __future__ import annotations
@@ -35,11 +41,19 @@ from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.run_config import params as rc
 from modelzoo_ext.study.params_paths import planned_max_steps
-from modelzoo_ext.study.registry import Registry, RunRecord
+from modelzoo_ext.study.registry import RunRecord
 from modelzoo_ext.study.steps import StepFailed, StepPolicy, SweepStopped, run_step
 from modelzoo_ext.study.sweep.assets import AssetBuilder
 from modelzoo_ext.study.sweep.commands import cs_export_command, eval_command, train_command
 from modelzoo_ext.study.sweep.plan import RunPlan, load_params, read_plan_file, write_plan
+from modelzoo_ext.study.sweep.records import (
+    artifact_checksums,
+    planned_record,
+    read_record,
+    update_record,
+    write_record,
+)
+from modelzoo_ext.study.versions import git_revision, software_versions
 
 Stage = Literal["all", "train", "eval"]
 STAGES: tuple[Stage, ...] = ("all", "train", "eval")
@@ -74,62 +88,74 @@ def has_work(plan: RunPlan, record: RunRecord, stage: Stage) -> bool:
 
 
 def execute_stage(
-    plan: RunPlan,
-    stage: Stage,
-    registry: Registry,
-    *,
-    policy: StepPolicy = DEFAULT_POLICY,
-    assets: AssetBuilder | None = None,
+    plan: RunPlan, stage: Stage, *, policy: StepPolicy = DEFAULT_POLICY, assets: AssetBuilder | None = None
 ) -> StageOutcome:
-    """Run `stage` of one planned run, recording its progress in `registry`; see the module doc."""
+    """Run `stage` of one planned run, recording its progress in the run's record; see the module doc.
+
+    `assets` shares asset builds (and their failures) between the runs of one process; without it
+    the run builds what it is missing itself.
+    """
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}", fix=f"use one of {STAGES}")
-    record = registry.get(plan.run_id) or RunRecord(plan.run_id)
+    record = read_record(plan.run_dir) or write_record(plan.run_dir, planned_record(plan, git_revision()))
     if not has_work(plan, record, stage):
         finished = record.status == "succeeded" or stage == "train"
         return StageOutcome(plan.run_id, stage, "skipped" if finished else "not_trained")
-    registry.update(
-        plan.run_id, status="running", started_at=time.time(), attempts=record.attempts + 1, error=None
+    update_record(
+        plan.run_dir, status="running", started_at=time.time(), attempts=record.attempts + 1, error=None
     )
     try:
-        (assets or AssetBuilder(plan.run_dir.parents[1], policy)).ensure(plan)
+        (assets or AssetBuilder(plan.sweep_dir, policy)).ensure(plan)
         if stage != "eval" and plan.trains and not is_trained(record):
-            _train_stage(plan, registry, policy)
+            _train_stage(plan, policy)
         if stage == "train":
             return StageOutcome(plan.run_id, stage, "trained")
-        _eval_stage(plan, registry, policy)
+        _eval_stage(plan, policy)
         return StageOutcome(plan.run_id, stage, "succeeded")
     except SweepStopped as exc:
-        registry.update(plan.run_id, status="stopped", error=str(exc), finished_at=time.time())
+        update_record(plan.run_dir, status="stopped", error=str(exc), finished_at=time.time())
         return StageOutcome(plan.run_id, stage, "stopped", str(exc))
     except (StepFailed, UserError) as exc:
-        registry.update(plan.run_id, status="failed", error=str(exc), finished_at=time.time())
+        update_record(plan.run_dir, status="failed", error=str(exc), finished_at=time.time())
         return StageOutcome(plan.run_id, stage, "failed", str(exc))
 
 
-def _train_stage(plan: RunPlan, registry: Registry, policy: StepPolicy) -> None:
+def _train_stage(plan: RunPlan, policy: StepPolicy) -> None:
     """Train (unless evaluation-only), check the model's sparsity -> status `trained`."""
     throughput = _train(plan, policy) if plan.trains else None
     model_dir, adapter_dir = model_to_evaluate(plan)
     mask_sha = check_sparse(plan, model_dir)
     artifacts = {"train_dir": str(plan.train_dir) if plan.trains else None, "model": model_dir,
                  "adapter": adapter_dir, "masks": plan.assets.masks}  # fmt: skip
-    registry.update(
-        plan.run_id, status="trained", mask_sha256=mask_sha, artifacts={k: v for k, v in artifacts.items() if v},
+    checksums = artifact_checksums(
+        plan.sweep_dir, [plan.params_path, *([plan.export_dir] if plan.trains else [])]
+    )
+    if mask_sha:
+        checksums[_under(plan, plan.assets.masks)] = f"sha256:{mask_sha}"  # hashed once, by the check
+    update_record(
+        plan.run_dir, status="trained", mask_sha256=mask_sha, artifacts={k: v for k, v in artifacts.items() if v},
         throughput=throughput or {}, throughput_tokens_per_s=(throughput or {}).get("tokens_per_s"),
+        checksums=checksums, versions={"train": software_versions()},
     )  # fmt: skip
 
 
-def _eval_stage(plan: RunPlan, registry: Registry, policy: StepPolicy) -> None:
+def _under(plan: RunPlan, path: str) -> str:
+    """`path` relative to the sweep directory (as checksums are keyed), or as it is when outside it."""
+    return str(Path(path).relative_to(plan.sweep_dir)) if Path(path).is_relative_to(plan.sweep_dir) else path
+
+
+def _eval_stage(plan: RunPlan, policy: StepPolicy) -> None:
     """Evaluate the trained (or pruned / dense) model -> status `succeeded` with its metrics."""
-    record = registry.get(plan.run_id)
+    record = read_record(plan.run_dir)
     if not plan.trains and not is_trained(record):
-        _train_stage(plan, registry, policy)  # nothing to train: the pruned model's sparsity check
-        record = registry.get(plan.run_id)
+        _train_stage(plan, policy)  # nothing to train: the pruned model's sparsity check
+        record = read_record(plan.run_dir)
     metrics = _evaluate(plan, policy, record.artifacts["model"], record.artifacts.get("adapter"))
-    registry.update(
-        plan.run_id, status="succeeded", metrics=metrics, finished_at=time.time(),
-        artifacts={"eval": str(plan.run_dir / "eval.json"), "samples": str(plan.run_dir / "eval_samples")},
+    results, samples = plan.run_dir / "eval.json", plan.run_dir / "eval_samples"
+    update_record(
+        plan.run_dir, status="succeeded", metrics=metrics, finished_at=time.time(),
+        artifacts={"eval": str(results), "samples": str(samples)},
+        checksums=artifact_checksums(plan.sweep_dir, [results, samples]), versions={"eval": software_versions()},
     )  # fmt: skip
 
 

@@ -73,6 +73,11 @@ class RunPlan:
         return self.mode != "none"
 
     @property
+    def sweep_dir(self) -> Path:
+        """The sweep directory the run belongs to (`<sweep>/runs/<run_id>`)."""
+        return self.run_dir.parents[1]
+
+    @property
     def params_path(self) -> Path:
         return self.run_dir / "params.yaml"
 

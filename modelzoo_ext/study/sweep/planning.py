@@ -3,15 +3,16 @@
 Per run (`DIR/runs/<run_id>/`): `run.json` (the `RunPlan`, plus its training command for reading),
 `params.yaml` (the model's params file with this run's mode, masks, data, seeds, output folder and,
 for cs3, its base checkpoint and loss-log callback: one file for every backend) and `command.sh`;
-and a `planned` registry row. Per sweep: `sweep.json` (the checked spec every later stage reads)
-and `seeds.json` (what each derived seed controls). Replanning keeps finished runs as they are.
+and `record.json` (the run's own record, `planned`). Per sweep: `sweep.json` (the checked spec
+every later stage reads), `seeds.json` (what each derived seed controls) and the registry, rebuilt
+from the records. Replanning keeps finished runs as they are: a run's record is replaced by a
+`planned` one only where it has not succeeded and its config hash changed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.run_config import load_yaml
 from modelzoo_ext.run_config import params as rc
 from modelzoo_ext.study.grid import DATA_DRIVEN, SEED_ROLES, grid
-from modelzoo_ext.study.registry import Registry, RunRecord
 from modelzoo_ext.study.sweep.commands import command_script, train_command
+from modelzoo_ext.study.sweep.index import REGISTRY_FILE, rebuild_index
 from modelzoo_ext.study.sweep.plan import (
     SPEC_FILE,
     RunAssets,
@@ -29,9 +30,9 @@ from modelzoo_ext.study.sweep.plan import (
     export_kind_of,
     write_plan,
 )
+from modelzoo_ext.study.sweep.records import planned_record, read_record, write_record
 from modelzoo_ext.study.sweep_spec import SweepSpec, load_sweep
-
-REGISTRY_FILE = "registry.sqlite"
+from modelzoo_ext.study.versions import git_revision
 
 
 def run_params(spec: SweepSpec, point: dict[str, Any], assets: RunAssets, run_dir: Path) -> dict[str, Any]:
@@ -66,19 +67,6 @@ def config_hash(params: dict[str, Any], spec: SweepSpec, point: dict[str, Any]) 
     return hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def git_revision() -> str:
-    """The project's git revision (with `-dirty` when the tree has changes), or `unknown`."""
-    root = Path(__file__).resolve().parents[3]
-    try:
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, check=True)  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True)  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 def plan_run(
     spec: SweepSpec, point: dict[str, Any], sweep_dir: Path
 ) -> tuple[RunPlan, dict[str, Any] | None]:
@@ -97,7 +85,7 @@ def plan_run(
 
 
 def plan_sweep(sweep_yaml: str | Path, out: str | Path) -> list[dict[str, Any]]:
-    """Write one run directory per run and a `planned` registry row; keep finished runs as they are.
+    """Write one run directory per run, with a `planned` record; keep finished runs as they are.
 
     The whole sweep file is checked first (`load_sweep`): a bad grid writes nothing. Returns the
     grid points (`grid.grid`).
@@ -112,14 +100,16 @@ def plan_sweep(sweep_yaml: str | Path, out: str | Path) -> list[dict[str, Any]]:
         tmp.write_text(
             json.dumps({"roles": SEED_ROLES, "seeds": {p["seed"]: p["seeds"] for p in points}}, indent=2)
         )
-    registry = Registry(sweep_dir / REGISTRY_FILE)
+    if (sweep_dir / REGISTRY_FILE).is_file():
+        rebuild_index(sweep_dir)  # a directory planned before runs kept records: their rows become records
     rev = git_revision()
     from tqdm import tqdm
 
     for point in tqdm(points, desc="sweep plan", unit="run"):
         plan, params = plan_run(spec, point, sweep_dir)
         _write_run_dir(plan, params)
-        _register(registry, plan, rev)
+        _record_planned(plan, rev)
+    rebuild_index(sweep_dir)
     return points
 
 
@@ -132,11 +122,8 @@ def _write_run_dir(plan: RunPlan, params: dict[str, Any] | None) -> None:
     write_plan(plan, train_command=train_command(plan))
 
 
-def _register(registry: Registry, plan: RunPlan, rev: str) -> None:
-    """A `planned` row, unless the run exists with the same config or has succeeded."""
-    existing = registry.get(plan.run_id)
+def _record_planned(plan: RunPlan, rev: str) -> None:
+    """A `planned` record, unless the run has one with the same config or has succeeded."""
+    existing = read_record(plan.run_dir)
     if existing is None or (existing.status != "succeeded" and existing.config_hash != plan.config_hash):
-        registry.put(
-            RunRecord(plan.run_id, status="planned", config_hash=plan.config_hash, git_rev=rev, protocol=plan.protocol,
-                      seeds=plan.seeds, artifacts={"run_dir": str(plan.run_dir)}, **plan.grid_point())
-        )  # fmt: skip
+        write_record(plan.run_dir, planned_record(plan, rev))

@@ -1,9 +1,11 @@
 """The local runner: `sweep run|eval` on one machine, and `sweep status`.
 
-It selects the planned runs (by backend, or by id) whose stage still has work, builds their
-shared assets one at a time, then executes each run's stage (`executor.execute_stage`) on a
-thread pool of `--parallel` workers, with a progress bar. After a `stopped` run (disk full,
-quota) no further run starts. Returns counts per result.
+It selects the planned runs (by backend, or by id) whose stage still has work (from their
+records), builds their shared assets one at a time, then executes each run's stage
+(`executor.execute_stage`, the same call a cluster task makes) on a thread pool of `--parallel`
+workers, with a progress bar. After a `stopped` run (disk full, quota) no further run starts.
+Being one process, it rebuilds the registry index from the records at its end (and `sweep
+status` before it reads). Returns counts per result.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.study.registry import Registry, RunRecord
+from modelzoo_ext.study.registry import RunRecord
 from modelzoo_ext.study.steps import StepPolicy, SweepStopped
 from modelzoo_ext.study.sweep.assets import AssetBuilder
 from modelzoo_ext.study.sweep.executor import STAGES, StageOutcome, execute_stage, has_work
-from modelzoo_ext.study.sweep.plan import RunPlan, load_plans, load_spec
-from modelzoo_ext.study.sweep.planning import REGISTRY_FILE
+from modelzoo_ext.study.sweep.index import rebuild_index
+from modelzoo_ext.study.sweep.plan import RunPlan, load_plans
+from modelzoo_ext.study.sweep.records import read_record
 
 
 def _selected(
@@ -51,9 +54,8 @@ def run_sweep(
         raise UserError(f"unknown stage {stage!r}", fix=f"use one of {STAGES}")
     sweep_dir = Path(sweep_dir).resolve()
     _, plans = load_plans(sweep_dir)
-    registry = Registry(sweep_dir / REGISTRY_FILE)
     selected = _selected(plans, backend, only, sweep_dir)
-    todo = [p for p in selected if has_work(p, registry.get(p.run_id) or RunRecord(p.run_id), stage)]
+    todo = [p for p in selected if has_work(p, read_record(p.run_dir) or RunRecord(p.run_id), stage)]
     summary: dict[str, Any] = {
         "selected": len(selected),
         "stage": stage,
@@ -67,7 +69,7 @@ def run_sweep(
     def one(plan: RunPlan) -> str:
         if stopped.is_set():
             return "not_started"
-        outcome: StageOutcome = execute_stage(plan, stage, registry, policy=policy, assets=assets)
+        outcome: StageOutcome = execute_stage(plan, stage, policy=policy, assets=assets)
         if outcome.result == "stopped":
             stop_reason.append(outcome.error or "stopped")
             stopped.set()
@@ -84,16 +86,17 @@ def run_sweep(
                     bar.update(1)
         except SweepStopped as exc:
             summary["stopped_reason"] = str(exc)
+        finally:
+            rebuild_index(sweep_dir)
     if stop_reason:
         summary["stopped_reason"] = stop_reason[0]
     return summary
 
 
 def sweep_status(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Each planned run's registry row (run id, status, attempts, error, main metrics)."""
-    sweep_dir = Path(sweep_dir).resolve()
-    load_spec(sweep_dir)  # a planned sweep directory, or a clear error
+    """Each planned run's record (run id, status, attempts, error, main metrics), after rebuilding the
+    registry index from the records."""
     return [
         {"run_id": rec.run_id, "status": rec.status, "attempts": rec.attempts, "error": rec.error, "metrics": rec.metrics}
-        for rec in Registry(sweep_dir / REGISTRY_FILE).runs()
+        for rec in rebuild_index(sweep_dir).runs()
     ]  # fmt: skip
