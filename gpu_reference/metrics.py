@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from modelzoo_ext.data.rows import read_jsonl
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -59,6 +61,4 @@ class MetricsWriter:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All rows of a metrics file ([] when it does not exist)."""
     path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return list(read_jsonl(path)) if path.exists() else []

@@ -64,6 +64,7 @@ from gpu_reference.loss import RouterLoss, validation_loss
 from gpu_reference.metrics import MetricsWriter, peak_memory_bytes
 from gpu_reference.model import BaseModel, load_hf_model, load_masks, open_base
 from gpu_reference.optim import build_optimizer
+from gpu_reference.run_record import is_complete
 from gpu_reference.schedulers import build_lr_schedule
 from gpu_reference.step import StepConfig, train_step
 from gpu_reference.tensorboard import TensorBoardWriter
@@ -149,7 +150,7 @@ def setup(
     if fsdp:
         check_fsdp_request(world_size)
     run_dir = Path(out or Path(cfg.init.model_dir or "model_dir") / "gpu_reference")
-    if (run_dir / "run.json").exists() and json.loads((run_dir / "run.json").read_text()).get("complete"):
+    if is_complete(run_dir):
         raise UserError("this run directory holds a finished run", where=str(run_dir), fix="pass a new --out")
     train_dl = cfg.fit.train_dataloader
     if train_dl.batch_size % world_size:

@@ -11,7 +11,7 @@ loss at full precision, `time_s` the host seconds since the previous row (for th
 since setup: it includes compilation). A resumed run appends to the same file, so a step may
 appear twice: the last row of a step wins.
 
-Stdlib only, so readers need neither torch nor cerebras-pytorch.
+Stdlib only (and the data layer's JSONL reader), so readers need neither torch nor cerebras-pytorch.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from modelzoo_ext.data.rows import read_jsonl
 
 LOSS_LOG_NAME = "sparse_lora_losses.jsonl"
 
@@ -52,11 +54,9 @@ def read_loss_log(path: str | Path) -> dict[int, LossRow]:
     if not path.is_file():
         return {}
     rows: dict[int, LossRow] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            raw = json.loads(line)
-            time_s = raw.get("time_s")
-            rows[int(raw["step"])] = LossRow(
-                int(raw["step"]), float(raw["loss"]), None if time_s is None else float(time_s)
-            )
+    for raw in read_jsonl(path):
+        time_s = raw.get("time_s")
+        rows[int(raw["step"])] = LossRow(
+            int(raw["step"]), float(raw["loss"]), None if time_s is None else float(time_s)
+        )
     return rows

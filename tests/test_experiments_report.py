@@ -231,3 +231,19 @@ def test_missing_or_empty_registry(tmp_path, capsys):
     assert main(["report", "--registry", str(tmp_path / "empty.sqlite"), "--out", str(tmp_path / "r")]) == 2
     assert "no succeeded run" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_held_out_losses_pair_only_on_the_same_tokens(tmp_path, capsys):
+    """Two runs whose held-out results count different tokens for one example were scored on
+    differently tokenised data: their per-token difference is refused, naming the runs and example."""
+    reg = Registry(tmp_path / "registry.sqlite")
+    s2s, s2d = (_run(tmp_path, f"{mode}-0", mode=mode) for mode in ("s2s", "s2d"))
+    results = json.loads(Path(s2d.artifacts["eval"]).read_text())
+    results["heldout_loss"]["examples"][5]["tokens"] = 3
+    Path(s2d.artifacts["eval"]).write_text(json.dumps(results))
+    reg.put(s2s)
+    reg.put(s2d)
+    out = tmp_path / "report"
+    assert main(["report", "--registry", str(tmp_path / "registry.sqlite"), "--out", str(out)]) == 2
+    assert "runs s2s-0 and s2d-0 scored different tokens for held-out example k005" in capsys.readouterr().err
+    assert not out.exists()

@@ -307,12 +307,11 @@ def test_tiny_cpu_sweep_end_to_end(tmp_path, tiny_llama_dir, capsys):
     assert main(["sweep", "status", str(out)]) == 0
     assert "succeeded=4" in capsys.readouterr().out
     # Never a dense checkpoint in place of a sparse one.
-    from modelzoo_ext.study.sweep import _RunExecutor
+    from modelzoo_ext.study.sweep import load_plan
+    from modelzoo_ext.study.sweep.executor import check_sparse
 
-    executor = _RunExecutor(load_sweep(sweep), out, Registry(out / "registry.sqlite"), 1, 0.0)
-    plan = json.loads((out / "runs" / s2d.run_id / "run.json").read_text())
     with pytest.raises(StepFailed, match="refusing to evaluate a dense checkpoint"):
-        executor._check_sparse(plan, str(tiny_llama_dir), tmp_path)
+        check_sparse(load_plan(out, s2d.run_id), str(tiny_llama_dir))
 
 
 def _hub_schema_dir(root: Path, evaluated: int = 10, training: int = 24) -> Path:

@@ -9,11 +9,15 @@ Why not xxh3-128 (~6x faster still)? It is not collision-resistant: anyone can m
 different checkpoint with the same xxh3 digest, and these checksums are what `masks apply` and
 `masks validate --model` trust to say "these are the weights the masks were computed for".
 BLAKE3 keeps that guarantee at a cost well below the read (docs/masks.md has the numbers).
+
+Whole files (a mask file, an imported source) are named by their bare sha256 hex digest
+(`file_sha256`), as the provenance records and the run registry have always stored them.
 """
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import blake3
@@ -46,6 +50,12 @@ def digest(data: Any, algorithm: str = DEFAULT) -> str:
 def array_checksum(array: np.ndarray, algorithm: str = DEFAULT) -> str:
     """Checksum of an array's raw bytes in row-major order, whatever its dtype."""
     return digest(np.ascontiguousarray(array).reshape(-1).view(np.uint8), algorithm)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 hex digest of a file's bytes, streamed (`hashlib.file_digest`)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tensor_checksum(tensor: Any, algorithm: str = DEFAULT) -> str:

@@ -15,7 +15,6 @@ rule selects must have a mask, and the `--model` weights' checksums (BLAKE3) are
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,20 +24,12 @@ import torch
 
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
-from modelzoo_ext.masks.checksum import tensor_checksum
+from modelzoo_ext.masks.checksum import file_sha256, tensor_checksum
 from modelzoo_ext.masks.format import MaskWriter
 from modelzoo_ext.masks.provenance import source_record
 from modelzoo_ext.masks.targets import TargetRule
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _as_bool(name: str, value: Any, where: str) -> torch.Tensor:
@@ -131,7 +122,7 @@ def read_foreign_masks(
             fix="import a .pt/.pth (with --allow-pickle), a .npz, or a pruned HF checkpoint directory",
         )
     masks = {str(key): _as_bool(str(key), value, str(old)) for key, value in raw.items()}
-    record.update(path=str(old.resolve()), sha256=_file_sha256(old))
+    record.update(path=str(old.resolve()), sha256=file_sha256(old))
     return masks, json.loads(json.dumps(record, default=str))
 
 

@@ -1,4 +1,4 @@
-"""Subcommands of the last pipeline stage: `eval`, `sweep plan|run|status`, `report`, `demo`.
+"""Subcommands of the last pipeline stage: `eval`, `sweep plan|run|eval|status`, `report`, `demo`.
 
 Handlers import their modules (and through them torch, lm-eval, matplotlib) only when run, so
 `sparse-lora --help` stays fast.
@@ -157,8 +157,8 @@ def _add_sweep(subparsers, groups) -> None:
         help="plan, run and inspect a grid of fine-tuning runs (cs3 | gpu | cpu backends)",
         description="A sweep YAML (models x tasks x listed (method, structure) pairs x sparsities x modes x "
         "backends x seeds, plus the baselines) becomes one run directory each with its params YAML (one for "
-        "every backend), derived seeds, mask reference and command; `run` executes them resumably and records "
-        "every run in the SQLite registry.",
+        "every backend), derived seeds, mask reference and command; `run` executes them resumably, each run "
+        "writing its own record, and `status` rebuilds the SQLite registry from the records.",
     )
     sub = sweep.add_subparsers(dest="sweep_command", metavar="SUBCOMMAND", required=True)
     groups["sweep"] = sub
@@ -187,7 +187,10 @@ def _add_sweep(subparsers, groups) -> None:
     _add_run_arguments(evaluate)
     evaluate.set_defaults(func=_run_sweep_run, stage="eval")
 
-    status = sub.add_parser("status", help="print each run's status and a count per status")
+    status = sub.add_parser(
+        "status",
+        help="rebuild the registry from the run records; print each run's status and a count per status",
+    )
     status.add_argument("sweep_dir")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(func=_run_sweep_status)
@@ -259,7 +262,10 @@ def _add_report(subparsers) -> None:
         "backend), training throughput per run with each backend's padding policy. Published numbers come "
         "only from --published CSV (with a citation column). See docs/experiments.md.",
     )
-    p.add_argument("--registry", required=True, help="registry.sqlite written by `sweep run` or the demo")
+    p.add_argument(
+        "--registry", required=True,
+        help="a sweep's DIR/registry.sqlite (rebuilt from the sweep's run records first), or another registry",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     p.add_argument(
         "--published",

@@ -13,7 +13,7 @@ What is evaluated is the data layer's `DataProtocol` (one definition, shared wit
   built-in task draws them (so an official GSM8K evaluation needs the hub or a directory with it);
 - offline: the held-out part of the evaluation split; GSM8K's shots from its training part.
 
-Every evaluated example is logged (lm-eval `log_samples`): `samples/<task>.jsonl` holds, per
+Every evaluated example is logged (lm-eval `log_samples`): `<out stem>_samples/<task>.jsonl` holds, per
 example, the digest of its key (the data layer's `example_key`, hashed as in `example_keys.txt`)
 and its per-example scores, so that runs can be compared pairwise on the same examples. Each
 primary metric is recorded with lm-eval's stderr and a 95% interval from the per-example scores
@@ -333,8 +333,9 @@ def write_results(
 
 def read_samples(results: dict[str, Any], task: str) -> list[dict[str, Any]]:
     """The per-example scores `write_results` stored for `task`."""
-    path = Path(results["samples_dir"]) / f"{task}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from modelzoo_ext.data.rows import read_jsonl
+
+    return list(read_jsonl(Path(results["samples_dir"]) / f"{task}.jsonl"))
 
 
 def primary_metrics(results: dict[str, Any]) -> dict[str, dict[str, Any]]:

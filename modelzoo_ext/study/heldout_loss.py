@@ -87,21 +87,6 @@ def heldout_loss(
     }
 
 
-def paired_examples(a: dict[str, Any], b: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(a's sums, b's sums, tokens) over the examples both results scored, matched by key."""
-    b_by_key = {e["key"]: e for e in b["examples"]}
-    shared = [e for e in a["examples"] if e["key"] in b_by_key]
-    if any(e["tokens"] != b_by_key[e["key"]]["tokens"] for e in shared):
-        raise UserError(
-            "the two results scored different tokens for the same example", fix="use the same held-out data"
-        )
-    return (
-        np.array([e["nll_sum"] for e in shared]),
-        np.array([b_by_key[e["key"]]["nll_sum"] for e in shared]),
-        np.array([e["tokens"] for e in shared]),
-    )
-
-
 def write(result: dict[str, Any], path: str | Path) -> Path:
     from modelzoo_ext.atomic import atomic_file
 

@@ -1,18 +1,22 @@
-"""The run registry: one SQLite row per run, safe for many concurrent writers.
+"""The run registry: one SQLite row per run, the index the report and `sweep status` read.
 
-Every number the report prints comes from here, with its provenance (config hash, git revision,
-mask checksum). SQLite in WAL mode lets readers proceed while one writer writes; writers take the
-write lock up front (`BEGIN IMMEDIATE`), wait for it (`busy_timeout`), and retry with backoff if
-the wait runs out, so concurrent sweep workers lose no row.
+A sweep's runs do not write it: each run keeps its own record (`RunRecord`, written atomically as
+`runs/<run_id>/record.json` by `modelzoo_ext.study.sweep.records`), and one process rebuilds this
+index from those records (`sweep status`, `report`, the local runner at its end), so tasks on
+many nodes never open a database on a shared filesystem. Every number the report prints comes from
+here, with its provenance (config hash, git revision, mask checksum, software versions, artifact
+checksums). The database itself stays safe for concurrent writers on one machine (the demo, tests):
+SQLite in WAL mode lets readers proceed while one writer writes; writers take the write lock up
+front (`BEGIN IMMEDIATE`), wait for it (`busy_timeout`), and retry with backoff if the wait runs out.
 
 Columns that identify a run in the grid (model, task, method, structure, sparsity, mode, backend,
 seed) and its data protocol (`official` or `offline`) are plain columns so the report can group by
-them; metrics (each a value with its stderr and 95% interval), the derived seeds, throughput and
-artifact paths are JSON. Modes: `s2s`, `s2d` (sparse-LoRA fine-tunes), `lora` (plain LoRA on the
-dense model: the dense baseline), `none` (no fine-tune: the dense model at sparsity 0, the pruned
-model otherwise). Statuses: planned -> running -> trained (exports checked) -> succeeded (evaluated);
-failed or stopped at any point. A registry written by an older version gains the new columns when
-it is opened.
+them; metrics (each a value with its stderr and 95% interval), the derived seeds, throughput,
+artifact paths, artifact checksums and software versions are JSON. Modes: `s2s`, `s2d`
+(sparse-LoRA fine-tunes), `lora` (plain LoRA on the dense model: the dense baseline), `none` (no
+fine-tune: the dense model at sparsity 0, the pruned model otherwise). Statuses: planned -> running
+-> trained (exports checked) -> succeeded (evaluated); failed or stopped at any point. A registry
+written by an older version gains the new columns when it is opened.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ CREATE TABLE IF NOT EXISTS runs (
     throughput_json TEXT NOT NULL DEFAULT '{}',
     seeds_json TEXT NOT NULL DEFAULT '{}',
     artifacts_json TEXT NOT NULL DEFAULT '{}',
+    checksums_json TEXT NOT NULL DEFAULT '{}',
+    versions_json TEXT NOT NULL DEFAULT '{}',
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     created_at REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at REAL
@@ -75,6 +81,8 @@ class RunRecord:
     throughput: dict[str, Any] = field(default_factory=dict)
     seeds: dict[str, int] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
+    checksums: dict[str, str] = field(default_factory=dict)  # artifact (path under the sweep) -> sha256:hex
+    versions: dict[str, dict[str, str | None]] = field(default_factory=dict)  # stage -> software -> version
     attempts: int = 0
     error: str | None = None
     created_at: float = 0.0
@@ -87,6 +95,34 @@ class RunRecord:
             raise UserError(f"run status must be one of {STATUSES}, got {self.status!r}", where=self.run_id)
         if self.mode is not None and self.mode not in MODES:
             raise UserError(f"run mode must be one of {MODES}, got {self.mode!r}", where=self.run_id)
+
+    def with_changes(self, **changes: Any) -> RunRecord:
+        """A copy with some fields changed; JSON fields (`metrics`, `artifacts`, ...) are merged."""
+        record = dataclasses.replace(self, **{name: dict(getattr(self, name)) for name in JSON_FIELDS})
+        for name, value in changes.items():
+            if name in JSON_FIELDS:
+                getattr(record, name).update(value)
+            elif name in RunRecord.__dataclass_fields__:
+                setattr(record, name, value)
+            else:
+                raise UserError(f"unknown registry field {name!r}", fix=f"use one of {_COLUMNS}")
+        record.__post_init__()
+        return record
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field, JSON-ready (a run's record file)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> RunRecord:
+        """A record from `to_json`'s dict; a UserError naming `where` for a field this version lacks."""
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise UserError(
+                f"run record with unknown field(s) {sorted(unknown)}", where=where,
+                fix="read it with the version of modelzoo-sparse-lora that wrote it (or a newer one)",
+            )  # fmt: skip
+        return cls(**data)
 
     def to_row(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
@@ -102,7 +138,7 @@ class RunRecord:
         return cls(**values)
 
 
-JSON_FIELDS = ("metrics", "throughput", "seeds", "artifacts")
+JSON_FIELDS = ("metrics", "throughput", "seeds", "artifacts", "checksums", "versions")
 _COLUMNS = [f.name for f in dataclasses.fields(RunRecord) if f.name not in JSON_FIELDS] + [
     f"{name}_json" for name in JSON_FIELDS
 ]
@@ -111,6 +147,8 @@ _ADDED_COLUMNS = {
     "protocol": "TEXT",
     "throughput_json": "TEXT NOT NULL DEFAULT '{}'",
     "seeds_json": "TEXT NOT NULL DEFAULT '{}'",
+    "checksums_json": "TEXT NOT NULL DEFAULT '{}'",
+    "versions_json": "TEXT NOT NULL DEFAULT '{}'",
 }
 
 
@@ -155,21 +193,23 @@ class Registry:
             found = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if found is None:
                 raise UserError(f"no run {run_id!r} in the registry", where=str(self.path))
-            record = RunRecord.from_row(found)
-            for name, value in changes.items():
-                if name in JSON_FIELDS:
-                    getattr(record, name).update(value)
-                elif name in RunRecord.__dataclass_fields__:
-                    setattr(record, name, value)
-                else:
-                    raise UserError(f"unknown registry field {name!r}", fix=f"use one of {_COLUMNS}")
-            record.__post_init__()
+            record = RunRecord.from_row(found).with_changes(**changes)
             row = record.to_row()
             row["updated_at"] = time.time()
             conn.execute(
                 f"UPDATE runs SET {', '.join(f'{c} = :{c}' for c in _COLUMNS)} WHERE run_id = :run_id", row
             )
         return record
+
+    def replace_all(self, records: list[RunRecord]) -> None:
+        """Make the registry hold exactly `records`, as they are (timestamps included), in one transaction."""
+        placeholders = ", ".join(f":{c}" for c in _COLUMNS)
+        with self._write() as conn:
+            conn.execute("DELETE FROM runs")
+            conn.executemany(
+                f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
+                [r.to_row() for r in records],
+            )
 
     # -- reading ---------------------------------------------------------------------------------
     def get(self, run_id: str) -> RunRecord | None:

@@ -1,5 +1,8 @@
 """The report: tables and plots generated only from the run registry, comparing like with like.
 
+(Over 400 lines on purpose: the tables and the plots share one grouping of the runs into grid
+points and modes, and read the same per-example results; split plots off when they grow.)
+
 Nothing here is typed in by hand: every value comes from a succeeded run's registry row and the
 per-example results its evaluation logged, and every row carries its runs' provenance. Published
 numbers enter only through a user CSV whose rows each name their citation. Runs of the two data
@@ -69,7 +72,15 @@ MODE_NAMES = {
 def build_report(
     registry_path: str | Path, out_dir: str | Path, *, published_csv: str | Path | None = None
 ) -> list[Path]:
-    """Write the report for every succeeded run in the registry; return the written paths."""
+    """Write the report for every succeeded run in the registry; return the written paths.
+
+    The registry of a sweep directory is first rebuilt from the sweep's run records (the records
+    are the truth; the registry is their index)."""
+    from modelzoo_ext.study.sweep import REGISTRY_FILE, rebuild_index
+
+    sweep_dir = Path(registry_path).parent
+    if Path(registry_path).name == REGISTRY_FILE and (sweep_dir / "sweep.json").is_file():
+        rebuild_index(sweep_dir)
     if not Path(registry_path).is_file():
         raise UserError(
             "registry not found", where=str(registry_path), fix="run `sparse-lora sweep run` first"
@@ -243,11 +254,27 @@ def _paired(
     if metric == HELDOUT_METRIC:
         sums_a = np.mean([[x[k][0] for k in keys] for x in scores_a], axis=0)
         sums_b = np.mean([[x[k][0] for k in keys] for x in scores_b], axis=0)
-        tokens = np.array([scores_a[0][k][1] for k in keys])
+        runs = [a[s].run_id for s in seeds] + [b[s].run_id for s in seeds]
+        tokens = _same_tokens(dict(zip(runs, scores_a + scores_b, strict=True)), keys)
         return stats.paired_ratio_difference(sums_a, sums_b, tokens), seeds
     mean_a = np.mean([[x[k] for k in keys] for x in scores_a], axis=0)
     mean_b = np.mean([[x[k] for k in keys] for x in scores_b], axis=0)
     return stats.paired_difference(mean_a, mean_b), seeds
+
+
+def _same_tokens(scores: dict[str, dict[str, Any]], keys: list[str]) -> np.ndarray:
+    """The completion tokens of each shared held-out example, which every paired run must have scored
+    alike (else they were evaluated on differently tokenised data, and a per-token difference is void)."""
+    (first, reference), *others = scores.items()
+    tokens = [reference[k][1] for k in keys]
+    for run_id, theirs in others:
+        differ = next((k for k, t in zip(keys, tokens, strict=True) if theirs[k][1] != t), None)
+        if differ is not None:
+            raise UserError(
+                f"runs {first} and {run_id} scored different tokens for held-out example {differ}",
+                fix="evaluate both on the same held-out data (one `data prepare --split heldout` output)",
+            )
+    return np.array(tokens)
 
 
 def paired_rows(runs: list[RunRecord], protocol: str) -> list[dict[str, Any]]:

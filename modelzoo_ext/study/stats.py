@@ -40,10 +40,6 @@ class Estimate:
     n: int
     method: str
 
-    @property
-    def half_width(self) -> float:
-        return (self.high - self.low) / 2
-
     def covers(self, x: float) -> bool:
         return self.low <= x <= self.high
 

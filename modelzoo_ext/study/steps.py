@@ -7,6 +7,9 @@ the echoed command line) decides what happens next:
                timeouts -> retried with exponential backoff
     stop       disk full, quota exceeded -> `SweepStopped`: every further run would fail too
     permanent  anything else -> `StepFailed` at once
+
+`run_step` is what the sweep calls: one step under a `StepPolicy` (attempts, first backoff),
+with a progress line saying what runs where (each step's own progress bar stays in its log).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import shlex
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -104,3 +108,32 @@ def run_with_retries(
             raise StepFailed(f"{kind} failure after {attempt} attempt(s) (see {log_path})")
         sleep(backoff_s * 2 ** (attempt - 1))
     raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class StepPolicy:
+    """How a sweep step is retried: at most `max_attempts` tries, waiting `backoff_s`, doubled each time."""
+
+    max_attempts: int = 4
+    backoff_s: float = 30.0
+
+
+def step_name(command: list[str]) -> str:
+    """`masks compute`, `gpu_reference.train`, `cszoo`, ... for progress lines."""
+    if "modelzoo_ext.cli" in command:
+        words = command[command.index("modelzoo_ext.cli") + 1 :][:2]
+        return " ".join(w for w in words if not w.startswith("-"))
+    if "-m" in command:
+        return command[command.index("-m") + 1]
+    return Path(command[0]).name
+
+
+def run_step(command: list[str], log: Path, policy: StepPolicy) -> int:
+    """One logged, retried step with a progress line before and after; returns the attempts used."""
+    from tqdm import tqdm
+
+    started = time.time()
+    tqdm.write(f"[{time.strftime('%H:%M:%S')}] {step_name(command)} -> {log}")
+    attempts = run_with_retries(command, log, max_attempts=policy.max_attempts, backoff_s=policy.backoff_s)
+    tqdm.write(f"[{time.strftime('%H:%M:%S')}]   done in {time.time() - started:.0f} s")
+    return attempts

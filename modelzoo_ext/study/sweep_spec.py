@@ -14,12 +14,14 @@
     eval: {device: cuda, limit: null}
 
 See `modelzoo_ext/study/examples/` and docs/experiments.md. Unknown keys are errors; relative paths
-are resolved against the YAML file's folder. Everything is checked when the file is loaded
+are resolved against the YAML file's folder; the names that become run ids and paths (model keys,
+tasks, methods, structures) must be plain (letters, digits, `._-`). Everything is checked when the file is loaded
 (`load_sweep`), so `sweep plan` refuses a bad grid before it writes anything.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -138,6 +140,26 @@ def _validation_error(exc: ValidationError, path: Path) -> UserError:
     return UserError(f"sweep file: {first['msg']}", where=f"{path}: {'.'.join(map(str, first['loc']))}")
 
 
+PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _check_names(spec: SweepSpec, path: Path) -> None:
+    """Names that become run ids, directories and asset files must be plain: letters, digits and
+    `._-` (not `.` or `..`), so that none can nest, leave the sweep directory or be read as shell text."""
+    names = [("model key", "models", m) for m in spec.models] + [("task", "tasks", t) for t in spec.tasks]
+    for method, structure in spec.method_structures:  # `2:4` is written `2of4` in run ids and paths
+        names += [
+            ("method", "method_structures", method),
+            ("structure", "method_structures", structure.replace(":", "of")),
+        ]
+    for kind, key, name in names:
+        if not PLAIN_NAME.fullmatch(name) or name in (".", ".."):
+            raise UserError(
+                f"{kind} {name!r} is not a plain name", where=f"{path}: {key}",
+                fix="use letters, digits, '.', '_' and '-' only (it names run directories and files)",
+            )  # fmt: skip
+
+
 def _check_points(spec: SweepSpec, path: Path) -> None:
     """Every (method, structure) must be computable; unknown names are refused now, not hours later."""
     from modelzoo_ext.masks.compute import MaskRequest
@@ -221,6 +243,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     except ValidationError as exc:
         raise _validation_error(exc, path) from exc
     spec = _resolved(spec, path.parent.resolve())
+    _check_names(spec, path)
     _check_points(spec, path)
     _check_models(spec, path)
     if spec.data.protocol == "official" and spec.data.source == "bundled":

@@ -17,11 +17,11 @@ read both columns with their padding policy), never the ratio of the two as a ha
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from modelzoo_ext.loss_log import loss_log_path, read_loss_log
+from modelzoo_ext.study.params_paths import train_dataloader
 
 PADDING_POLICY = {
     "gpu": "trimmed after each batch's last loss position; LM head at loss positions only",
@@ -53,10 +53,9 @@ def _count(row: dict[str, Any], what: str) -> int:
 
 def reference_throughput(metrics_path: Path, backend: str) -> dict[str, Any] | None:
     """Totals over the training steps of a gpu_reference `metrics.jsonl` (None when it is absent)."""
-    if not metrics_path.is_file():
-        return None
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    steps = [r for r in rows if r.get("split", "train") == "train" and "time_s" in r]
+    from gpu_reference.metrics import read_metrics
+
+    steps = [r for r in read_metrics(metrics_path) if r.get("split", "train") == "train" and "time_s" in r]
     if not steps:
         return None
     tokens = sum(_count(r, "tokens") for r in steps)
@@ -79,7 +78,7 @@ def cs_throughput(model_dir: Path, params: dict[str, Any]) -> dict[str, Any] | N
     times = cs_step_times(loss_log_path(model_dir))
     if not times:
         return None
-    loader = DataLoaderSection(**params["trainer"]["fit"]["train_dataloader"])  # ModelZoo's defaults
+    loader = DataLoaderSection(**train_dataloader(params))  # ModelZoo's defaults
     dataset = SampleDataset(loader.data_dir)
     batches = global_batches(
         len(dataset), loader.batch_size, loader.shuffle, loader.shuffle_seed, loader.drop_last

@@ -1,0 +1,62 @@
+"""One grid point's stage in its own process: what a job-array task runs.
+
+    python -m modelzoo_ext.study.sweep.task --sweep DIR --run RUN_ID --stage train|eval|all \\
+        [--max-attempts 4] [--backoff-s 30]
+
+It loads the run's plan (`DIR/sweep.json`, `DIR/runs/RUN_ID/run.json`), calls
+`executor.execute_stage` once, prints the outcome as one JSON line, and writes nothing but the
+run's own directory (and the shared assets it is missing). It never opens the registry database:
+`sweep status` or `report` rebuild that index from the records afterwards.
+
+Exit status: 0 the stage's work is done (now, or already before: `skipped`); 1 it failed, or
+`eval` was asked of a run not trained yet; 2 bad input (no such sweep or run); 3 stopped (disk full
+or quota exceeded: every further task would fail too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from modelzoo_ext.errors import UserError
+from modelzoo_ext.study.steps import StepPolicy
+from modelzoo_ext.study.sweep.executor import STAGES, execute_stage
+from modelzoo_ext.study.sweep.plan import load_plan
+
+EXIT_STATUS = {"trained": 0, "succeeded": 0, "skipped": 0, "failed": 1, "not_trained": 1, "stopped": 3}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The task's command line."""
+    p = argparse.ArgumentParser(
+        prog="python -m modelzoo_ext.study.sweep.task", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--sweep", required=True, metavar="DIR", help="the planned sweep directory")
+    p.add_argument(
+        "--run", required=True, metavar="RUN_ID", help="the run (its directory name under DIR/runs)"
+    )
+    p.add_argument(
+        "--stage", required=True, choices=STAGES, help="train: up to checked exports; eval; all: both"
+    )
+    p.add_argument("--max-attempts", type=int, default=4, help="tries per step for transient failures")
+    p.add_argument("--backoff-s", type=float, default=30.0, help="first retry delay, doubled each retry")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the stage; the exit status says how it ended (see the module doc)."""
+    args = parser().parse_args(argv)
+    try:
+        plan = load_plan(args.sweep, args.run)
+        outcome = execute_stage(plan, args.stage, policy=StepPolicy(args.max_attempts, args.backoff_s))
+    except UserError as exc:
+        print(f"sweep task: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    print(json.dumps(asdict(outcome), sort_keys=True), flush=True)
+    return EXIT_STATUS[outcome.result]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
