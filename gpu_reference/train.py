@@ -73,7 +73,7 @@ from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.data.hdf5 import SampleDataset, read_params
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.run_config import RunConfig, load_run_config
-from modelzoo_ext.versions import stack_versions
+from modelzoo_ext.versions import run_versions
 
 
 @dataclass
@@ -309,9 +309,9 @@ def run_loop(run: Run, progress: bool = True) -> float:
 
 # ----------------------------------------------------------------------------- save
 def _versions() -> dict[str, str | None]:
-    """The software stack (`modelzoo_ext.versions.stack_versions`: ModelZoo release, cerebras-pytorch,
-    transformers, lm-eval, ...; None where not installed) and Python."""
-    return {**stack_versions(), "python": sys.version.split()[0]}
+    """The software stack (`modelzoo_ext.versions.run_versions`: ModelZoo release, cerebras-pytorch,
+    transformers, lm-eval, torch's build, Python, git revision; None where not installed)."""
+    return run_versions()
 
 
 def finish(run: Run, last_loss: float) -> None:

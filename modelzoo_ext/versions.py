@@ -2,10 +2,12 @@
 
 On a Cerebras cluster the release is the cluster's, not the user's: the client's cerebras-pytorch
 and cerebras-appliance must match the appliance, and ModelZoo pins the libraries around them
-(transformers, lm-eval, datasets). `stack_versions()` is the one place that reads them; `sparse-lora
-modelzoo status` prints it, the reference trainer records it in `run.json`, so a number can always
-be traced to the release that produced it. It reads installed package metadata only
-(`importlib.metadata`): nothing is imported, and no `cerebras` module is touched.
+(transformers, lm-eval, datasets). `stack_versions()` is the one place that reads them (installed
+package metadata only, `importlib.metadata`: nothing is imported, and no `cerebras` module is
+touched); `sparse-lora modelzoo status` prints it. `run_versions()` adds what a run record needs
+beside it (Python, torch's build tag and CUDA, this project's git revision): the reference trainer's
+`run.json` and every sweep run's record take their versions from it, so a number can always be
+traced to the release that produced it.
 
 `release_warning()` says when the installed ModelZoo release is not one this package was tested
 with (a warning, never a refusal: the APIs it uses were unchanged from 2.6 to 2.10), or when
@@ -14,7 +16,10 @@ cerebras-pytorch is not the release ModelZoo pins.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from importlib import metadata
+from pathlib import Path
 
 # Reported name -> distribution name, in the order printed.
 STACK_DISTRIBUTIONS: dict[str, str] = {
@@ -70,3 +75,27 @@ def release_warning(versions: dict[str, str | None]) -> str | None:
             "of your cluster's release, as ModelZoo's requirements.txt pins it"
         )
     return None
+
+
+def git_revision() -> str:
+    """This project's git revision (with `-dirty` when the tree has changes), or `unknown` (not a checkout)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def run_versions() -> dict[str, str | None]:
+    """`stack_versions()` plus Python, torch's version with its build tag (`2.4.0+cu121`: the package
+    metadata says `2.4.0`) and the CUDA it was built for (None: a CPU build), and the git revision."""
+    versions = {**stack_versions(), "python": sys.version.split()[0], "git_revision": git_revision()}
+    if versions["torch"] is not None:
+        import torch
+
+        versions.update(torch=torch.__version__, torch_cuda=torch.version.cuda)
+    return versions

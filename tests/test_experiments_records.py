@@ -179,7 +179,7 @@ def test_local_runner_and_tasks_give_the_same_report(tmp_path, tiny_llama_dir):
     s2s = read_record(tasks / "runs" / "tiny__boolq__magnitude__unstructured__s50__s2s__cpu__seed0")
     assert s2s.status == "succeeded" and s2s.versions["train"]["torch"] == torch.__version__
     assert (
-        s2s.versions["eval"]["transformers"] == transformers.__version__ and s2s.versions["eval"]["lm_eval"]
+        s2s.versions["eval"]["transformers"] == transformers.__version__ and s2s.versions["eval"]["lm-eval"]
     )
     export = "runs/tiny__boolq__magnitude__unstructured__s50__s2s__cpu__seed0/train/merged/model.safetensors"
     assert s2s.checksums[export] == f"sha256:{file_sha256(tasks / export)}"

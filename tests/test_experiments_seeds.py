@@ -14,7 +14,7 @@ from gpu_reference.data import global_batches
 from gpu_reference.model import load_hf_model
 from gpu_reference.train import train
 from modelzoo_ext.run_config import SparseLoRAConfig
-from modelzoo_ext.run_config import params as rc
+from modelzoo_ext.run_config import trainer_yaml as rc
 from modelzoo_ext.sparse_lora import apply_sparse_lora_, lora_state_dict
 from modelzoo_ext.study.grid import derived_seeds
 

@@ -29,7 +29,7 @@ from gpu_reference.model import open_base
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.run_config import check_architecture, hf_to_cs_model_config, load_run_config
 from modelzoo_ext.run_config.modelzoo_fields import MODELZOO_DEFAULTS
-from modelzoo_ext.run_config.params import set_mode
+from modelzoo_ext.run_config.trainer_yaml import set_mode
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_configs"

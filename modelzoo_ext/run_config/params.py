@@ -12,9 +12,7 @@ naming the key. The `model:` section's architecture keys are read once, as Model
 (`RunConfig.model_section`, a `NormalisedModelSection`: either spelling of a key, ModelZoo's
 defaults); the architecture check compares them with the HF model.
 
-The raw YAML helpers and the one-setting accessors live in `modelzoo_ext.run_config.trainer_yaml`;
-the names imported from it below keep `run_config.params.set_mode` & co. working for callers
-written before the split.
+The raw YAML helpers and the one-setting accessors live in `modelzoo_ext.run_config.trainer_yaml`.
 """
 
 from __future__ import annotations
@@ -28,22 +26,7 @@ from modelzoo_ext.errors import UserError
 from modelzoo_ext.run_config.migrate import is_lora_callback, lora_callback_refusal
 from modelzoo_ext.run_config.model_section import NormalisedModelSection, normalise_model_section
 from modelzoo_ext.run_config.sparse_lora_block import SparseLoRAConfig
-from modelzoo_ext.run_config.trainer_yaml import (  # noqa: F401 (re-exported, see the docstring)
-    ensure_callback,
-    find_model_section,
-    load_yaml,
-    set_backend,
-    set_base_checkpoint,
-    set_max_steps,
-    set_mode,
-    set_model_dir,
-    set_output,
-    set_seeds,
-    set_training_data,
-    train_batch_size,
-    trainer_yaml_model_section,
-    write_yaml,
-)
+from modelzoo_ext.run_config.trainer_yaml import load_yaml
 
 # ModelZoo callbacks that observe a run without changing what it computes.
 OBSERVING_CALLBACKS = {

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from modelzoo_ext.loss_log import loss_log_path, read_loss_log
-from modelzoo_ext.study.params_paths import train_dataloader
+from modelzoo_ext.run_config.trainer_yaml import train_dataloader
 
 PADDING_POLICY = {
     "gpu": "trimmed after each batch's last loss position; LM head at loss positions only",

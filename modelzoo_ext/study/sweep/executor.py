@@ -39,8 +39,7 @@ from typing import Any, Literal
 
 from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.run_config import params as rc
-from modelzoo_ext.study.params_paths import planned_max_steps
+from modelzoo_ext.run_config import trainer_yaml as rc
 from modelzoo_ext.study.registry import RunRecord
 from modelzoo_ext.study.steps import StepFailed, StepPolicy, SweepStopped, run_step
 from modelzoo_ext.study.sweep.assets import AssetBuilder
@@ -53,7 +52,7 @@ from modelzoo_ext.study.sweep.records import (
     update_record,
     write_record,
 )
-from modelzoo_ext.study.versions import git_revision, software_versions
+from modelzoo_ext.versions import git_revision, run_versions
 
 Stage = Literal["all", "train", "eval"]
 STAGES: tuple[Stage, ...] = ("all", "train", "eval")
@@ -135,7 +134,7 @@ def _train_stage(plan: RunPlan, policy: StepPolicy) -> None:
     update_record(
         plan.run_dir, status="trained", mask_sha256=mask_sha, artifacts={k: v for k, v in artifacts.items() if v},
         throughput=throughput or {}, throughput_tokens_per_s=(throughput or {}).get("tokens_per_s"),
-        checksums=checksums, versions={"train": software_versions()},
+        checksums=checksums, versions={"train": run_versions()},
     )  # fmt: skip
 
 
@@ -155,7 +154,7 @@ def _eval_stage(plan: RunPlan, policy: StepPolicy) -> None:
     update_record(
         plan.run_dir, status="succeeded", metrics=metrics, finished_at=time.time(),
         artifacts={"eval": str(results), "samples": str(samples)},
-        checksums=artifact_checksums(plan.sweep_dir, [results, samples]), versions={"eval": software_versions()},
+        checksums=artifact_checksums(plan.sweep_dir, [results, samples]), versions={"eval": run_versions()},
     )  # fmt: skip
 
 
@@ -170,7 +169,7 @@ def _finalise_length(plan: RunPlan) -> None:
     examples = len(SampleDataset(plan.assets.data))
     batch = rc.train_batch_size(params)
     steps = max(1, math.floor(length.epochs * examples / batch))
-    if planned_max_steps(params) != steps:
+    if rc.max_steps(params) != steps:
         rc.set_max_steps(params, steps)
         rc.write_yaml(plan.params_path, params)
     train_length = {"epochs": length.epochs, "examples": examples, "batch_size": batch, "max_steps": steps}

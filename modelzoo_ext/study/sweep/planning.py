@@ -18,7 +18,7 @@ from typing import Any
 
 from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.run_config import load_yaml
-from modelzoo_ext.run_config import params as rc
+from modelzoo_ext.run_config import trainer_yaml as rc
 from modelzoo_ext.study.grid import DATA_DRIVEN, SEED_ROLES, grid
 from modelzoo_ext.study.sweep.commands import command_script, train_command
 from modelzoo_ext.study.sweep.index import REGISTRY_FILE, rebuild_index
@@ -32,7 +32,7 @@ from modelzoo_ext.study.sweep.plan import (
 )
 from modelzoo_ext.study.sweep.records import planned_record, read_record, write_record
 from modelzoo_ext.study.sweep_spec import SweepSpec, load_sweep
-from modelzoo_ext.study.versions import git_revision
+from modelzoo_ext.versions import git_revision
 
 
 def run_params(spec: SweepSpec, point: dict[str, Any], assets: RunAssets, run_dir: Path) -> dict[str, Any]:
