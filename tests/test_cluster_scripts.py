@@ -300,21 +300,28 @@ def test_pbs_multinode_launcher_by_hand(tmp_path):
     sweep, nodes = tmp_path / "sweep", tmp_path / "nodefile"
     sweep.mkdir()
     nodes.write_text("x3001c0s1b0n0.hsn\nx3001c0s1b1n0.hsn\n")
-    sub = _sub("pbs", python="/soft/venv/bin/python",
-               train=StageResources(gpus_per_run=8, nodes_per_run=2))  # fmt: skip
+    python = "/soft/my venv/$(touch $HOSTILE_MARK)/python'"  # spaces, quotes, $(...) reach the task literally
+    sub = _sub("pbs", python=python, train=StageResources(gpus_per_run=8, nodes_per_run=2))
     run_list = _write_run_list(tmp_path / "train-0.runs", ["r0", "r1"])
     script = pbs.render_script(
         ArrayPlan("train-0", "train", ("r0", "r1")), sub, str(run_list), str(sweep), ENTRY
     )
-    env = {"PBS_ARRAY_INDEX": "1", "PBS_NODEFILE": str(nodes), "PBS_JOBID": "77[1].pbs01"}
+    mark = tmp_path / "mark"
+    env = {
+        "PBS_ARRAY_INDEX": "1",
+        "PBS_NODEFILE": str(nodes),
+        "PBS_JOBID": "77[1].pbs01",
+        "HOSTILE_MARK": str(mark),
+    }
     done = _run_by_hand(script, tmp_path, env)
     assert done.returncode == 0, done.stderr
     seen = json.loads((sweep / "runs" / "r1" / "train.env.json").read_text())
     assert launch.launcher_from_env(seen) == [
-        "mpiexec", "-n", "2", "--ppn", "1", "/soft/venv/bin/python", "-m", "torch.distributed.run",
+        "mpiexec", "-n", "2", "--ppn", "1", python, "-m", "torch.distributed.run",
         "--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=x3001c0s1b0n0.hsn:29501",
         "--rdzv-id=77[1].pbs01",
     ]  # fmt: skip
+    assert not mark.exists()
 
 
 def test_single_node_launcher_and_none_for_cpu():

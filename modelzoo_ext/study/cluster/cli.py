@@ -16,8 +16,12 @@ import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modelzoo_ext.errors import UserError
+
+if TYPE_CHECKING:
+    from modelzoo_ext.study.cluster.arrays import RunWork
 
 
 def register(subparsers: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
@@ -94,7 +98,7 @@ def _sweep_json(sweep_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def planned_work(sweep_dir: Path, backend: str):
+def planned_work(sweep_dir: Path, backend: str) -> list[RunWork]:
     """Each planned run's needs: trains here when its backend is `backend`; evaluation-only for mode none."""
     from modelzoo_ext.study.cluster.arrays import RunWork
 
