@@ -82,7 +82,7 @@ def _add_submit(sweep) -> None:
     p.add_argument("--eval-mem", help="memory per evaluation [--mem-per-node]")
     p.add_argument("--python", help="interpreter the tasks run, on a shared filesystem [this one]")
     p.add_argument("--pbs-gpu-resource", default="ngpus",
-                   help="PBS chunk resource counting GPUs, or `none` where nodes come whole (Polaris) [ngpus]")  # fmt: skip
+                   help="PBS chunk resource counting GPUs; `none` where nodes come whole (Polaris) [ngpus]")  # fmt: skip
     p.add_argument("--pbs-select", action="append", default=[], metavar="KEY=VALUE",
                    help="more items of the PBS select chunk, e.g. system=polaris (repeatable)")  # fmt: skip
     p.add_argument("--max-array-size", type=int, help="most tasks per array [SLURM 1001, PBS 10000]")
@@ -147,7 +147,8 @@ def _submission(args, sweep: dict):
     train = dict(time=args.time, gpus_per_run=gpus, nodes_per_run=args.nodes_per_run,
                  cpus_per_node=args.cpus_per_node, mem_per_node=args.mem_per_node)  # fmt: skip
     evaluation = dict(time=args.eval_time or args.time, gpus_per_run=eval_gpus,
-                      cpus_per_node=args.eval_cpus or args.cpus_per_node, mem_per_node=args.eval_mem or args.mem_per_node)  # fmt: skip
+                      cpus_per_node=args.eval_cpus or args.cpus_per_node,
+                      mem_per_node=args.eval_mem or args.mem_per_node)  # fmt: skip
     return build_submission(
         scheduler=args.scheduler, job_name=name, account=args.account, partition=args.partition,
         max_concurrent=args.max_concurrent, extra_directives=tuple(args.directive),
@@ -166,8 +167,10 @@ def _run_submit(args) -> int:
     sweep = _sweep_json(sweep_dir)
     submission = _submission(args, sweep)
     if importlib.util.find_spec(STAGE_ENTRY_MODULE) is None and not args.dry_run:
-        raise UserError(f"the per-run entry point {STAGE_ENTRY_MODULE} is not installed here: every task would fail",
-                        fix="install the version of this package that has it (or use --dry-run to see the scripts)")  # fmt: skip
+        raise UserError(
+            f"the per-run entry point {STAGE_ENTRY_MODULE} is not installed here: every task would fail",
+            fix="install the version of this package that has it (or use --dry-run to see the scripts)",
+        )
     result = submit(sweep_dir, planned_work(sweep_dir, args.backend), registry_done(sweep_dir), submission,
                     dry_run=args.dry_run)  # fmt: skip
     sel = result.selection

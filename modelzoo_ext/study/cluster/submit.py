@@ -97,8 +97,10 @@ def _latest_tasks(ledger: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any
     for rnd in ledger["rounds"]:
         for array in rnd["arrays"]:
             for index, run_id in enumerate(array["runs"]):
-                latest[(run_id, array["stage"])] = {"scheduler": rnd["scheduler"], "job_id": array["job_id"],
-                                                    "index": index, "array": array["name"], "round": rnd["round"]}  # fmt: skip
+                latest[(run_id, array["stage"])] = {
+                    "scheduler": rnd["scheduler"], "job_id": array["job_id"], "index": index,
+                    "array": array["name"], "round": rnd["round"],
+                }  # fmt: skip
     return latest
 
 
