@@ -127,11 +127,16 @@ wait_node_idle() {
 }
 
 start() {
+    if is_up; then # a running cluster needs no root to be reused
+        echo "slurm_local_cluster: already running ($CONF)" >&2
+        echo "$CONF"
+        return 0
+    fi
     [ "$(id -u)" -eq 0 ] || die "starting munged/slurmctld/slurmd needs root (point SLURM_CONF at a running cluster instead)" 3
     mkdir -p "$STATE_DIR"
     exec 9>"$STATE_DIR/lock"
     flock -w 120 9 || die "another start holds $STATE_DIR/lock"
-    if is_up; then
+    if is_up; then # started by whoever held the lock
         echo "slurm_local_cluster: already running ($CONF)" >&2
         echo "$CONF"
         return 0
