@@ -20,6 +20,7 @@ from modelzoo_ext.data import cli as data_cli
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.masks import cli as masks_cli
 from modelzoo_ext.study import cli as study_cli
+from modelzoo_ext.study.cluster import cli as cluster_cli
 
 # Order matters: a module may extend a group registered by an earlier one.
 COMMAND_MODULES = (
@@ -29,6 +30,7 @@ COMMAND_MODULES = (
     data_cli,  # data prepare
     reference_trainer_cli,  # train, parity
     study_cli,  # eval, sweep plan|run|status, report, demo
+    cluster_cli,  # sweep submit|jobs|cancel (SLURM / PBS job arrays)
 )
 
 

@@ -5,12 +5,16 @@ Markers (declared in pyproject.toml):
 - `cs`: needs cerebras-pytorch; skipped with the reason.
 - `gpu`: needs CUDA; skipped otherwise.
 - `slow`: excluded from `make test`, run by `make test-slow`.
+- `slurm`: needs a real SLURM cluster: the `slurm_cluster` fixture reuses the one SLURM_CONF names
+  or starts one with scripts/slurm_local_cluster.sh, and skips with the reason where it cannot.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -50,6 +54,35 @@ def pytest_collection_modifyitems(config, items):
         for marker, (skip, reason) in SKIP_REASONS.items():
             if skip and item.get_closest_marker(marker):
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+SLURM_CLUSTER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_local_cluster.sh"
+
+
+def _slurm_answers(conf: str | None) -> bool:
+    if not conf or not shutil.which("scontrol"):
+        return False
+    env = {**os.environ, "SLURM_CONF": conf}
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, env=env, timeout=30)
+    return ping.returncode == 0 and "is UP" in ping.stdout
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> str:
+    """The slurm.conf of a reachable cluster, exported as SLURM_CONF for the session: the one
+    SLURM_CONF already names (e.g. started by .ci/run), else one started (or reused) by
+    scripts/slurm_local_cluster.sh. Skips with the script's reason where none can run."""
+    conf = os.environ.get("SLURM_CONF")
+    if not _slurm_answers(conf):
+        started = subprocess.run(
+            [str(SLURM_CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=600
+        )
+        if started.returncode != 0:
+            reason = (started.stderr.strip().splitlines() or ["no reason given"])[-1]
+            pytest.skip(f"no SLURM cluster: {reason}")
+        conf = started.stdout.strip().splitlines()[-1]
+    os.environ["SLURM_CONF"] = conf
+    return conf
 
 
 def get_cstorch_cpu_backend():
