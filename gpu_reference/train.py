@@ -59,8 +59,9 @@ from gpu_reference.checkpoint import (
 )
 from gpu_reference.data import collate, global_batches, rank_slice
 from gpu_reference.distributed import check_fsdp_request, load_lora_factors_, lora_factors, shard_frozen_base
+from gpu_reference.evaluate import validation_loss
 from gpu_reference.export import export_run, whole_model
-from gpu_reference.loss import RouterLoss, validation_loss
+from gpu_reference.loss import RouterLoss
 from gpu_reference.metrics import MetricsWriter, peak_memory_bytes
 from gpu_reference.model import BaseModel, load_hf_model, load_masks, open_base
 from gpu_reference.optim import build_optimizer
