@@ -23,8 +23,11 @@ tokenizer. `--model llama-1b`: a random Llama of Llama-3.2-1B's shape (16 layers
 8192, 32/8 heads; SmolLM2's vocabulary of 49,152, so the same data), pruned by 50% random masks.
 
 Each variant runs in its own process, one after another, repeated `--repeats` times in rotating
-order (the machine is shared: the table gives medians and `uptime` before and after). Columns:
-tokens/s over the timed steps (tokens = each sample up to its last loss token, the same batches
+order (the machine is shared: the table gives medians and `uptime` before and after). On the CPU
+each process runs `--threads` torch threads (default 1) and the step's process CPU time is
+measured beside its wall time: on a machine shared with other jobs, tokens per CPU-second compare
+the variants' work where wall time mostly measures the other jobs. Columns:
+tokens/s (wall, and per CPU-second on the CPU) over the timed steps (tokens = each sample up to its last loss token, the same batches
 for all variants), the median step time, and the peak memory during training: on the CPU the
 process's peak RSS (the kernel's high-water mark reset once the model is built,
 `/proc/self/clear_refs`; Linux only), with the RSS when training starts; on a GPU
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -168,13 +172,27 @@ def write_params(path: Path, paths: dict[str, Path], mode: str, args) -> Path:
 
 
 def run_reference(mode: str, paths: dict[str, Path], args) -> dict:
-    """gpu_reference's setup, then its loop, timed by its own metrics (time_s per step)."""
+    """gpu_reference's setup, then its loop, timed by its own metrics (time_s per step) and by the
+    process CPU time of each `train_step` call."""
     import shutil
     import tempfile
 
+    import gpu_reference.train as recipe
     from gpu_reference.metrics import read_metrics
     from gpu_reference.train import run_loop, setup
     from gpu_reference.train_args import MemoryOptions
+
+    cpu_times: list[float] = []
+    step = recipe.train_step
+
+    def timed_step(*a, **k):  # the recipe's own step, with its CPU time kept
+        start = time.process_time()
+        try:
+            return step(*a, **k)
+        finally:
+            cpu_times.append(time.process_time() - start)
+
+    recipe.train_step = timed_step
 
     work = Path(tempfile.mkdtemp(prefix=f"e2e_{mode}_"))
     try:
@@ -184,8 +202,8 @@ def run_reference(mode: str, paths: dict[str, Path], args) -> dict:
         run_loop(run, progress=False)
         rows = [r for r in read_metrics(work / "run" / "metrics.jsonl") if "split" not in r][args.warmup :]
         return {"tokens": [r["tokens"] for r in rows], "times": [r["time_s"] for r in rows],
-                "losses": [r["loss"] for r in rows], "start": start, "peak": peak(args.device),
-                "plan_total": run.memory.plan.total}  # fmt: skip
+                "cpu_times": cpu_times[args.warmup :], "losses": [r["loss"] for r in rows], "start": start,
+                "peak": peak(args.device), "plan_total": run.memory.plan.total}  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -236,15 +254,17 @@ def run_peft_trainer(paths: dict[str, Path], args) -> dict:
     )
     samples = hf_samples(paths, args)
     times: list[float] = []
+    cpu_times: list[float] = []
 
     class StepTimes(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             if args.device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
+            cpu_times.append(time.process_time() - self.c0)
 
     class InOrder(Trainer):  # the reference's sample order (the batches were laid out in it)
         def _get_train_sampler(self, *a, **k):
@@ -269,16 +289,19 @@ def run_peft_trainer(paths: dict[str, Path], args) -> dict:
         samples[i * args.batch_size : (i + 1) * args.batch_size] for i in range(args.warmup + args.steps)
     ]
     tokens = [sum(len(s["input_ids"]) - 1 for s in batch) for batch in per_step][args.warmup :]
-    return {"tokens": tokens, "times": times[args.warmup :], "losses": losses[args.warmup :],
-            "start": start, "peak": peak_bytes}  # fmt: skip
+    return {"tokens": tokens, "times": times[args.warmup :], "cpu_times": cpu_times[args.warmup :],
+            "losses": losses[args.warmup :], "start": start, "peak": peak_bytes}  # fmt: skip
 
 
 def summary(results: list[dict]) -> dict:
     """Medians over the repeats of tokens/s, step time, peak and start RSS."""
     rates = [sum(r["tokens"]) / sum(r["times"]) for r in results]
+    cpu_rates = [sum(r["tokens"]) / sum(r["cpu_times"]) for r in results]
     return {
         "tokens_per_s": statistics.median(rates),
         "rates": rates,
+        "tokens_per_cpu_s": statistics.median(cpu_rates),
+        "cpu_rates": cpu_rates,
         "step_s": statistics.median(statistics.median(r["times"]) for r in results),
         "peak": statistics.median(r["peak"] for r in results),
         "start": statistics.median(r["start"] for r in results),
@@ -302,11 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", choices=MODELS, default="smollm2")
     parser.add_argument("--json", type=Path, help="also write the table's numbers here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process on the CPU [1]")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child: one run, JSON out
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     paths = prepare(args.work, args.max_seq_length, args.model)
     if args.variant:
+        if args.device == "cpu":
+            import torch
+
+            torch.set_num_threads(args.threads)
         result = (
             run_peft_trainer(paths, args)
             if args.variant == "peft_trainer"
@@ -320,8 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         for variant in VARIANTS[repeat % 3 :] + VARIANTS[: repeat % 3]:  # rotate: load hits all alike
             cmd = [sys.executable, __file__, "--variant", variant, "--work", str(args.work), "--batch-size",
                    str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--max-seq-length", str(args.max_seq_length), "--device", args.device, "--model", args.model]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                   "--max-seq-length", str(args.max_seq_length), "--device", args.device, "--model", args.model,
+                   "--threads", str(args.threads)]  # fmt: skip
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.device == "cpu" else None
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return 1
@@ -348,13 +378,15 @@ def print_table(table: dict, args, before: str) -> None:
     print(f"{what}, BoolQ train part, batch {args.batch_size}, {precision} on {args.device}, "
           f"{args.steps} timed steps after {args.warmup}, medians of {args.repeats} repeats")  # fmt: skip
     print(f"load before: {before}\nload after:  {uptime()}")
-    print(f"{'variant':<13} {'tokens/s':>9} {'vs Trainer':>10} {'step s':>7} {memory + ' MiB':>17} {'vs Trainer':>10} "
-          f"{'at start MiB':>13} {'plan MiB':>9}  tokens/s of each repeat")  # fmt: skip
+    print(f"{'variant':<13} {'tokens/s':>9} {'vs Trainer':>10} {'tok/CPU-s':>10} {'vs Trainer':>10} {'step s':>7} "
+          f"{memory + ' MiB':>17} {'vs Trainer':>10} {'at start MiB':>13} {'plan MiB':>9}  tokens/s, tokens/CPU-s of each repeat")  # fmt: skip
     for variant, r in table.items():
         plan = f"{r['plan_total'] / 2**20:.0f}" if r.get("plan_total") else "-"
         print(f"{variant:<13} {r['tokens_per_s']:>9.1f} {r['tokens_per_s'] / base['tokens_per_s']:>10.3f} "
+              f"{r['tokens_per_cpu_s']:>10.1f} {r['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:>10.3f} "
               f"{r['step_s']:>7.2f} {r['peak'] / 2**20:>17.1f} {r['peak'] / base['peak']:>10.3f} "
-              f"{r['start'] / 2**20:>13.1f} {plan:>9}  {', '.join(f'{x:.1f}' for x in r['rates'])}")  # fmt: skip
+              f"{r['start'] / 2**20:>13.1f} {plan:>9}  {', '.join(f'{x:.1f}' for x in r['rates'])}; "
+              f"{', '.join(f'{x:.1f}' for x in r['cpu_rates'])}")  # fmt: skip
 
 
 if __name__ == "__main__":

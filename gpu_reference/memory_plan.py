@@ -57,9 +57,10 @@ OPTIMIZER_STATE_BYTES = {"AdamW": 8, "SGD": 4}
 LOGITS_BYTES_PER_POSITION_AND_VOCAB = 16
 # Gradients of the hidden states alive during backward, per token (float32, a few at a time).
 HIDDEN_GRAD_BYTES_PER_TOKEN_AND_WIDTH = 12
-# One target layer's backward temporaries per weight: W_eff / W*M and the masked gradient
-# G = g^T x (float32) for s2s; W*M and its cast for s2d.
-WEIGHT_TEMPORARY_BYTES = {"sparse_to_sparse": 16, "sparse_to_dense": 8}
+# One target layer's backward temporaries per weight of the largest target: s2s recomputes
+# W_eff = (W + s B A) * M and forms the masked gradient G = g^T x (float32; ~10 bytes measured on
+# the CPU, benchmarks/memory_plan.py); s2d recomputes W*M only on an unpruned base (4 bytes).
+WEIGHT_TEMPORARY_BYTES = {"sparse_to_sparse": 11, "sparse_to_dense": 4}
 
 
 @dataclass(frozen=True)
