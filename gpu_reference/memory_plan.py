@@ -267,7 +267,7 @@ class MemoryPlan:
         lines.append(f"{'total':<44} {_gib(self.total):>8}{device}: {verdict}")
         for what, total in self.levers_:
             verdict = "fits" if total <= (self.device_memory or 0) else "does not fit"
-            lines.append(f"  lever: {what:<40} {_gib(total):>8} GiB: {verdict}")
+            lines.append(f"  lever: {what:<48} {_gib(total):>8} GiB: {verdict}")
         return "\n".join(lines)
 
     def as_record(self) -> dict[str, Any]:
@@ -464,7 +464,7 @@ def plan_memory(
     terms = _terms(params, shape, options, seq, mask_densities, batch_per_rank)
     plan = MemoryPlan(shape.architecture, options, terms, device_memory, device_memory_source, seq)
     if plan.fits is False:
-        plan = replace(plan, levers_=tuple(_levers(params, shape, options, seq, mask_densities)))
+        plan = replace(plan, levers_=tuple(_levers(params, shape, options, seq, mask_densities, plan.total)))
     return plan
 
 
@@ -477,7 +477,8 @@ def _alternatives(options: PlanOptions) -> list[tuple[str, PlanOptions]]:
     if not options.activation_checkpointing:
         out.append(("--activation-checkpointing", replace(options, activation_checkpointing=True)))
     if len(out) == 2:
-        out.append(("both of these", replace(options, micro_batch_size=1, activation_checkpointing=True)))
+        out.append(("--micro-batch-size 1 --activation-checkpointing",
+                    replace(options, micro_batch_size=1, activation_checkpointing=True)))  # fmt: skip
     if not options.fsdp and options.world_size > 1:
         out.append((f"--fsdp (over the {options.world_size} ranks)", replace(options, fsdp=True)))
     if options.world_size < 8:
