@@ -492,15 +492,17 @@ def _alternatives(options: PlanOptions) -> list[tuple[str, PlanOptions]]:
     return out
 
 
-def _levers(cfg, shape, options, seq, densities) -> list[tuple[str, int]]:
-    """(change, total bytes) of each alternative, those that fit the device first."""
+def _levers(cfg, shape, options, seq, densities, current: int) -> list[tuple[str, int]]:
+    """(change, total bytes) of each alternative that lowers the total, smallest first."""
     found = []
     for what, alternative in _alternatives(options):
         per_rank = max(1, cfg.fit.train_dataloader.batch_size // alternative.world_size)
         alternative = replace(
             alternative, micro_batch_size=min(alternative.micro_batch_size or per_rank, per_rank)
         )
-        found.append((what, sum(t.bytes for t in _terms(cfg, shape, alternative, seq, densities, per_rank))))
+        total = sum(t.bytes for t in _terms(cfg, shape, alternative, seq, densities, per_rank))
+        if total < current:
+            found.append((what, total))
     return sorted(found, key=lambda item: item[1])
 
 
