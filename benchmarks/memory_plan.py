@@ -6,7 +6,7 @@
 
 Measured (default): random Llamas of widths 512-2048 and 2-8 layers (MLP 3.5 x width, 64-wide
 heads, 2 query heads per key/value head, vocabulary 8192), pruned by 50% random masks, sparse LoRA
-r 16 on all 7 projections, float32 on the CPU, one `gpu_reference.step.train_step` (AdamW) of 2
+r 16 on all 7 projections with the masks held as bits (as the trainer holds them), float32 on the CPU, one `gpu_reference.step.train_step` (AdamW) of 2
 samples x 256 tokens. The models of one mode run one after another in one process with
 `MALLOC_MMAP_THRESHOLD_=65536`, so freed tensors leave the RSS and the RSS follows what torch
 holds (each model is freed before the next is built). Columns:
@@ -110,7 +110,7 @@ def measure(width: int, layers: int, mode: str) -> dict:
             with torch.no_grad():
                 p.mul_(masks[name])
     apply_sparse_lora_(model, SparseLoRAConfig(mode=mode, r=16, alpha=32.0, target_modules=TARGETS,
-                                               mask_path="m"), masks, mask_base_in_forward="auto")  # fmt: skip
+                                               mask_path="m"), masks, mask_base_in_forward="auto", pack_mask=True)  # fmt: skip
     del masks
     model.train()
     weights = _status_bytes("VmRSS") - before_model
@@ -196,18 +196,6 @@ def print_row(r: dict, header: bool) -> None:
           f"{r['step'] / r['plan_step']:>6.3f}", flush=True)  # fmt: skip
 
 
-# Beyond 1 and 8 GPUs of 80 GB without and with checkpointing: what makes Mixtral-8x7B fit.
-EXTRA_ROWS = {"Mixtral-8x7B": [dict(gpus=8, checkpointing=True, bf16_base=True, memory_gb=80),
-                               dict(gpus=8, checkpointing=True, bf16_base=False, memory_gb=141)]}  # fmt: skip
-
-
-def flagship_rows(model: str) -> list[dict]:
-    rows = [
-        dict(gpus=g, checkpointing=c, bf16_base=False, memory_gb=80) for g in (1, 8) for c in (False, True)
-    ]
-    return rows + EXTRA_ROWS.get(model, [])
-
-
 def flagship_table(data: str | None) -> None:
     """`plan_memory` of each flagship on 1 and 8 GPUs of 80 GB, `auto` micro-batch."""
     from gpu_reference.data import sequence_stats
@@ -216,9 +204,9 @@ def flagship_table(data: str | None) -> None:
 
     sequences = sequence_stats(data) if data else None
     print(f"sequences: {sequences.source if sequences else 'each file worst case: max_position_embeddings tokens, every position a loss token'}")  # fmt: skip
-    print("device: 80 GB (80e9 bytes = 74.5 GiB) per GPU unless stated; masks at 50% sparsity; micro-batch: auto (the largest that fits)")  # fmt: skip
-    print("| model | GPUs | checkpointing | base dtype | micro-batch | base | masks | LoRA+AdamW | activations | transient | reserve | total GiB | fits |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("device: 80 GB (80e9 bytes = 74.5 GiB) per GPU; float32 base; masks at 50% sparsity; micro-batch: auto (the largest that fits)")  # fmt: skip
+    print("| model | GPUs | checkpointing | micro-batch | base | masks | LoRA+AdamW | activations | transient | reserve | total GiB | fits |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, (params, fixture) in FLAGSHIPS.items():
         cfg = load_run_config(REPO / "model_configs" / params)
         config = json.loads(
@@ -226,20 +214,18 @@ def flagship_table(data: str | None) -> None:
         )
         shape = model_shape(config, cfg.sparse_lora.target_modules, cfg.sparse_lora.r)
         densities = {f"{name}.weight": 0.5 for name in shape.target_numel}
-        for row in flagship_rows(model):
-            gpus = row["gpus"]
-            args = dict(world_size=gpus, fsdp=gpus > 1, device_memory=row["memory_gb"] * 10**9, bf16_base=row["bf16_base"],
-                        activation_checkpointing=row["checkpointing"], sequences=sequences, mask_densities=densities)  # fmt: skip
-            micro = largest_micro_batch(cfg, config, **args)
-            plan = plan_memory(cfg, config, micro_batch_size=micro or 1, **args)
-            t = {term.name: term.bytes / GIB for term in plan.terms}
-            base = t["base weights"] + t.get("FSDP unsharded units", 0.0)
-            gpus_text = f"{gpus}{' FSDP' if gpus > 1 else ''}{'' if row['memory_gb'] == 80 else ' x ' + str(row['memory_gb']) + ' GB'}"
-            print(f"| {model} | {gpus_text} | {'yes' if row['checkpointing'] else 'no'} | "
-                  f"{'bfloat16' if row['bf16_base'] else 'float32'} | {micro or '1 (none fits)'} | {base:.1f} | {t['masks']:.1f} | "
-                  f"{t['LoRA factors + grads + optimizer']:.1f} | {t['activations']:.1f} | "
-                  f"{t['largest transient'] + t['bf16 casts of frozen weights (s2d)']:.1f} | {t['reserve']:.1f} | "
-                  f"{plan.total / GIB:.1f} | {'yes' if plan.fits else 'no'} |")  # fmt: skip
+        for gpus in (1, 8):
+            for checkpointing in (False, True):
+                args = dict(world_size=gpus, fsdp=gpus > 1, device_memory=80 * 10**9,
+                            activation_checkpointing=checkpointing, sequences=sequences, mask_densities=densities)  # fmt: skip
+                micro = largest_micro_batch(cfg, config, **args)
+                plan = plan_memory(cfg, config, micro_batch_size=micro or 1, **args)
+                t = {term.name: term.bytes / GIB for term in plan.terms}
+                base = t["base weights"] + t.get("FSDP unsharded units", 0.0)
+                print(f"| {model} | {gpus}{' FSDP' if gpus > 1 else ''} | {'yes' if checkpointing else 'no'} | "
+                      f"{micro or '1 (none fits)'} | {base:.1f} | {t['masks']:.1f} | {t['LoRA factors + grads + optimizer']:.1f} | "
+                      f"{t['activations']:.1f} | {t['largest transient'] + t['bf16 casts of frozen weights (s2d)']:.1f} | "
+                      f"{t['reserve']:.1f} | {plan.total / GIB:.1f} | {'yes' if plan.fits else 'no'} |")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,9 @@ the way `apply_sparse_lora_` finds them. Per device:
 - base weights: float32 as ModelZoo keeps them, or bfloat16 (`bf16_base`, changes the numerics
   against the CS-3); under FSDP a 1/N shard plus what FSDP holds unsharded while training (the
   root unit and two decoder layers, the running one and the prefetched one);
-- masks (1 byte per target weight) and, for s2s where the sampled product is used, its index
-  (12 bytes per kept weight): whole on every rank;
+- masks, held as bits (1/8 byte per target weight: `SparseLoRALinear(pack_mask=True)`), and,
+  for s2s where the sampled product is used, its index (12 bytes per kept weight): whole on
+  every rank;
 - LoRA factors, their gradients and the optimizer state (AdamW: 16 bytes per factor weight);
 - activations: micro-batch x longest sequence tokens times the bytes autograd keeps per token
   (`activation_bytes_per_token`, from the architecture); with activation checkpointing only
@@ -57,10 +58,11 @@ OPTIMIZER_STATE_BYTES = {"AdamW": 8, "SGD": 4}
 LOGITS_BYTES_PER_POSITION_AND_VOCAB = 16
 # Gradients of the hidden states alive during backward, per token (float32, a few at a time).
 HIDDEN_GRAD_BYTES_PER_TOKEN_AND_WIDTH = 12
-# One target layer's backward temporaries per weight of the largest target: s2s recomputes
-# W_eff = (W + s B A) * M and forms the masked gradient G = g^T x (float32; ~10 bytes measured on
-# the CPU, benchmarks/memory_plan.py); s2d recomputes W*M only on an unpruned base (4 bytes).
-WEIGHT_TEMPORARY_BYTES = {"sparse_to_sparse": 11, "sparse_to_dense": 4}
+# One target layer's backward temporaries per weight of the largest target: s2s unpacks its mask
+# (2 bytes), recomputes W_eff = (W + s B A) * M and forms the masked gradient G = g^T x (float32;
+# ~12 bytes measured on the CPU, benchmarks/memory_plan.py); s2d unpacks and recomputes W*M only
+# on an unpruned base (6 bytes).
+WEIGHT_TEMPORARY_BYTES = {"sparse_to_sparse": 13, "sparse_to_dense": 6}
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class ModelShape:
     base_params: int
     root_params: int  # outside the decoder layers: embeddings, final norm, LM head
     largest_layer_params: int
-    target_weights: int  # weights of all targeted linears (= mask bytes)
+    target_weights: int  # weights of all targeted linears
+    mask_bytes: int  # the targets' masks held as bits
     largest_target: int  # weights of the largest targeted linear
     layer_target_weights: int  # targeted weights of one decoder layer
     lora_params: int
@@ -120,6 +123,7 @@ def _model_shape(hf_config_json: str, target_modules: tuple[str, ...], rank: int
         root_params=sum(p.numel() for p in model.parameters() if id(p) not in in_layers),
         largest_layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
         target_weights=sum(numel.values()),
+        mask_bytes=sum((n + 7) // 8 for n in numel.values()),
         largest_target=max(numel.values()),
         layer_target_weights=sum(numel[n] for n in in_first),
         lora_params=sum(rank * (m.in_features + m.out_features) for m in targets.values()),
@@ -331,8 +335,8 @@ def _static_terms(
     else:
         terms.append(MemoryTerm("base weights", shape.base_params * weight_bytes, f"{dtype}, {shape.base_params:,} params, whole on this rank"))  # fmt: skip
     masked = not sl.dense_baseline
-    terms.append(MemoryTerm("masks", shape.target_weights if masked else 0,
-                            "bool, 1 byte per target weight, whole on every rank" if masked else "dense baseline: none"))  # fmt: skip
+    terms.append(MemoryTerm("masks", shape.mask_bytes if masked else 0,
+                            "bits, 1/8 byte per target weight, whole on every rank" if masked else "dense baseline: none"))  # fmt: skip
     terms.append(_sampled_index_term(cfg, shape, options, densities))
     state = OPTIMIZER_STATE_BYTES.get(_optimizer_name(cfg), 8)
     lora_bytes = shape.lora_params * (4 + 4 + state)

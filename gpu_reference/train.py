@@ -185,8 +185,9 @@ def setup(
     torch.manual_seed(cfg.init.seed if cfg.init.seed is not None else 0)
     model = load_hf_model(hf_model, torch.bfloat16 if memory.bf16_base else torch.float32)
     # "auto": a pruned base (zero off the mask, as `masks apply` writes it) is not re-masked per step.
+    # Masks held as bits (1/8 of a bool's memory, unpacked per layer call; the same numbers).
     summary = apply_sparse_lora_(
-        model, sl, masks, mask_base_in_forward="auto", sampled_product=memory.sampled_product
+        model, sl, masks, mask_base_in_forward="auto", sampled_product=memory.sampled_product, pack_mask=True
     )
     if memory.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
