@@ -27,9 +27,9 @@ What was found on torch 2.4 (the ModelZoo 2.10 stack): FSDP2 (`fully_shard`, the
 machine; FSDP1 with `device_id=torch.device("cpu")` and gloo works on torch 2.4 and on current
 torch, and is the same code path with NCCL on CUDA. So this module uses FSDP1.
 
-Not sharded (held whole on every rank): the bool masks (1 byte per target weight, a buffer of
-each `SparseLoRALinear`), the sampled-product pattern built from them in s2s training, and the
-LoRA factors with their optimizer state.
+Not sharded (held whole on every rank): the masks (held as bits by the trainer: 1/8 byte per
+target weight, a buffer of each `SparseLoRALinear`), the sampled-product pattern built from them
+in s2s training, and the LoRA factors with their optimizer state.
 """
 
 from __future__ import annotations
