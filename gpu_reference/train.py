@@ -152,12 +152,13 @@ def _step_config(cfg: RunConfig, world_size: int, device: torch.device, micro_ba
 
 def setup(
     params_yaml: str | Path, hf_model: str | Path, out: str | Path | None, device_arg: str | None,
-    masks_path: str | Path | None, fsdp: bool, skip_provenance_check: bool, memory: MemoryOptions,
+    masks_path: str | Path | None, fsdp: bool, skip_provenance_check: bool, memory: MemoryOptions | None = None,
 ) -> Run:  # fmt: skip
     """Config, processes, checks and the memory plan (before any weight is read), model, masks,
     optimizer, data, micro-batch, resume."""
     from modelzoo_ext.sparse_lora import apply_sparse_lora_
 
+    memory = memory or MemoryOptions()
     cfg = load_run_config(params_yaml)
     rank, world_size, device = _distributed(device_arg)
     if fsdp:
