@@ -89,19 +89,21 @@ def _forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor], co
 
 def probe_micro_batch(
     model: torch.nn.Module, start: int, sequences: SequenceStats, config: StepConfig
-) -> tuple[int, int]:
-    """(largest micro-batch <= `start` whose forward/backward ran, its peak device bytes).
+) -> tuple[int, int | None]:
+    """(largest micro-batch <= `start` whose forward/backward ran, its peak device bytes on a GPU).
 
     Runs on `config.device` with the run's model; gradients and RNG are left as they were.
-    Halves on a CUDA out-of-memory (accelerate's `find_executable_batch_size`)."""
+    Halves on an out-of-memory (accelerate's `find_executable_batch_size`)."""
     from accelerate.utils import find_executable_batch_size
 
     sizes = iter([start // 2**i for i in range(1, start.bit_length() + 1)])
+    cuda = config.device.type == "cuda"
 
-    def attempt(size: int) -> tuple[int, int]:
-        torch.cuda.reset_peak_memory_stats(config.device)
+    def attempt(size: int) -> tuple[int, int | None]:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(config.device)
         _forward_backward(model, _probe_batch(size, sequences), config)
-        return size, int(torch.cuda.max_memory_allocated(config.device))
+        return size, int(torch.cuda.max_memory_allocated(config.device)) if cuda else None
 
     halving = (
         {"reduce_batch_size_fn": lambda: next(sizes)}

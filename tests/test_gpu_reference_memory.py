@@ -203,6 +203,39 @@ def test_the_micro_batch_comes_from_the_csx_flag_unless_given(tmp_path):
         micro_batch_setting(cfg, "0")
 
 
+def test_the_auto_probe_halves_on_out_of_memory_and_leaves_no_trace(assets, monkeypatch):  # noqa: F811
+    """The probe (run on a GPU for `auto`) with accelerate's helper: a forward/backward that runs
+    out of memory above 3 samples takes 8 -> 4 -> 2; a real probe leaves no gradient and the RNG
+    where it was."""
+    import gpu_reference.micro_batch as micro_batch
+    from gpu_reference.micro_batch import probe_micro_batch
+
+    masks, _ = load_masks(assets["masks"])
+    model = lora_model(assets["hf"], "sparse_to_dense", TARGETS, masks, False)
+    seq = SequenceStats(longest=24, most_loss_tokens=2, source="test")
+    state = torch.random.get_rng_state()
+    assert probe_micro_batch(model, 4, seq, StepConfig(batch_size=4)) == (4, None)  # the CPU: no peak
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(p.grad is None for p in model.parameters())
+    tried = []
+
+    def out_of_memory_above_3(model, batch, config):
+        tried.append(batch["input_ids"].shape[0])
+        if tried[-1] > 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(micro_batch, "_forward_backward", out_of_memory_above_3)
+    assert probe_micro_batch(model, 8, seq, StepConfig(batch_size=8)) == (2, None)
+    assert tried == [8, 4, 2]
+    monkeypatch.setattr(
+        micro_batch,
+        "_forward_backward",
+        lambda *a: out_of_memory_above_3(a[0], {"input_ids": torch.zeros(9, 1)}, a[2]),
+    )
+    with pytest.raises(UserError, match="even a micro-batch of 1"):
+        probe_micro_batch(model, 8, seq, StepConfig(batch_size=8))
+
+
 # ----------------------------------------------------------------------------- the plan's formula
 def saved_bytes(model, ids: torch.Tensor) -> int:
     """Bytes of the distinct storages autograd saves for backward (parameters and buffers excluded)."""
