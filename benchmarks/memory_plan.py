@@ -93,7 +93,8 @@ def measure(width: int, layers: int, mode: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from gpu_reference.data import SequenceStats
-    from gpu_reference.memory_plan import model_shape, plan_memory
+    from gpu_reference.memory_plan import plan_memory
+    from gpu_reference.model_shape import model_shape
     from gpu_reference.optim import AdamW
     from gpu_reference.step import StepConfig, train_step
     from modelzoo_ext.sparse_lora import SparseLoRAConfig, apply_sparse_lora_
@@ -199,7 +200,8 @@ def print_row(r: dict, header: bool) -> None:
 def flagship_table(data: str | None) -> None:
     """`plan_memory` of each flagship on 1 and 8 GPUs of 80 GB, `auto` micro-batch."""
     from gpu_reference.data import sequence_stats
-    from gpu_reference.memory_plan import GIB, largest_micro_batch, model_shape, plan_memory
+    from gpu_reference.memory_plan import GIB, largest_micro_batch, plan_memory
+    from gpu_reference.model_shape import model_shape
     from modelzoo_ext.run_config import load_run_config
 
     sequences = sequence_stats(data) if data else None

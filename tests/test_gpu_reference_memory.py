@@ -32,9 +32,10 @@ from test_mixtral_core import needs_per_expert_mixtral
 
 from gpu_reference.data import SequenceStats, collate
 from gpu_reference.loss import RouterLoss
-from gpu_reference.memory_plan import activation_bytes_per_token, model_shape, plan_memory
+from gpu_reference.memory_plan import plan_memory
 from gpu_reference.micro_batch import micro_batch_setting
 from gpu_reference.model import load_hf_model
+from gpu_reference.model_shape import activation_bytes_per_token, model_shape
 from gpu_reference.step import StepConfig, train_step
 from gpu_reference.train import train
 from gpu_reference.train_args import MemoryOptions
