@@ -10,6 +10,7 @@ and peak memory of each, as ratios to PEFT measured in the same run.
     python benchmarks/sparse_lora.py --shape small            # a quick run (seconds per step)
     python benchmarks/sparse_lora.py --device cuda --shape 1b --dtype bf16
     python benchmarks/sparse_lora.py --kernel-only            # sampled vs dense weight-gradient product
+    ... --json PATH                                           # also write the rows as JSON
 
 Targets (issue 3): s2d <= 1.02x PEFT time; s2s <= 1.15x at every sparsity and <= 1.08x at 0.9;
 s2s peak memory <= 1.05x PEFT; on a GPU at ~1B in bf16, s2s <= 1.10x at sparsity >= 0.7.
@@ -181,12 +182,23 @@ def print_table(args) -> None:
         f"{'method':<10} {'sparsity':>8} {'wall s':>8} {'wall/PEFT':>10} {'cpu s':>8} {'cpu/PEFT':>9} "
         f"{'peak MB':>8} {'mem/PEFT':>9}"
     )
+    rows = []
     for run in runs:
         method, sparsity = run
         print(
             f"{method:<10} {sparsity:>8.2f} {median[run]:>8.3f} {median[run] / median[base]:>9.3f}x "
             f"{cpu[run]:>8.3f} {cpu[run] / cpu[base]:>8.3f}x {peak[run]:>8.0f} {peak[run] / peak[base]:>8.3f}x"
         )
+        rows.append({"method": method, "sparsity": sparsity, "wall_s": median[run], "time_vs_peft": median[run] / median[base],
+                     "peak_mb": peak[run], "memory_vs_peft": peak[run] / peak[base]})  # fmt: skip
+    write_json(args, rows)
+
+
+def write_json(args, rows: list[dict]) -> None:
+    """`--json PATH`: the table's rows, with the arguments."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, f, indent=1)
 
 
 # ---------------------------------------------------------------- sampled vs dense product
@@ -205,13 +217,14 @@ def kernel_table(args) -> None:
     dtype = getattr(torch, DTYPES[args.dtype])
     print(f"\nweight-gradient product, T={tokens} tokens, r=16, device={args.device}, dtype={args.dtype}")
     print(f"{'out x in':<12} {'density':>7} {'dense ms':>9} {'sampled ms':>11} {'sampled/dense':>14}")
+    rows = []
     for out_f, in_f in sorted({(h, h), (f, h), (h, f)}):
         gen = torch.Generator().manual_seed(0)
         g = torch.randn(tokens, out_f, generator=gen).to(args.device, dtype)
         x = torch.randn(tokens, in_f, generator=gen).to(args.device, dtype)
         a = torch.randn(16, in_f, generator=gen).to(args.device, dtype)
         b = torch.randn(out_f, 16, generator=gen).to(args.device, dtype)
-        for density in (0.5, 0.3, 0.2, 0.1, 0.05):
+        for density in args.densities:
             mask = (torch.rand(out_f, in_f, generator=gen) < density).to(args.device)
             pattern = SampledPattern.from_mask(mask)
 
@@ -222,6 +235,10 @@ def kernel_table(args) -> None:
                 f"{out_f}x{in_f:<7} {density:>7.2f} {1e3 * t_dense:>9.1f} {1e3 * t_sampled:>11.1f} "
                 f"{t_sampled / t_dense:>13.2f}x"
             )
+            rows.append(
+                {"shape": [out_f, in_f], "density": density, "dense_s": t_dense, "sampled_s": t_sampled}
+            )
+    write_json(args, rows)
 
 
 def _sampled_lora_grads(pattern, g, x, a, b, scaling):
@@ -262,6 +279,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--kernel-only", action="store_true", help="time only the s2s weight-gradient product"
     )
+    parser.add_argument(
+        "--densities",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.3, 0.2, 0.1, 0.05],
+        help="--kernel-only: mask densities",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the table's rows as JSON")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--sparsity", type=float, default=0.0, help=argparse.SUPPRESS)

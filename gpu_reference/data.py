@@ -12,16 +12,29 @@ ModelZoo's `cstorch.utils.data.DistributedSampler` (shard over one system) reduc
 skips whole batches, recomputing the permutations, never reading skipped samples). Under DDP
 each rank takes its contiguous slice of every global batch, so the union over ranks is the
 same global batch a single process sees.
+
+`sequence_stats(data_dir)` reads only the loss masks: the longest sample after trimming, for the
+memory plan (`gpu_reference.memory_plan`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from modelzoo_ext.data.hdf5 import SampleDataset
+
+
+@dataclass(frozen=True)
+class SequenceStats:
+    """The sequences a run will see: the longest after trimming, and the most loss tokens of one."""
+
+    longest: int
+    most_loss_tokens: int
+    source: str  # where the numbers come from (prepared data, or the configured worst case)
 
 
 def epoch_order(num_samples: int, epoch: int, shuffle: bool, seed: int) -> list[int]:
@@ -67,3 +80,27 @@ def collate(dataset: SampleDataset, indices: list[int]) -> dict[str, torch.Tenso
         "attention_mask": torch.from_numpy(stacked[:, 1].copy()),
         "labels": torch.from_numpy(stacked[:, 2].copy()),
     }
+
+
+def sequence_stats(data_dir: str) -> SequenceStats:
+    """The longest sample of a prepared directory after trimming (its last loss token + 1) and the
+    most loss tokens of one sample: what a micro-batch of this data can hold at most."""
+    import h5py
+
+    from modelzoo_ext.data.hdf5 import DATASET
+
+    dataset = SampleDataset(data_dir)
+    longest = most_loss = 0
+    for path in dataset.files:
+        with h5py.File(path, "r") as f:
+            data = f[DATASET]
+            for start in range(0, data.shape[0], 512):
+                loss_mask = torch.from_numpy(data[start : start + 512, 1, :].astype(np.int32))
+                positions = torch.arange(1, loss_mask.shape[1] + 1)
+                longest = max(longest, int((loss_mask.ne(0) * positions).amax()))
+                most_loss = max(most_loss, int(loss_mask.ne(0).sum(dim=1).amax()))
+    source = (
+        f"prepared data {data_dir}: {len(dataset)} samples, longest {longest} tokens after trimming "
+        f"(of {dataset.max_seq_length}), at most {most_loss} loss tokens per sample"
+    )
+    return SequenceStats(longest=max(1, longest), most_loss_tokens=max(1, most_loss), source=source)

@@ -1,4 +1,8 @@
-"""FSDP for the reference trainer: the frozen base sharded across ranks, the LoRA factors replicated.
+"""The reference trainer over torchrun ranks: the sum over ranks, and FSDP (the frozen base
+sharded across ranks, the LoRA factors replicated).
+
+`all_reduce_` sums a tensor over the ranks in place (a no-op in one process): gradients, loss
+token counts and losses of every step.
 
 `--fsdp` (under torchrun) wraps the model with torch's `FullyShardedDataParallel` (FSDP1): one
 FSDP unit per HF decoder layer (the class named in the model's `_no_split_modules`, e.g.
@@ -23,9 +27,9 @@ What was found on torch 2.4 (the ModelZoo 2.10 stack): FSDP2 (`fully_shard`, the
 machine; FSDP1 with `device_id=torch.device("cpu")` and gloo works on torch 2.4 and on current
 torch, and is the same code path with NCCL on CUDA. So this module uses FSDP1.
 
-Not sharded (held whole on every rank): the bool masks (1 byte per target weight, a buffer of
-each `SparseLoRALinear`), the sampled-product pattern built from them in s2s training, and the
-LoRA factors with their optimizer state.
+Not sharded (held whole on every rank): the masks (held as bits by the trainer: 1/8 byte per
+target weight, a buffer of each `SparseLoRALinear`), the sampled-product pattern built from them
+in s2s training, and the LoRA factors with their optimizer state.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from modelzoo_ext.errors import UserError
@@ -40,6 +45,13 @@ from modelzoo_ext.sparse_lora import load_lora_state_dict_, lora_state_dict
 
 # FSDP1 inserts this segment into the qualified names of everything inside a wrapped unit.
 FSDP_WRAPPED = "_fsdp_wrapped_module."
+
+
+def all_reduce_(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Sum over the torchrun ranks (in place); a no-op in one process."""
+    if world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
 
 
 def check_fsdp_request(world_size: int) -> None:

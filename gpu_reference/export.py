@@ -28,11 +28,12 @@ from modelzoo_ext.sparse_lora import apply_sparse_lora_, check_sparsity, merge_s
 
 
 def whole_model(
-    model: torch.nn.Module, hf_model: str | Path, config: SparseLoRAConfig, masks: dict, fsdp: bool
+    model: torch.nn.Module, hf_model: str | Path, config: SparseLoRAConfig, masks: dict, rebuild: bool
 ):
-    """The whole trained model on the CPU: under FSDP rank 0 holds only a shard of the base, so it
-    is rebuilt from the base on disk plus the trained factors."""
-    if not fsdp:
+    """The whole trained model on the CPU, in float32. `rebuild` (under FSDP rank 0 holds only a
+    shard of the base; a bfloat16 base is not the float32 one on disk): the base from disk plus
+    the trained factors."""
+    if not rebuild:
         return model.cpu()
     trained = lora_factors(model)
     rebuilt = load_hf_model(hf_model)

@@ -1,4 +1,7 @@
-"""ModelZoo's GPT fine-tuning loss on a transformers causal LM, and the validation loss.
+"""ModelZoo's GPT fine-tuning loss on a transformers causal LM: loss math only.
+
+    sums = loss_sums(model, batch, autocast, device, router)      # LossSums of one (micro-)batch
+    loss = normalise(sums.token_loss, global_count, "num_tokens", batch_size, loss_weight)
 
 The data's `attention_mask` is ModelZoo's loss mask (0 on the prompt, 1 on the completion), not
 a padding mask: the model attends causally only, and the logits at position i are scored against
@@ -104,40 +107,92 @@ def forward_at(model, input_ids: torch.Tensor, keep: torch.Tensor, **extra):
     return out
 
 
-def loss_sums(
-    model,
-    batch: dict[str, torch.Tensor],
-    autocast: bool,
-    device: torch.device,
-    router: RouterLoss | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed token loss over the loss mask, number of loss tokens) of one batch; with `router`,
-    also `aux_loss_sum` of the batch (a third element).
+@dataclass(frozen=True)
+class LossSums:
+    """One batch's loss before ModelZoo's normalisation (each a 0-d tensor).
 
-    batch: int32 `input_ids`, `attention_mask` (the loss mask), `labels`, each [B, msl].
+    `token_loss`: the summed token loss over the loss mask (float32; attached to the graph in
+    training). `loss_tokens`: the number of loss tokens, counted as ModelZoo counts them (the loss
+    mask in the logits' dtype, summed; `loss_token_count`). `router`: `aux_loss_sum` of the batch
+    for a MoE run given a `RouterLoss`, else None.
+    """
+
+    token_loss: torch.Tensor
+    loss_tokens: torch.Tensor
+    router: torch.Tensor | None = None
+
+    @property
+    def count_dtype(self) -> torch.dtype:
+        """The dtype ModelZoo counts loss tokens in here (the logits'): for `loss_token_count`."""
+        return self.loss_tokens.dtype
+
+
+def _autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on `device` (ModelZoo's `cbfloat16` off the wafer), or a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def loss_token_count(
+    loss_mask: torch.Tensor, dtype: torch.dtype, autocast: bool, device: torch.device
+) -> torch.Tensor:
+    """ModelZoo's loss-token count, `sum(loss_mask.to(logits dtype))`, 0-d, on `device`.
+
+    Computed under the same autocast as the loss (on CUDA autocast sums in float32, on the CPU
+    in the logits' dtype), so the count of a whole batch taken here equals the one `loss_sums`
+    takes of that batch: a micro-batched step normalises by exactly the whole batch's count.
+    loss_mask: int [B, msl].
+    """
+    with _autocast(device, autocast):
+        return loss_mask.to(device).to(dtype).sum()
+
+
+def _causal_lm(model, input_ids: torch.Tensor, keep: torch.Tensor, **extra):
+    """The model's forward with the LM head at the `keep` positions only (no KV cache in training)."""
+    return forward_at(model, input_ids, keep, use_cache=False, **extra)
+
+
+def _trimmed(batch: dict[str, torch.Tensor], device: torch.device):
+    """(input_ids [B, L], labels [B, P], loss mask [B, L], positions kept [P]) of a batch.
+
     Causality makes two savings exact: positions after the batch's last loss-bearing one are
-    dropped (fine-tuning samples are mostly padding), and the LM head runs only at loss-bearing
-    positions (`logits_to_keep`; completions are a few tokens after a long prompt).
+    dropped (L: fine-tuning samples are mostly padding), and the LM head runs only at the P
+    loss-bearing positions (completions are a few tokens after a long prompt).
     """
     loss_mask = batch["attention_mask"].to(device)
     keep = loss_mask.any(dim=0).nonzero().squeeze(1)  # [P] positions with a loss in some row
     length = int(keep[-1]) + 1 if keep.numel() else 1
     input_ids = batch["input_ids"][:, :length].to(device).long()
     labels = batch["labels"].to(device).long()[:, keep]
-    seen_mask = loss_mask[:, :length]
-    loss_mask = loss_mask[:, keep]
+    return input_ids, labels, loss_mask[:, :length], keep
+
+
+def loss_sums(
+    model,
+    batch: dict[str, torch.Tensor],
+    autocast: bool,
+    device: torch.device,
+    router: RouterLoss | None = None,
+) -> LossSums:
+    """The summed token loss and loss-token count of one batch (with `router`, its router loss sum).
+
+    batch: int32 `input_ids`, `attention_mask` (the loss mask), `labels`, each [B, msl]; see
+    `_trimmed` for the positions the model runs on.
+    """
+    input_ids, labels, seen_mask, keep = _trimmed(batch, device)
+    loss_mask = seen_mask[:, keep]
     extra = {"output_router_logits": True} if router else {}
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = forward_at(model, input_ids, keep, **extra)
+    with _autocast(device, autocast):
+        out = _causal_lm(model, input_ids, keep, **extra)
         logits = out.logits  # [B, P, vocab]
         token_loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
         )
         weights = loss_mask.to(dtype=logits.dtype).reshape(-1)
-        sums = (token_loss * weights).sum(), weights.sum()
+        token_loss_sum, count = (token_loss * weights).sum(), weights.sum()
     if router is None:
-        return sums
-    return (*sums, aux_loss_sum(out.router_logits, seen_mask, router.num_experts, router.top_k))
+        return LossSums(token_loss_sum, count)
+    aux = aux_loss_sum(out.router_logits, seen_mask, router.num_experts, router.top_k)
+    return LossSums(token_loss_sum, count, aux)
 
 
 @torch.no_grad()
@@ -148,14 +203,10 @@ def per_example_loss_sums(
 
     The same loss as `loss_sums`, kept per example so that comparisons can be paired on examples.
     """
-    loss_mask = batch["attention_mask"].to(device)
-    keep = loss_mask.any(dim=0).nonzero().squeeze(1)
-    length = int(keep[-1]) + 1 if keep.numel() else 1
-    input_ids = batch["input_ids"][:, :length].to(device).long()
-    labels = batch["labels"].to(device).long()[:, keep]
-    weights = loss_mask[:, keep].float()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = forward_at(model, input_ids, keep).logits
+    input_ids, labels, seen_mask, keep = _trimmed(batch, device)
+    weights = seen_mask[:, keep].float()
+    with _autocast(device, autocast):
+        logits = _causal_lm(model, input_ids, keep).logits
     token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")  # [B, P]
     return (token_loss * weights).sum(dim=1), weights.sum(dim=1)
 
@@ -167,30 +218,3 @@ def normalise(
     if scaling.lower() == "num_tokens":
         return loss_sum / count
     return loss_sum / batch_size * loss_weight
-
-
-@torch.no_grad()
-def validation_loss(
-    model, dataset, val, *, eval_steps: int | None, scaling: str, loss_weight: float, autocast: bool,
-    device: torch.device, rank: int = 0, world_size: int = 1,
-) -> float:  # fmt: skip
-    """Mean loss over `eval_steps` batches of the validation data (all of it when unset).
-
-    `val`: the validation dataloader section (batch size, shuffle, seed, drop_last).
-    """
-    from gpu_reference.data import collate, global_batches, rank_slice
-    from gpu_reference.step import all_reduce_
-
-    num_batches = len(dataset) // val.batch_size
-    if eval_steps:
-        num_batches = min(num_batches, eval_steps)
-    model.eval()
-    losses = []
-    batches = global_batches(len(dataset), val.batch_size, val.shuffle, val.shuffle_seed, val.drop_last)
-    for _ in range(num_batches):
-        batch = collate(dataset, rank_slice(next(batches), rank, world_size))
-        loss_sum, count = loss_sums(model, batch, autocast, device)[:2]  # evaluation: LM only, as ModelZoo
-        totals = all_reduce_(torch.stack([loss_sum.float(), count.float()]), world_size)
-        losses.append(float(normalise(totals[0], totals[1], scaling, val.batch_size, loss_weight)))
-    model.train()
-    return sum(losses) / max(1, len(losses))

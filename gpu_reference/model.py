@@ -1,8 +1,9 @@
 """The base model of a reference run: checked against the run config before any weight is read.
 
 Order matters for a 7B run: the HF directory's `config.json` is compared with the run config's
-`model:` section, as ModelZoo reads it (`RunConfig.model_section`), first (`modelzoo_ext.run_config.check_architecture`: a model that differs is
-refused before any weight file is even opened), then the directory is opened through the one
+`model:` section, as ModelZoo reads it (`RunConfig.model_section`), first (`check_hf_config`, with
+`modelzoo_ext.run_config.check_architecture`: a model that differs is refused before any weight file
+is even opened; `train --plan` stops there), then the directory is opened through the one
 guarded reader (`HFCheckpoint`: no weights, truncated or corrupt shards are clear errors; only
 the shards' headers are read), and the mask file's provenance is checked against it, all before
 the 16 GB of weights are loaded; only then does transformers read them.
@@ -31,10 +32,21 @@ class BaseModel:
     checkpoint: HFCheckpoint
     family: str
     architecture: ArchitectureCheck
+    hf_config: dict[str, Any]
 
 
-def open_base(hf_model: str | Path, cfg: RunConfig) -> BaseModel:
-    """Open and check `hf_model` against the run config (UserError on any disagreement)."""
+@dataclass
+class CheckedConfig:
+    """An HF directory's `config.json`, checked against the run config (no weight file opened)."""
+
+    hf_config: dict[str, Any]
+    family: ModelFamily
+    architecture: ArchitectureCheck
+
+
+def check_hf_config(hf_model: str | Path, cfg: RunConfig) -> CheckedConfig:
+    """Read `hf_model`'s config.json and check it against the run config (UserError on any
+    disagreement); opens no weight file, so a directory with config.json alone is enough."""
     if not Path(hf_model).is_dir():
         raise UserError(
             "HF model directory not found",
@@ -56,8 +68,14 @@ def open_base(hf_model: str | Path, cfg: RunConfig) -> BaseModel:
             where=f"{cfg.path}: trainer.init.model vs {config_path}",
             fix="pass the --hf-model the run config describes (or fix the run config's model section)",
         )
+    return CheckedConfig(hf_config, family, architecture)
+
+
+def open_base(hf_model: str | Path, cfg: RunConfig) -> BaseModel:
+    """Open and check `hf_model` against the run config (UserError on any disagreement)."""
+    checked = check_hf_config(hf_model, cfg)
     checkpoint = HFCheckpoint(hf_model)  # every shard's header: no weights / a bad shard is one error
-    return BaseModel(checkpoint, family.name, architecture)
+    return BaseModel(checkpoint, checked.family.name, checked.architecture, checked.hf_config)
 
 
 def _require_per_expert_linears(family: ModelFamily) -> None:
@@ -84,11 +102,12 @@ def load_masks(
     return dict(mask_file.items()), mask_file.metadata, verdict
 
 
-def load_hf_model(hf_model: str | Path):
-    """The HF causal LM in float32 (ModelZoo keeps float32 weights; bf16 is autocast only)."""
+def load_hf_model(hf_model: str | Path, dtype: torch.dtype = torch.float32):
+    """The HF causal LM in float32 (ModelZoo keeps float32 weights; bf16 is autocast only), or in
+    bfloat16 when a run asks for a bfloat16 frozen base (`--bf16-base`)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
     major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
     dtype_key = "dtype" if major_minor >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
-    return AutoModelForCausalLM.from_pretrained(str(hf_model), **{dtype_key: torch.float32})
+    return AutoModelForCausalLM.from_pretrained(str(hf_model), **{dtype_key: dtype})

@@ -59,16 +59,26 @@ from gpu_reference.checkpoint import (
 )
 from gpu_reference.data import collate, global_batches, rank_slice
 from gpu_reference.distributed import check_fsdp_request, load_lora_factors_, lora_factors, shard_frozen_base
+from gpu_reference.evaluate import validation_loss
 from gpu_reference.export import export_run, whole_model
-from gpu_reference.loss import RouterLoss, validation_loss
+from gpu_reference.loss import RouterLoss
 from gpu_reference.metrics import MetricsWriter, peak_memory_bytes
-from gpu_reference.model import BaseModel, load_hf_model, load_masks, open_base
+from gpu_reference.micro_batch import AUTO, probe_micro_batch
+from gpu_reference.model import BaseModel, check_hf_config, load_hf_model, load_masks, open_base
 from gpu_reference.optim import build_optimizer
+from gpu_reference.run_plan import (
+    CheckedMemory,
+    check_memory,
+    not_fitting,
+    plan_device,
+    planned_world_size,
+    with_probe,
+)
 from gpu_reference.run_record import is_complete
 from gpu_reference.schedulers import build_lr_schedule
 from gpu_reference.step import StepConfig, train_step
 from gpu_reference.tensorboard import TensorBoardWriter
-from gpu_reference.train_args import add_train_arguments
+from gpu_reference.train_args import MemoryOptions, add_train_arguments
 from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.data.hdf5 import SampleDataset, read_params
 from modelzoo_ext.errors import UserError
@@ -101,8 +111,11 @@ class Run:
     step_config: StepConfig
     dataset: SampleDataset
     batches: Any
+    memory: CheckedMemory
+    options: MemoryOptions
     start_step: int = 0
     tensorboard: dict[str, Any] | None = None  # what run_loop's TensorBoardWriter wrote (rank 0)
+    peak_bytes: int | None = None  # this rank's peak memory over the loop (metrics.peak_memory_bytes)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -123,9 +136,10 @@ def _distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def _step_config(cfg: RunConfig, world_size: int, device: torch.device) -> StepConfig:
+def _step_config(cfg: RunConfig, world_size: int, device: torch.device, micro_batch_size: int) -> StepConfig:
     precision = cfg.init.precision
     return StepConfig(
+        micro_batch_size=micro_batch_size,
         batch_size=cfg.fit.train_dataloader.batch_size,
         loss_scaling=cfg.init.model.loss_scaling,
         loss_weight=cfg.init.model.loss_weight,
@@ -140,11 +154,13 @@ def _step_config(cfg: RunConfig, world_size: int, device: torch.device) -> StepC
 
 def setup(
     params_yaml: str | Path, hf_model: str | Path, out: str | Path | None, device_arg: str | None,
-    masks_path: str | Path | None, fsdp: bool, skip_provenance_check: bool,
+    masks_path: str | Path | None, fsdp: bool, skip_provenance_check: bool, memory: MemoryOptions | None = None,
 ) -> Run:  # fmt: skip
-    """Config, processes, checks (before any weight is read), model, masks, optimizer, data, resume."""
+    """Config, processes, checks and the memory plan (before any weight is read), model, masks,
+    optimizer, data, micro-batch, resume."""
     from modelzoo_ext.sparse_lora import apply_sparse_lora_
 
+    memory = memory or MemoryOptions()
     cfg = load_run_config(params_yaml)
     rank, world_size, device = _distributed(device_arg)
     if fsdp:
@@ -161,14 +177,29 @@ def setup(
     base = open_base(hf_model, cfg)
     sl = cfg.sparse_lora
     masks_file = str(masks_path or sl.mask_path) if (masks_path or sl.mask_path) else None
+    checked = check_memory(cfg, base.hf_config, masks_file=masks_file, world_size=world_size, device=device,
+                           fsdp=fsdp, memory=memory)  # fmt: skip
+    if rank == 0:
+        print(checked.plan.table(), flush=True)
+    if checked.plan.fits is False:  # refused before any weight is read
+        raise not_fitting(checked)
     skip = skip_provenance_check or sl.skip_provenance_check
     masks, mask_metadata, provenance = load_masks(masks_file, base, skip_provenance_check=skip)
     torch.manual_seed(cfg.init.seed if cfg.init.seed is not None else 0)
-    model = load_hf_model(hf_model)
+    model = load_hf_model(hf_model, torch.bfloat16 if memory.bf16_base else torch.float32)
     # "auto": a pruned base (zero off the mask, as `masks apply` writes it) is not re-masked per step.
-    summary = apply_sparse_lora_(model, sl, masks, mask_base_in_forward="auto")
+    # Masks held as bits (1/8 of a bool's memory, unpacked per layer call; the same numbers).
+    summary = apply_sparse_lora_(
+        model, sl, masks, mask_base_in_forward="auto", sampled_product=memory.sampled_product, pack_mask=True
+    )
+    if memory.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = shard_frozen_base(model, device) if fsdp else model.to(device)
     model.train()
+    step_config = _step_config(cfg, world_size, device, checked.micro_batch_size)
+    if checked.setting.requested == AUTO and device.type == "cuda":
+        checked = _probe(model, checked, step_config, world_size)
+        step_config = _step_config(cfg, world_size, device, checked.micro_batch_size)
     optimizer = build_optimizer(model, cfg.init.optimizer)
     dataset = SampleDataset(train_dl.data_dir)
     run = Run(
@@ -177,11 +208,27 @@ def setup(
         base=base, model=model, summary=summary, masks=masks, masks_file=masks_file, mask_metadata=mask_metadata,
         mask_provenance=provenance, optimizer=optimizer,
         lr_at=build_lr_schedule(cfg.init.schedulers, optimizer.param_groups[0]["lr"]),
-        step_config=_step_config(cfg, world_size, device), dataset=dataset,
+        step_config=step_config, dataset=dataset,
         batches=global_batches(len(dataset), train_dl.batch_size, train_dl.shuffle, train_dl.shuffle_seed, train_dl.drop_last),
+        memory=checked, options=memory,
     )  # fmt: skip
     _resume(run)
     return run
+
+
+def _probe(
+    model: torch.nn.Module, checked: CheckedMemory, config: StepConfig, world_size: int
+) -> CheckedMemory:
+    """`auto` on a GPU: confirm the planned micro-batch with one forward/backward (halved on an
+    out-of-memory); every rank then takes the smallest size any rank could run."""
+    micro, peak = probe_micro_batch(model, checked.micro_batch_size, checked.sequences, config)
+    agreed = torch.tensor(micro, device=config.device)
+    if world_size > 1:
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    probe = {"planned": checked.micro_batch_size, "ran": micro, "agreed": int(agreed),
+             "peak_bytes": peak, "plan_total_bytes": checked.plan.total}  # fmt: skip
+    torch.cuda.reset_peak_memory_stats(config.device)  # the run's peaks are its own
+    return with_probe(checked, probe, int(agreed))
 
 
 def _resume(run: Run) -> None:
@@ -223,6 +270,7 @@ def _evaluate(run: Run, dataset: SampleDataset) -> float:
     return validation_loss(
         run.model, dataset, run.cfg.val_dataloader, eval_steps=run.cfg.init.loop.eval_steps, scaling=c.loss_scaling,
         loss_weight=c.loss_weight, autocast=c.autocast, device=run.device, rank=run.rank, world_size=run.world_size,
+        micro_batch_size=c.micro_batch_size,
     )  # fmt: skip
 
 
@@ -303,6 +351,7 @@ def run_loop(run: Run, progress: bool = True) -> float:
             _save_checkpoint(run, step + 1)
     bar.close()
     events.close()
+    run.peak_bytes = peak_memory_bytes(run.device)
     run.tensorboard = events.record() if run.rank == 0 else None
     return loss
 
@@ -319,7 +368,8 @@ def finish(run: Run, last_loss: float) -> None:
     if run.rank != 0:
         return
     sl = run.cfg.sparse_lora
-    model = whole_model(run.model, run.hf_model, sl, run.masks, run.fsdp)
+    # Under FSDP or on a bfloat16 base the float32 base is rebuilt from disk for the exports.
+    model = whole_model(run.model, run.hf_model, sl, run.masks, rebuild=run.fsdp or run.options.bf16_base)
     export = export_run(model, sl, run.run_dir, run.hf_model, run.masks, run.masks_file)
     train_dl = run.cfg.fit.train_dataloader
     record = {
@@ -330,6 +380,9 @@ def finish(run: Run, last_loss: float) -> None:
         "world_size": run.world_size, "fsdp": run.fsdp, "device": str(run.device), "final_loss": last_loss,
         "trainable_params": run.summary.trainable_params, "ignored_config_keys": run.cfg.ignored,
         "architecture_check": run.base.architecture.as_record(), "tensorboard": run.tensorboard,
+        "memory": {**run.memory.as_record(), "activation_checkpointing": run.options.activation_checkpointing,
+                   "base_dtype": "bfloat16" if run.options.bf16_base else "float32",
+                   "sampled_product": run.options.sampled_product, "peak_bytes": run.peak_bytes},
         "versions": _versions(),
     }  # fmt: skip
     with atomic_file(run.run_dir / "run.json") as tmp:
@@ -345,9 +398,11 @@ def train(
     progress: bool = True,
     fsdp: bool = False,
     skip_provenance_check: bool = False,
+    memory: MemoryOptions | None = None,
 ) -> Path:
     """Run (or resume) a training run; returns RUN_DIR. See the module docstring."""
-    run = setup(params_yaml, hf_model, out, device, masks_path, fsdp, skip_provenance_check)
+    memory = memory or MemoryOptions()
+    run = setup(params_yaml, hf_model, out, device, masks_path, fsdp, skip_provenance_check, memory)
     last_loss = run_loop(run, progress)
     finish(run, last_loss)
     if run.world_size > 1:
@@ -356,11 +411,36 @@ def train(
 
 
 # ----------------------------------------------------------------------------- command line
+def plan_only(args: argparse.Namespace) -> int:
+    """`--plan`: the memory plan of the run the other arguments describe; no weight is read,
+    nothing is written. Exit 0 when it fits (or the device memory is unknown), 2 when not."""
+    cfg = load_run_config(args.params)
+    checked_config = check_hf_config(args.hf_model, cfg)
+    masks_file = args.masks or cfg.sparse_lora.mask_path
+    world_size = planned_world_size(args.world_size)
+    checked = check_memory(
+        cfg, checked_config.hf_config, masks_file=masks_file, world_size=world_size,
+        device=plan_device(args.device), fsdp=args.fsdp, memory=MemoryOptions.from_args(args),
+    )  # fmt: skip
+    print(checked.plan.table())
+    print(f"micro-batch {checked.micro_batch_size} per rank ({checked.setting.source})")
+    if checked.plan.fits is False:
+        raise not_fitting(checked)
+    return 0
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Handler shared by both entry points."""
+    if args.plan:
+        return plan_only(args)
+    if args.world_size is not None:
+        raise UserError(
+            "--world-size is for --plan only", fix="under torchrun the world size is its process count"
+        )
     run_dir = train(
         args.params, args.hf_model, args.out, args.device, args.masks,
         progress=not args.no_progress, fsdp=args.fsdp, skip_provenance_check=args.skip_provenance_check,
+        memory=MemoryOptions.from_args(args),
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run complete: {run_dir}")

@@ -85,7 +85,7 @@ class WeightsRead(Exception):
 def no_weight_loading(monkeypatch):
     """Loading the model's weights fails with `WeightsRead`, wherever the trainer calls it from."""
 
-    def refuse(hf_model):
+    def refuse(hf_model, *args, **kwargs):
         raise WeightsRead(str(hf_model))
 
     monkeypatch.setattr(gpu_reference.model, "load_hf_model", refuse)

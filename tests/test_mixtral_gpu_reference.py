@@ -1,8 +1,9 @@
 """The reference trainer on the tiny Mixtral over 2 gloo processes, plain (DDP-style all-reduce)
-and `--fsdp` (one unit per MixtralDecoderLayer): the same per-step losses as 1 process (the router
-loss is a sum over samples, so ranks add exactly; experts a rank's slice never reached get zero
-gradients, so every rank all-reduces the same tensors), and the s2s merged export of the FSDP run
-has zero violations in every expert. CPU, float32.
+and `--fsdp` (one unit per MixtralDecoderLayer), each also with micro-batches of 1 and activation
+checkpointing: the same per-step losses as 1 process on the whole batch (the router loss is a sum
+over samples, so ranks and micro-batches add exactly; experts a rank's slice never reached get
+zero gradients, so every rank all-reduces the same tensors), and the s2s merged export of the
+FSDP run has zero violations in every expert. CPU, float32.
 """
 
 from __future__ import annotations
@@ -54,7 +55,14 @@ def step_losses(run: Path) -> list[float]:
     return [row["loss"] for row in read_metrics(run / "metrics.jsonl") if row.get("split") != "eval"]
 
 
-@pytest.mark.parametrize("extra", [(), ("--fsdp",)], ids=["ddp", "fsdp"])
+MICRO = ("--micro-batch-size", "1", "--activation-checkpointing")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("--fsdp",), MICRO, (*MICRO, "--fsdp")],
+    ids=["ddp", "fsdp", "ddp-micro-ckpt", "fsdp-micro-ckpt"],
+)
 def test_two_processes_compute_what_one_computes(params, tmp_path, extra):
     config, hf = params
     single = step_losses(train(config, hf, tmp_path / "single", "cpu", progress=False))

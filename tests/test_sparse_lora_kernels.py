@@ -209,6 +209,48 @@ def test_bad_arguments_raise_user_errors():
         sparse_lora_linear(x, w.clone().requires_grad_(True), m, a, b, 1.0, "sparse_to_sparse")
 
 
+@pytest.mark.parametrize("shape", [(7, 13), (64, 64), (1, 9)])
+def test_packed_mask_round_trips_in_an_eighth_of_the_memory(shape):
+    from modelzoo_ext.sparse_lora.kernels import PackedMask
+
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = PackedMask.pack(mask)
+    assert packed.bits.dtype == torch.uint8 and packed.bits.numel() == -(-mask.numel() // 8)
+    assert torch.equal(packed.unpack(), mask)
+
+
+@pytest.mark.parametrize(
+    "mode,mask_base,dropout,sampled",
+    list(itertools.product(MODES, (True, False), (0.0, 0.25), ("never", "always"))),
+)
+def test_a_packed_mask_gives_the_same_layer_bit_for_bit(mode, mask_base, dropout, sampled):
+    """SparseLoRALinear(pack_mask=True): outputs, input and LoRA gradients, the mask it reads back
+    and the merged weight equal the bool-mask layer's exactly (masked or pruned base, with and
+    without dropout, dense and sampled s2s gradients)."""
+    from modelzoo_ext.sparse_lora.layer import SparseLoRALinear
+
+    results = []
+    for pack in (False, True):
+        weight = torch.randn(48, 40, generator=torch.Generator().manual_seed(1))
+        mask = torch.rand(48, 40, generator=torch.Generator().manual_seed(2)) > 0.5
+        if not mask_base:
+            weight = weight * mask  # a pruned base
+        torch.manual_seed(0)  # the same A
+        layer = SparseLoRALinear(torch.nn.Parameter(weight), None, mask, mode=mode, r=4, alpha=8.0, dropout=dropout,
+                                 mask_base_in_forward=mask_base, sampled_product=sampled, pack_mask=pack)  # fmt: skip
+        with torch.no_grad():
+            layer.lora_B.weight.normal_(generator=torch.Generator().manual_seed(3))
+        assert (layer.mask_bits is not None) == pack and (layer._buffers["mask"] is None) == pack
+        x = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        torch.manual_seed(5)  # the same dropout masks
+        y = layer.train()(x)
+        (y * torch.arange(48.0)).sum().backward()
+        results.append([y.detach(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad, layer.mask,
+                        layer.merged_weight()])  # fmt: skip
+    for got, expected in zip(results[1], results[0], strict=True):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

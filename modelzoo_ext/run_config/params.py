@@ -222,6 +222,21 @@ class RunConfig(BaseModel):
         val = self.fit.val_dataloader
         return val[0] if isinstance(val, list) else val
 
+    @property
+    def train_micro_batch_size(self) -> tuple[Any, str] | None:
+        """(value, key) of the file's own training micro-batch setting: `csx.performance.
+        micro_batch_size` of a `ScopedTrainFlags` callback (before a `GlobalFlags` one, as
+        ModelZoo scopes them), else the train dataloader's `micro_batch_size`; None when unset.
+        The value is ModelZoo's: an int, "auto", "explore", {"explore": ...} or None."""
+        flag = "csx.performance.micro_batch_size"
+        for name in ("ScopedTrainFlags", "GlobalFlags"):
+            for entry in self.init.callbacks or []:
+                if isinstance(entry, dict) and isinstance(entry.get(name), dict) and flag in entry[name]:
+                    return entry[name][flag], f"callbacks.{name}.{flag}"
+        if "micro_batch_size" in self.fit.train_dataloader.model_fields_set:
+            return self.fit.train_dataloader.micro_batch_size, "fit.train_dataloader.micro_batch_size"
+        return None
+
 
 def _format_validation_error(exc: ValidationError, path: str) -> UserError:
     first = exc.errors()[0]

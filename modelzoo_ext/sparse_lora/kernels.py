@@ -9,7 +9,9 @@ s = alpha / r; x [..., in].
 
 Memory: neither mode keeps a dense [out, in] effective weight alive between forward and
 backward; the custom autograd functions save only tensors that exist anyway (x, W, M, A, B)
-and recompute W*M or W_eff in backward.
+and recompute W*M or W_eff in backward. A mask may also come as a `PackedMask` (1 bit per
+weight instead of a bool's byte): the functions unpack it where they use it, in forward and again
+in backward, so no unpacked mask lives from one to the other.
 
 s2s gradients: with G = g^T x (the full fine-tuning weight gradient, [out, in]),
 dB = s (G*M) A^T and dA = s B^T (G*M). Only G on the mask support is needed, so where it pays
@@ -38,12 +40,65 @@ import torch.nn.functional as F
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.run_config.modes import MODES, SPARSE_TO_DENSE, SPARSE_TO_SPARSE
 
-__all__ = ["MODES", "SPARSE_TO_DENSE", "SPARSE_TO_SPARSE", "sparse_lora_linear", "merged_weight"]
+__all__ = [
+    "MODES",
+    "SPARSE_TO_DENSE",
+    "SPARSE_TO_SPARSE",
+    "PackedMask",
+    "sparse_lora_linear",
+    "merged_weight",
+]
 
 # Highest mask density at which the sampled product beats the dense G = g^T x, per device type.
 # CPU: measured with benchmarks/sparse_lora.py --kernel-only (torch 2.4 sampled_addmm on CSR);
 # CUDA: cuSPARSE SDDMM, not yet measured here (no GPU on the development machine).
 SAMPLED_MAX_DENSITY = {"cpu": 0.12, "cuda": 0.35}
+
+
+@dataclass(frozen=True)
+class PackedMask:
+    """A bool mask [out, in] held as bits: uint8 [ceil(out * in / 8)], row-major, bit i of byte j
+    for weight 8 j + i. An eighth of a bool mask's memory; `unpack()` gives the bool mask back."""
+
+    bits: torch.Tensor
+    shape: tuple[int, int]
+
+    @staticmethod
+    def pack(mask: torch.Tensor) -> PackedMask:
+        """From a bool mask [out, in] (on its device)."""
+        flat = mask.reshape(-1).to(torch.uint8)
+        pad = (-flat.numel()) % 8
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
+        bits = (flat.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)  # distinct bits: the sum is an OR
+        return PackedMask(bits, tuple(mask.shape))
+
+    def unpack(self) -> torch.Tensor:
+        """The bool mask [out, in] (a new tensor on the bits' device)."""
+        shifts = torch.arange(8, dtype=torch.uint8, device=self.bits.device)
+        flat = ((self.bits.unsqueeze(1) >> shifts) & 1).view(-1).bool()
+        return flat[: self.shape[0] * self.shape[1]].view(self.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the mask it stands for (for shape/dtype checks)."""
+        return torch.bool
+
+
+def _as_bool(mask: torch.Tensor | PackedMask | None) -> torch.Tensor | None:
+    return mask.unpack() if isinstance(mask, PackedMask) else mask
+
+
+def _save_mask(ctx, mask: torch.Tensor | PackedMask | None) -> torch.Tensor | None:
+    """What a function saves of its mask: a bool mask itself (it exists anyway), or nothing for a
+    packed one, which `ctx.packed` keeps to unpack again in backward."""
+    ctx.packed = mask if isinstance(mask, PackedMask) else None
+    return None if ctx.packed is not None else mask
+
+
+def _saved_mask(ctx, saved: torch.Tensor | None) -> torch.Tensor | None:
+    return ctx.packed.unpack() if ctx.packed is not None else saved
 
 
 def _float32_if_low_precision(t: torch.Tensor) -> torch.Tensor:
@@ -206,15 +261,15 @@ class _MaskedLinear(torch.autograd.Function):
     """y = x (W*M)^T for a frozen W; saves W and M (not W*M) and recomputes W*M for dx."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias) -> torch.Tensor:
-        ctx.save_for_backward(weight, mask)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, mask, bias) -> torch.Tensor:
+        ctx.save_for_backward(weight, _save_mask(ctx, mask))
         x = _detached(x)
-        return F.linear(x, masked_weight(weight, mask).to(x.dtype), bias)
+        return F.linear(x, masked_weight(weight, _as_bool(mask)).to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        weight, mask = ctx.saved_tensors
-        grad_x = grad_out @ masked_weight(weight, mask).to(grad_out.dtype)
+        weight, saved = ctx.saved_tensors
+        grad_x = grad_out @ masked_weight(weight, _saved_mask(ctx, saved)).to(grad_out.dtype)
         return grad_x, None, None, None
 
 
@@ -233,14 +288,17 @@ class _SparseToSparseLinear(torch.autograd.Function):
         ctx.mask_base = mask_base
         ctx.pattern = pattern
         ctx.has_weight = weight is not None
-        ctx.save_for_backward(x, weight, mask, lora_a, lora_b)
+        ctx.save_for_backward(x, weight, _save_mask(ctx, mask), lora_a, lora_b)
         x, lora_a, lora_b = _detached(x), _detached(lora_a), _detached(lora_b)
-        w_eff = effective_weight(weight, mask, lora_a, lora_b, scaling, mask_base=mask_base, dtype=x.dtype)
+        w_eff = effective_weight(
+            weight, _as_bool(mask), lora_a, lora_b, scaling, mask_base=mask_base, dtype=x.dtype
+        )
         return F.linear(x, w_eff, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, mask, lora_a, lora_b = ctx.saved_tensors
+        x, weight, saved, lora_a, lora_b = ctx.saved_tensors
+        mask = _saved_mask(ctx, saved)
         s = ctx.scaling
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -318,7 +376,8 @@ def sparse_lora_linear(
     Args:
         x: input [..., in].
         weight: frozen base weight W [out, in] (no gradient is computed for it).
-        mask: bool [out, in], True = kept; `None` means no mask (the dense plain-LoRA baseline).
+        mask: bool [out, in], True = kept, or the same as a `PackedMask`; `None` means no mask
+            (the dense plain-LoRA baseline).
         lora_a: A [r, in]; lora_b: B [out, r]; scaling: s = alpha / r.
         mode: "sparse_to_dense" or "sparse_to_sparse".
         bias: optional [out], added unchanged.

@@ -9,7 +9,9 @@ State, named like PEFT so adapters export without renaming:
   the single record of the masks; checkpoints hold weights and LoRA factors only, so a saved
   state dict loads into the unpruned model class and into ModelZoo without extra keys. The
   mask is fixed after construction (the sampled-product pattern is cached from it).
-  Dense baseline: `mask is None`.
+  Dense baseline: `mask is None`. With `pack_mask=True` the layer holds the mask as bits
+  (`mask_bits`, uint8, an eighth of the memory; the kernels unpack it per call) and `mask` reads
+  it back unpacked (a new tensor on each read).
 
 Lifecycle: `from_linear(linear, mask, config)` -> train (only lora_A/lora_B get gradients) ->
 `merge()` folds the update into `weight` (s2s: (W + s*B@A) * M, zero off the mask bit for bit;
@@ -30,6 +32,7 @@ from modelzoo_ext.run_config.sparse_lora_block import SparseLoRAConfig
 from modelzoo_ext.sparse_lora.kernels import (
     SPARSE_TO_DENSE,
     SPARSE_TO_SPARSE,
+    PackedMask,
     SampledPattern,
     lora_delta,
     merged_weight,
@@ -65,6 +68,9 @@ class SparseLoRALinear(nn.Module):
         sampled_product: "auto" (use the sampled s2s weight-gradient product where it pays:
             eager CPU/CUDA, see `kernels.use_sampled_product`), "never" (dense path only; use
             on the Cerebras backend) or "always" (eager CPU/CUDA, for tests and benchmarks).
+        pack_mask: hold the mask as bits (`kernels.PackedMask`): the same outputs and gradients
+            bit for bit, an eighth of the mask memory, an unpack per forward and backward
+            (eager only; the reference trainer packs, the Cerebras backend does not).
     """
 
     weight_name = "weight"  # the base parameter's name (fused experts: `expert_weights`)
@@ -82,6 +88,7 @@ class SparseLoRALinear(nn.Module):
         mask_base_in_forward: bool | str = True,
         preserve_sparsity_on_merge: bool = False,
         sampled_product: str = "auto",
+        pack_mask: bool = False,
     ) -> None:
         super().__init__()
         out_f, in_f = weight.shape
@@ -114,7 +121,11 @@ class SparseLoRALinear(nn.Module):
         if bias is not None:
             bias.requires_grad_(False)
         mask = mask.to(weight.device) if mask is not None else None
-        self.register_buffer("mask", mask, persistent=False)
+        self.pack_mask = bool(pack_mask) and mask is not None
+        self.register_buffer("mask", None if self.pack_mask else mask, persistent=False)
+        self.register_buffer(
+            "mask_bits", PackedMask.pack(mask).bits if self.pack_mask else None, persistent=False
+        )
         self.density = 1.0 if mask is None else float(mask.sum()) / mask.numel()
         # Like PEFT (autocast_adapter_dtype): float32 factors on a bf16/fp16 base, so small
         # updates are not rounded away; the kernel casts them for the matmuls.
@@ -157,9 +168,28 @@ class SparseLoRALinear(nn.Module):
                 f"mask {mask.dtype} {tuple(mask.shape)} does not fit weight {(self.out_features, self.in_features)}",
                 fix="pass a torch.bool mask of the weight's shape",
             )
-        self.mask = mask
+        self.pack_mask = self.pack_mask and mask is not None
+        self.mask = None if self.pack_mask else mask
+        self.mask_bits = PackedMask.pack(mask).bits if self.pack_mask else None
         self.density = 1.0 if mask is None else float(mask.sum()) / mask.numel()
         self._pattern = None
+
+    def __getattr__(self, name: str):
+        # `mask` of a packed layer: the bool mask unpacked from `mask_bits` (its `mask` buffer is None).
+        if name == "mask" and self._buffers.get("mask_bits") is not None:
+            return self._kernel_mask().unpack()
+        return super().__getattr__(name)
+
+    def _kernel_mask(self) -> torch.Tensor | PackedMask | None:
+        """The mask as the kernels take it: packed when held packed (unpacked where used)."""
+        bits = self._buffers.get("mask_bits")
+        if bits is not None:
+            return PackedMask(bits, (self.out_features, self.in_features))
+        return self._buffers.get("mask")
+
+    def _mask_device(self) -> torch.device:
+        bits = self._buffers.get("mask_bits")
+        return (bits if bits is not None else self._buffers["mask"]).device
 
     @torch.no_grad()
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -174,7 +204,7 @@ class SparseLoRALinear(nn.Module):
     def _sampled_pattern(self, x: torch.Tensor) -> SampledPattern | None:
         wanted = (
             self.mode == SPARSE_TO_SPARSE
-            and self.mask is not None
+            and self._kernel_mask() is not None
             and self.training
             and self.sampled_product != "never"
             and x.device.type in ("cpu", "cuda")
@@ -185,8 +215,8 @@ class SparseLoRALinear(nn.Module):
         ):
             return None
         # Built only when used: the CSR pattern costs ~12 bytes per kept weight.
-        if self._pattern is None or self._pattern[0] != self.mask.device:
-            self._pattern = (self.mask.device, SampledPattern.from_mask(self.mask))
+        if self._pattern is None or self._pattern[0] != self._mask_device():
+            self._pattern = (self._mask_device(), SampledPattern.from_mask(self.mask))
         return self._pattern[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +226,7 @@ class SparseLoRALinear(nn.Module):
         return sparse_lora_linear(
             x,
             self.weight,
-            self.mask,
+            self._kernel_mask(),
             self.lora_A.weight,
             self.lora_B.weight,
             self.scaling,
