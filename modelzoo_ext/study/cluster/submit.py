@@ -1,6 +1,7 @@
 """Submit a sweep's unfinished runs as job arrays, ask the scheduler how they fare, cancel them.
 
-    submit(sweep_dir, runs, is_done, submission)   -> SubmitResult (arrays and their job ids)
+    submit(sweep_dir, runs, is_done, submission, missing_assets=...)
+                                                   -> SubmitResult (arrays and their job ids)
     submit(..., dry_run=True)                      writes DIR/scheduler/dry-run/, submits nothing
     task_states(sweep_dir)                         -> {run_id: {stage: RunTask}} (latest task each)
     cancel(sweep_dir)                              scancel / qdel every array with a task not ended
@@ -8,13 +9,16 @@
 Layout (one writer: the submitting process; tasks never touch it):
 
     DIR/scheduler/jobs.json           the ledger: every round, its arrays, job ids and run lists
-    DIR/scheduler/round-001/          one submission: for each array (`train-0`, `eval-after-0`,
-        train-0.sbatch, train-0.runs  `eval-0`) its script and run list (`INDEX<TAB>RUN_ID`), the
-        submit.sh, logs/              commands submit ran (submit.sh) and the tasks' logs
+    DIR/scheduler/round-001/          one submission: for each array (`assets`, `train-0`,
+        train-0.sbatch, train-0.runs  `eval-after-0`, `eval-0`) its script and run list
+        submit.sh, logs/              (`INDEX<TAB>RUN_ID`), the commands submit ran (submit.sh)
+                                      and the tasks' logs
     DIR/scheduler/dry-run/            the same, from `--dry-run` (replaced each time)
 
 A second `submit` picks up exactly the runs that are not done by their own records (failed,
 cancelled, timed out, never started), leaving out those with a task still queued or running.
+When a shared asset of the runs submitted is missing (`missing_assets`), the round starts with
+the assets job, and the arrays without another dependency wait for it to succeed.
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ from typing import Any
 from modelzoo_ext.atomic import atomic_dir, atomic_file
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.study.cluster import pbs, slurm
-from modelzoo_ext.study.cluster.arrays import ArrayPlan, RunWork, Selection, plan_arrays
+from modelzoo_ext.study.cluster.arrays import (
+    ASSETS,
+    ArrayPlan,
+    RunWork,
+    Selection,
+    plan_arrays,
+    with_assets_job,
+)
 from modelzoo_ext.study.cluster.launch import entry_command
 from modelzoo_ext.study.cluster.shell import Var, concat, join
 from modelzoo_ext.study.cluster.spec import Submission
@@ -63,15 +74,23 @@ class RunTask:
         )
         return f"{self.state.describe()} [{self.scheduler} {task}]"
 
+    def to_dict(self) -> dict[str, Any]:
+        """Where the task was submitted, its state's fields and `describe()`'s text."""
+        where = {"scheduler": self.scheduler, "job_id": self.job_id, "index": self.index, "array": self.array,
+                 "round": self.round}  # fmt: skip
+        return {**where, **self.state.to_dict(), "describe": self.describe()}
+
 
 @dataclass
 class SubmitResult:
-    """What `submit` wrote and submitted: the round directory, each array's job id, the selection."""
+    """What `submit` wrote and submitted: the round directory, each array's job id, the selection
+    (with the assets job first when `missing_assets` lists what it builds)."""
 
     round_dir: Path
     selection: Selection
     job_ids: dict[str, str] = field(default_factory=dict)
     dry_run: bool = False
+    missing_assets: list[str] = field(default_factory=list)
 
 
 # -- the ledger -----------------------------------------------------------------------------------
@@ -97,6 +116,7 @@ def _latest_tasks(ledger: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any
     for rnd in ledger["rounds"]:
         for array in rnd["arrays"]:
             for index, run_id in enumerate(array["runs"]):
+                index = 0 if array["stage"] == ASSETS else index  # one task builds for all its runs
                 latest[(run_id, array["stage"])] = {
                     "scheduler": rnd["scheduler"], "job_id": array["job_id"], "index": index,
                     "array": array["name"], "round": rnd["round"],
@@ -105,7 +125,8 @@ def _latest_tasks(ledger: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any
 
 
 def task_states(sweep_dir: str | Path, *, unreachable_ok: bool = False) -> dict[str, dict[str, RunTask]]:
-    """{run_id: {"train"|"eval": RunTask}} for every run ever submitted from `sweep_dir`.
+    """{run_id: {"train"|"eval"|"assets": RunTask}} for every run ever submitted from `sweep_dir`
+    (`assets`: the latest assets job that built for the run).
 
     One query per scheduler. A task the scheduler no longer knows is UNKNOWN. With
     `unreachable_ok` (for `sweep status` on a machine without the scheduler), a failed query makes
@@ -151,7 +172,8 @@ def _submit_sh(module: ModuleType, arrays: tuple[ArrayPlan, ...]) -> str:
     lines = ["#!/bin/bash", "# What `sparse-lora sweep submit` runs from this directory (job ids: ../jobs.json).",
              "set -euo pipefail", 'cd "$(dirname "$0")"']  # fmt: skip
     for array in arrays:
-        argv = module.submit_argv(array.name + module.EXTENSION, _AFTER if array.after else None)
+        argv = module.submit_argv(array.name + module.EXTENSION, _AFTER if array.after else None,
+                                  must_succeed=array.after == ASSETS)  # fmt: skip
         words = [concat(*_split_after(w, _var(array.after))) if _AFTER in w else join([w]) for w in argv]
         lines.append(f"{_var(array.name)}=$({' '.join(words)})")
         if module is slurm:  # `--parsable` may answer `id;cluster`
@@ -186,12 +208,15 @@ def submit(
     *,
     dry_run: bool = False,
     entry: list[str] | None = None,
+    missing_assets: Callable[[tuple[str, ...]], list[str]] | None = None,
 ) -> SubmitResult:
     """Submit every run of `runs` that is not done (`is_done(run_id, stage)`) and not queued/running.
 
     `entry`: the words before `--sweep DIR --run ID --stage S` in each task (default: the study's
-    executor entry point, `launch.entry_command`). Job ids go into the ledger after each `sbatch`/
-    `qsub`, so a failure part-way leaves what was submitted recorded.
+    executor entry point, `launch.entry_command`). `missing_assets(run_ids)`: the shared assets of
+    those runs that do not exist yet; when there are some, the assets job builds them first. Job
+    ids go into the ledger after each `sbatch`/`qsub`, so a failure part-way leaves what was
+    submitted recorded.
     """
     sweep_dir = Path(sweep_dir).resolve()
     if not sweep_dir.is_dir():
@@ -206,6 +231,10 @@ def submit(
     result = SubmitResult(round_dir, selection, dry_run=dry_run)
     if not selection.arrays:
         return result
+    if missing_assets is not None:
+        result.missing_assets = missing_assets(tuple(r for a in selection.arrays for r in a.run_ids))
+        if result.missing_assets:
+            result.selection = selection = with_assets_job(selection)
     _write_round(
         round_dir, module, submission, selection, sweep_dir, entry or entry_command(submission.python)
     )
@@ -216,7 +245,7 @@ def submit(
     ledger["rounds"].append(record)
     for array in selection.arrays:
         after = result.job_ids[array.after] if array.after else None
-        argv = module.submit_argv(array.name + module.EXTENSION, after)
+        argv = module.submit_argv(array.name + module.EXTENSION, after, must_succeed=array.after == ASSETS)
         done = subprocess.run(argv, cwd=round_dir, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             submitted = ", ".join(f"{k}={v}" for k, v in result.job_ids.items()) or "nothing"
