@@ -23,8 +23,11 @@ Stages of a run:
 The record's status goes to `running` when a stage starts, and ends `trained`, `succeeded`,
 `failed` (a permanent step failure, or a transient one past its attempts; `UserError`s too) or
 `stopped` (disk full or quota: every further run would fail too). A run killed meanwhile stays
-`running` and is redone like a failed one. Finished work is not redone: a run that `succeeded`, or
-(stage `train`) is `trained`, is `skipped`; `eval` before training is `not_trained`.
+`running` and is redone like a failed one. `attempts` counts the starts of the run's work (an
+`eval` right after its `train` stage goes on with the same attempt). Finished work is not redone
+(`stage_done`, the one definition the local runner, the task entry point and `sweep submit` use):
+a run that `succeeded`, or (stage `train`) is `trained`, is `skipped`; `eval` before training is
+`not_trained`.
 """
 
 from __future__ import annotations
@@ -113,9 +116,10 @@ def execute_stage(
         return StageOutcome(plan.run_id, stage, "skipped")
     if not can_start(plan, record, stage):
         return StageOutcome(plan.run_id, stage, "not_trained", f"{plan.run_id} is not trained yet")
-    update_record(
-        plan.run_dir, status="running", started_at=time.time(), attempts=record.attempts + 1, error=None
-    )
+    # An attempt is a start of the run's work: evaluating a run just `trained` goes on with the same
+    # one (so a run counts 1 whether its stages ran in one process or as two tasks).
+    attempts = record.attempts + (record.status != "trained")
+    update_record(plan.run_dir, status="running", started_at=time.time(), attempts=attempts, error=None)
     try:
         (assets or AssetBuilder(plan.sweep_dir, policy)).ensure(plan)
         if stage != "eval" and plan.trains and not is_trained(record):
