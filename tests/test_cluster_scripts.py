@@ -161,9 +161,10 @@ def test_slurm_submit_commands():
     assert slurm.submit_argv("eval-after-0.sbatch", "41") == [
         "sbatch", "--parsable", "--dependency=aftercorr:41", "--kill-on-invalid-dep=yes", "eval-after-0.sbatch",
     ]  # fmt: skip
-    assert slurm.submit_argv("train-0.sbatch", "40", must_succeed=True) == [
+    assert slurm.submit_argv("train-0.sbatch", "40", kind="ok") == [
         "sbatch", "--parsable", "--dependency=afterok:40", "--kill-on-invalid-dep=yes", "train-0.sbatch",
     ]  # fmt: skip
+    assert slurm.submit_argv("assets.sbatch", "38:39", kind="any")[2] == "--dependency=afterany:38:39"
     assert slurm.parse_job_id("41\n") == "41"
     assert slurm.parse_job_id("41;ci\n") == "41"
     with pytest.raises(UserError):
@@ -258,7 +259,7 @@ def test_pbs_submit_commands():
     assert pbs.submit_argv("eval-after-0.pbs", "77[].pbs01") == [
         "qsub", "-W", "depend=afterany:77[].pbs01", "eval-after-0.pbs",
     ]  # fmt: skip
-    assert pbs.submit_argv("train-0.pbs", "76[].pbs01", must_succeed=True) == [
+    assert pbs.submit_argv("train-0.pbs", "76[].pbs01", kind="ok") == [
         "qsub", "-W", "depend=afterok:76[].pbs01", "train-0.pbs",
     ]  # fmt: skip
     assert pbs.parse_job_id("77[].pbs01.example.org\n") == "77[].pbs01.example.org"

@@ -140,6 +140,7 @@ def test_a_task_builds_no_shared_asset_and_refuses_when_one_is_missing(tmp_path,
     assert (plan.run_dir / RECORD_FILE).read_bytes() == before and not (out / "assets").exists()
     result = _task(out, run_id, "eval")  # not trained: no work yet, so no asset is asked for
     assert result.returncode == 1 and json.loads(result.stdout)["result"] == "not_trained"
+    assert (plan.run_dir / RECORD_FILE).read_bytes() == before  # as a PBS eval task after a failed training
     assert f"{run_id} eval: not_trained: {run_id} is not trained yet" in result.stderr
 
 

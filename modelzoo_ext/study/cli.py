@@ -1,4 +1,4 @@
-"""Subcommands of the last pipeline stage: `eval`, `sweep plan|run|eval|status`, `report`, `demo`.
+"""Subcommands of the last pipeline stage: `eval`, `sweep plan|run|eval|assets|status`, `report`, `demo`.
 
 Handlers import their modules (and through them torch, lm-eval, matplotlib) only when run, so
 `sparse-lora --help` stays fast.

@@ -12,7 +12,8 @@
                                    subjob's outcome, and each evaluation task finds its run's
                                    training record (or refuses, and the run stays not done)
     qsub -W depend=afterok:ASSETS TRAIN
-                                   the arrays wait for the assets job (one subjob) to succeed
+                                   the arrays wait for the assets job (one subjob) to succeed; an
+                                   assets job waits for an earlier one still queued or running
     qstat -f -x -t -F json IDS     subjobs with job_state Q/H/W (pending), R/E (running),
                                    X/F (ended: substate 92 finished, 93 failed, 91 terminated)
                                    and Exit_status (-29 walltime, -27/-26 memory, >256: signal)
@@ -90,12 +91,15 @@ def render_script(array: ArrayPlan, sub: Submission, run_list: str, sweep_dir: s
     return "\n".join(lines) + "\n"
 
 
-def submit_argv(script: str, after_job: str | None, *, must_succeed: bool = False) -> list[str]:
-    """qsub's argv (run in the round directory). `after_job`: the train array this one waits for,
-    whole and whatever its outcome (afterany), or with `must_succeed` the job that must succeed
-    first (afterok: the assets job)."""
-    kind = "afterok" if must_succeed else "afterany"
-    return ["qsub", *(["-W", f"depend={kind}:{after_job}"] if after_job else []), script]
+DEPENDENCY = {"per_task": "afterany", "ok": "afterok", "any": "afterany"}  # no task-wise form
+
+
+def submit_argv(script: str, after_job: str | None, *, kind: str = "per_task") -> list[str]:
+    """qsub's argv (run in the round directory). `after_job` (ids joined by `:`): what this array
+    waits for; `kind`: `per_task` (an evaluation array after its training array: PBS has no
+    task-wise form, so after the whole array, whatever its outcome), `ok` (after the assets job
+    succeeded), `any` (after it ended)."""
+    return ["qsub", *(["-W", f"depend={DEPENDENCY[kind]}:{after_job}"] if after_job else []), script]
 
 
 def parse_job_id(stdout: str) -> str:

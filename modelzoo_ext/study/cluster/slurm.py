@@ -8,7 +8,9 @@
                                                that one failed (checked on slurm 22.05)
     sbatch --parsable --dependency=afterok:ASSETS --kill-on-invalid-dep=yes TRAIN
                                                the arrays wait for the assets job to succeed (and
-                                               are cancelled when it fails)
+                                               are cancelled when it fails); an assets job waits
+                                               for an earlier one still queued or running
+                                               (afterany): one builder at a time
     squeue -h -t all -r -j IDS -O ArrayJobID,ArrayTaskID,State,exit_code,Reason
                                                one line per task, pending ones included; kept for
                                                MinJobAge seconds after a job ends
@@ -103,12 +105,16 @@ def render_script(array: ArrayPlan, sub: Submission, run_list: str, sweep_dir: s
     return "\n".join(lines) + "\n"
 
 
-def submit_argv(script: str, after_job: str | None, *, must_succeed: bool = False) -> list[str]:
-    """sbatch's argv (run in the round directory). `after_job`: the train array this one follows
-    task-wise (aftercorr), or with `must_succeed` the job that must succeed first (afterok: the
-    assets job)."""
-    kind = "afterok" if must_succeed else "aftercorr"
-    depend = [f"--dependency={kind}:{after_job}", "--kill-on-invalid-dep=yes"] if after_job else []
+DEPENDENCY = {"per_task": "aftercorr", "ok": "afterok", "any": "afterany"}
+
+
+def submit_argv(script: str, after_job: str | None, *, kind: str = "per_task") -> list[str]:
+    """sbatch's argv (run in the round directory). `after_job` (ids joined by `:`): what this array
+    waits for; `kind`: `per_task`, task i after task i succeeded (an evaluation array after its
+    training array), `ok`, after the whole job succeeded (the assets job), `any`, after it ended."""
+    depend = (
+        [f"--dependency={DEPENDENCY[kind]}:{after_job}", "--kill-on-invalid-dep=yes"] if after_job else []
+    )
     return ["sbatch", "--parsable", *depend, script]
 
 

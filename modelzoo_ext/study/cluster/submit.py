@@ -18,7 +18,8 @@ Layout (one writer: the submitting process; tasks never touch it):
 A second `submit` picks up exactly the runs that are not done by their own records (failed,
 cancelled, timed out, never started), leaving out those with a task still queued or running.
 When a shared asset of the runs submitted is missing (`missing_assets`), the round starts with
-the assets job, and the arrays without another dependency wait for it to succeed.
+the assets job, and the arrays without another dependency wait for it to succeed; it waits itself
+for an earlier round's assets job still queued or running, so no two build at once.
 """
 
 from __future__ import annotations
@@ -156,10 +157,28 @@ def task_states(sweep_dir: str | Path, *, unreachable_ok: bool = False) -> dict[
     return result
 
 
-def _active_runs(sweep_dir: Path) -> set[str]:
-    return {
-        run for run, stages in task_states(sweep_dir).items() if any(t.state.active for t in stages.values())
+def _active(sweep_dir: Path) -> tuple[set[str], tuple[str, ...]]:
+    """The runs with a task queued or running, and the assets jobs queued or running."""
+    states = task_states(sweep_dir)
+    runs = {run for run, stages in states.items() if any(t.state.active for t in stages.values())}
+    assets = {
+        t.job_id for stages in states.values() for s, t in stages.items() if s == ASSETS and t.state.active
     }
+    return runs, tuple(sorted(assets))
+
+
+def _dependency(
+    array: ArrayPlan, job_id: Callable[[str], str], earlier_assets: tuple[str, ...]
+) -> tuple[str | None, str]:
+    """(the job ids `array` waits for, joined by `:`; the kind of wait): an assets job waits for the
+    earlier ones still queued or running to end (`any`: one builder of shared assets at a time, and
+    it finds their assets built); an array after the assets job waits for it to succeed (`ok`); an
+    evaluation array follows its training array (`per_task`)."""
+    if array.stage == ASSETS:
+        return (":".join(earlier_assets) or None), "any"
+    if array.after:
+        return job_id(array.after), "ok" if array.after == ASSETS else "per_task"
+    return None, "per_task"
 
 
 # -- writing a round ------------------------------------------------------------------------------
@@ -167,13 +186,13 @@ def _var(array_name: str) -> str:
     return array_name.replace("-", "_")
 
 
-def _submit_sh(module: ModuleType, arrays: tuple[ArrayPlan, ...]) -> str:
+def _submit_sh(module: ModuleType, arrays: tuple[ArrayPlan, ...], earlier_assets: tuple[str, ...]) -> str:
     """The commands `submit` runs, as a script a user could run by hand from the round directory."""
     lines = ["#!/bin/bash", "# What `sparse-lora sweep submit` runs from this directory (job ids: ../jobs.json).",
              "set -euo pipefail", 'cd "$(dirname "$0")"']  # fmt: skip
     for array in arrays:
-        argv = module.submit_argv(array.name + module.EXTENSION, _AFTER if array.after else None,
-                                  must_succeed=array.after == ASSETS)  # fmt: skip
+        after, kind = _dependency(array, lambda name: _AFTER, earlier_assets)
+        argv = module.submit_argv(array.name + module.EXTENSION, after, kind=kind)
         words = [concat(*_split_after(w, _var(array.after))) if _AFTER in w else join([w]) for w in argv]
         lines.append(f"{_var(array.name)}=$({' '.join(words)})")
         if module is slurm:  # `--parsable` may answer `id;cluster`
@@ -187,7 +206,7 @@ def _split_after(word: str, var: str) -> list[str | Var]:
 
 
 def _write_round(target: Path, module: ModuleType, sub: Submission, selection: Selection, sweep_dir: Path,
-                 entry: list[str]) -> None:  # fmt: skip
+                 entry: list[str], earlier_assets: tuple[str, ...]) -> None:  # fmt: skip
     """Scripts, run lists, submit.sh and logs/ of one round, all appearing at once (in `target`)."""
     with atomic_dir(target) as tmp:
         (tmp / "logs").mkdir()
@@ -196,7 +215,7 @@ def _write_round(target: Path, module: ModuleType, sub: Submission, selection: S
             (tmp / run_list.name).write_text("".join(f"{i}\t{r}\n" for i, r in enumerate(array.run_ids)))
             script = module.render_script(array, sub, str(run_list), str(sweep_dir), entry)
             (tmp / f"{array.name}{module.EXTENSION}").write_text(script)
-        (tmp / "submit.sh").write_text(_submit_sh(module, selection.arrays))
+        (tmp / "submit.sh").write_text(_submit_sh(module, selection.arrays, earlier_assets))
 
 
 # -- submit / cancel ------------------------------------------------------------------------------
@@ -224,7 +243,7 @@ def submit(
     module = SCHEDULERS[submission.scheduler]
     module.check_sweep_dir(str(sweep_dir))
     ledger = read_ledger(sweep_dir)
-    active = _active_runs(sweep_dir) if ledger["rounds"] else set()
+    active, earlier_assets = _active(sweep_dir) if ledger["rounds"] else (set(), ())
     selection = plan_arrays(runs, is_done, active.__contains__, submission.array_limit)
     number = len(ledger["rounds"]) + 1
     round_dir = sweep_dir / SCHEDULER_DIR / ("dry-run" if dry_run else f"round-{number:03d}")
@@ -235,17 +254,16 @@ def submit(
         result.missing_assets = missing_assets(tuple(r for a in selection.arrays for r in a.run_ids))
         if result.missing_assets:
             result.selection = selection = with_assets_job(selection)
-    _write_round(
-        round_dir, module, submission, selection, sweep_dir, entry or entry_command(submission.python)
-    )
+    _write_round(round_dir, module, submission, selection, sweep_dir, entry or entry_command(submission.python),
+                 earlier_assets)  # fmt: skip
     if dry_run:
         return result
     record = {"round": number, "scheduler": submission.scheduler, "dir": round_dir.name,
               "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "arrays": []}  # fmt: skip
     ledger["rounds"].append(record)
     for array in selection.arrays:
-        after = result.job_ids[array.after] if array.after else None
-        argv = module.submit_argv(array.name + module.EXTENSION, after, must_succeed=array.after == ASSETS)
+        after, kind = _dependency(array, result.job_ids.__getitem__, earlier_assets)
+        argv = module.submit_argv(array.name + module.EXTENSION, after, kind=kind)
         done = subprocess.run(argv, cwd=round_dir, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             submitted = ", ".join(f"{k}={v}" for k, v in result.job_ids.items()) or "nothing"
