@@ -54,7 +54,7 @@ class AssetBuilder:
     def __init__(self, sweep_dir: Path, policy: StepPolicy, *, build: bool = True) -> None:
         self.assets_dir = Path(sweep_dir) / "assets"
         self.policy = policy
-        self.build = build
+        self.builds = build
         self.failed: dict[str, str] = {}  # asset path -> why it is not there
 
     def build_for(self, plans: list[RunPlan]) -> dict[str, str]:
@@ -66,7 +66,7 @@ class AssetBuilder:
 
     def ensure(self, plan: RunPlan) -> None:
         """Build `plan`'s missing assets; `StepFailed` naming the first one that is not there."""
-        if self.build:
+        if self.builds:
             self._build_missing(plan)
         failed = [self.failed[p] for p in plan.assets.paths() if p in self.failed]
         if failed:
