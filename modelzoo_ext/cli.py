@@ -29,8 +29,8 @@ COMMAND_MODULES = (
     modelzoo_cli,  # install-hook, modelzoo status
     data_cli,  # data prepare
     reference_trainer_cli,  # train, parity
-    study_cli,  # eval, sweep plan|run|status, report, demo
-    cluster_cli,  # sweep submit|jobs|cancel (SLURM / PBS job arrays)
+    study_cli,  # eval, sweep plan|run|eval|assets|status, report, demo
+    cluster_cli,  # sweep submit|cancel (SLURM / PBS job arrays)
 )
 
 

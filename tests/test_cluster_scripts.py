@@ -22,7 +22,6 @@ from modelzoo_ext.study.cluster import launch, pbs, slurm
 from modelzoo_ext.study.cluster.arrays import ArrayPlan, RunWork, plan_arrays
 from modelzoo_ext.study.cluster.spec import StageResources, build_submission, memory_mib, time_seconds
 from modelzoo_ext.study.cluster.submit import read_ledger, submit
-from modelzoo_ext.study.registry import Registry, RunRecord
 
 FAKE_TASK = Path(__file__).parent / "fixtures" / "cluster_task.py"
 ENTRY = [sys.executable, str(FAKE_TASK)]
@@ -34,7 +33,7 @@ def _sub(scheduler="slurm", **fields):
 
 
 # -- validation -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("field", ["account", "partition", "job_name"])
+@pytest.mark.parametrize("field", ["account", "partition", "job_name", "assets_partition"])
 @pytest.mark.parametrize("value", HOSTILE)
 def test_hostile_names_are_refused(field, value, tmp_path):
     mark = tmp_path / "x"
@@ -162,6 +161,10 @@ def test_slurm_submit_commands():
     assert slurm.submit_argv("eval-after-0.sbatch", "41") == [
         "sbatch", "--parsable", "--dependency=aftercorr:41", "--kill-on-invalid-dep=yes", "eval-after-0.sbatch",
     ]  # fmt: skip
+    assert slurm.submit_argv("train-0.sbatch", "40", kind="ok") == [
+        "sbatch", "--parsable", "--dependency=afterok:40", "--kill-on-invalid-dep=yes", "train-0.sbatch",
+    ]  # fmt: skip
+    assert slurm.submit_argv("assets.sbatch", "38:39", kind="any")[2] == "--dependency=afterany:38:39"
     assert slurm.parse_job_id("41\n") == "41"
     assert slurm.parse_job_id("41;ci\n") == "41"
     with pytest.raises(UserError):
@@ -255,6 +258,9 @@ def test_pbs_submit_commands():
     assert pbs.submit_argv("train-0.pbs", None) == ["qsub", "train-0.pbs"]
     assert pbs.submit_argv("eval-after-0.pbs", "77[].pbs01") == [
         "qsub", "-W", "depend=afterany:77[].pbs01", "eval-after-0.pbs",
+    ]  # fmt: skip
+    assert pbs.submit_argv("train-0.pbs", "76[].pbs01", kind="ok") == [
+        "qsub", "-W", "depend=afterok:76[].pbs01", "train-0.pbs",
     ]  # fmt: skip
     assert pbs.parse_job_id("77[].pbs01.example.org\n") == "77[].pbs01.example.org"
     assert pbs.job_key("77[].pbs01.example.org") == "77"
@@ -432,49 +438,187 @@ def test_dry_run_writes_scripts_and_submits_nothing(scheduler, tmp_path, monkeyp
     assert subprocess.run(["/bin/bash", "-n", str(result.round_dir / "submit.sh")]).returncode == 0
 
 
-def _cli_sweep(tmp_path: Path, runs: dict[str, tuple[str, str]]) -> Path:
-    """A planned sweep directory as `sweep plan` writes it (sweep.json, runs/*/run.json, registry)."""
-    sweep = tmp_path / "sweep"
-    (sweep / "runs").mkdir(parents=True)
-    (sweep / "sweep.json").write_text(json.dumps({"name": "phoenix", "gpu": {"nproc_per_node": 4},
-                                                   "eval": {"device": "cuda"}}))  # fmt: skip
-    registry = Registry(sweep / "registry.sqlite")
-    for run_id, (mode, backend) in runs.items():
-        (sweep / "runs" / run_id).mkdir()
-        (sweep / "runs" / run_id / "run.json").write_text(
-            json.dumps({"run_id": run_id, "mode": mode, "backend": backend})
+@pytest.mark.parametrize("scheduler", ["slurm", "pbs"])
+def test_the_assets_job_comes_first_and_the_arrays_wait_for_it(scheduler, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    runs = [RunWork("a", True), RunWork("b", True), RunWork("base", False, needs_training=False)]
+    asked = []
+    result = submit(tmp_path, runs, lambda r, s: False, _sub(scheduler, max_concurrent=2), dry_run=True,
+                    entry=ENTRY, missing_assets=lambda ids: asked.append(ids) or ["assets/masks/m.safetensors"])  # fmt: skip
+    assert asked == [("a", "b", "a", "b", "base")] and result.missing_assets == ["assets/masks/m.safetensors"]
+    assert [(a.name, a.stage, a.run_ids, a.after) for a in result.selection.arrays] == [
+        ("assets", "assets", ("a", "b", "base"), None),
+        ("train-0", "train", ("a", "b"), "assets"),
+        ("eval-after-0", "eval", ("a", "b"), "train-0"),
+        ("eval-0", "eval", ("base",), "assets"),
+    ]
+    ext = ".sbatch" if scheduler == "slurm" else ".pbs"
+    script = (result.round_dir / f"assets{ext}").read_text()
+    assert (
+        "#SBATCH --array=0-0\n" if scheduler == "slurm" else "#PBS -J 0-1:2\n"
+    ) in script  # one task, no throttle
+    assert "GPU" not in script.upper().replace("SPARSE-LORA", "")
+    commands = (result.round_dir / "submit.sh").read_text()
+    first = "--dependency=afterok:" if scheduler == "slurm" else "depend=afterok:"
+    assert (
+        commands.count(first) == 2
+        and subprocess.run(["/bin/bash", "-n", str(result.round_dir / "submit.sh")]).returncode == 0
+    )
+    nothing_missing = submit(tmp_path, runs, lambda r, s: False, _sub(scheduler), dry_run=True, entry=ENTRY,
+                             missing_assets=lambda ids: [])  # fmt: skip
+    assert [a.name for a in nothing_missing.selection.arrays] == ["train-0", "eval-after-0", "eval-0"]
+
+
+def test_the_assets_job_script_run_by_hand(tmp_path):
+    """The assets job's script through bash, with a hostile sweep directory: the interpreter gets
+    `-m modelzoo_ext.cli sweep assets DIR --run-list LIST`, word for word, and nothing else runs."""
+    mark = tmp_path / "mark"
+    sweep = tmp_path / "sw $(touch $HOSTILE_MARK) `touch $HOSTILE_MARK` 'q' ${HOME}\nnl; touch $HOSTILE_MARK"
+    sweep.mkdir()
+    python = tmp_path / "python"  # stands in for the interpreter: records its arguments
+    python.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path / 'argv'}\n")
+    python.chmod(0o755)
+    run_list = _write_run_list(sweep / "assets.runs", ["r0", "r1"])
+    for module, env in ((slurm, {"SLURM_ARRAY_TASK_ID": "0"}), (pbs, {"PBS_ARRAY_INDEX": "0"})):
+        sub = _sub(module.NAME, python=str(python))
+        script = module.render_script(
+            ArrayPlan("assets", "assets", ("r0", "r1")), sub, str(run_list), str(sweep), ENTRY
         )
-        registry.put(RunRecord(run_id, mode=mode, backend=backend))
+        done = _run_by_hand(script, tmp_path, {**env, "HOSTILE_MARK": str(mark)})
+        assert done.returncode == 0, done.stderr
+        argv = (tmp_path / "argv").read_text()
+        assert argv == f"-m\nmodelzoo_ext.cli\nsweep\nassets\n{sweep}\n--run-list\n{run_list}\n"
+    assert not mark.exists()
+
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_PARAMS = REPO / "model_configs" / "params_sparse_lora_tiny.yaml"
+GPU_S2S, GPU_S2D = (f"tiny__boolq__magnitude__unstructured__s50__{m}__gpu__seed0" for m in ("s2s", "s2d"))
+CS3_S2S, CS3_S2D = (f"tiny__boolq__magnitude__unstructured__s50__{m}__cs3__seed0" for m in ("s2s", "s2d"))
+PRUNED, DENSE = (
+    "tiny__boolq__magnitude__unstructured__s50__none__eval__seed0",
+    "tiny__boolq__dense__dense__s00__none__eval__seed0",
+)
+
+
+def _cli_sweep(tmp_path: Path, hf_dir: Path) -> Path:
+    """The tiny example sweep planned for gpu and cs3 (named phoenix, 4 GPUs per run, evaluation on
+    cuda): 2 fine-tunes per backend and the 2 no-fine-tune baselines."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "modelzoo_ext" / "study" / "examples" / "sweep_tiny.yaml").read_text())
+    spec.update(name="phoenix", backends=["gpu", "cs3"], gpu={"nproc_per_node": 4}, eval={**spec["eval"], "device": "cuda"},
+                models={"tiny": {"hf_dir": str(hf_dir), "params": str(TINY_PARAMS)}})  # fmt: skip
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    sweep = tmp_path / "sweep"
+    assert cli.main(["sweep", "plan", str(tmp_path / "sweep.yaml"), "--out", str(sweep)]) == 0
     return sweep
 
 
-def test_cli_submit_dry_run(tmp_path, capsys):
-    sweep = _cli_sweep(tmp_path, {"m__t__s2s__gpu": ("s2s", "gpu"), "m__t__none__eval": ("none", "eval"),
-                                  "m__t__s2s__cs3": ("s2s", "cs3"), "m__t__ok__gpu": ("s2s", "gpu")})  # fmt: skip
-    Registry(sweep / "registry.sqlite").update("m__t__ok__gpu", status="succeeded")
-    status = cli.main(["sweep", "submit", str(sweep), "--scheduler", "slurm", "--dry-run", "--account", "proj42",
-                       "--time", "4:00:00", "--max-concurrent", "8", "--directive", "#SBATCH --qos=high"])  # fmt: skip
+def _make_assets(sweep: Path) -> None:
+    """Stand-ins for every shared asset of the sweep (the asset checks look at paths only)."""
+    from modelzoo_ext.study.sweep import load_plans
+    from modelzoo_ext.study.sweep.assets import missing
+
+    for path in missing(load_plans(sweep)[1]):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).mkdir() if not path.endswith(".safetensors") else Path(path).write_bytes(b"")
+
+
+def test_cli_submit_dry_run_plans_records_and_the_assets_job(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    """What is submitted comes from the runs' plans and records (never the registry database), and
+    the assets job comes first while a shared asset is missing."""
+    from modelzoo_ext.study.sweep.records import update_record
+
+    sweep = _cli_sweep(tmp_path, tiny_llama_dir)
+    update_record(sweep / "runs" / GPU_S2D, status="succeeded")
+    update_record(sweep / "runs" / CS3_S2D, status="trained", artifacts={"model": "m"})  # trained on the CS-3
+    (sweep / "registry.sqlite").unlink()  # submit must not need it (nor recreate it)
+    capsys.readouterr()
+    options = ["--scheduler", "slurm", "--dry-run", "--account", "proj42", "--time", "4:00:00", "--max-concurrent", "8",
+               "--directive", "#SBATCH --qos=high", "--assets-time", "1:00:00", "--assets-cpus", "16",
+               "--assets-partition", "cpu"]  # fmt: skip
+    assert cli.main(["sweep", "submit", str(sweep), *options]) == 0
     out = capsys.readouterr().out
-    assert status == 0
-    assert "done: 1, queued or running: 0, waiting for training elsewhere: 1, to submit: 2" in out
-    train = (sweep / "scheduler" / "dry-run" / "train-0.sbatch").read_text()
+    assert "done: 1, queued or running: 0, waiting for training elsewhere: 1, to submit: 4" in out
+    dry = sweep / "scheduler" / "dry-run"
+    assert sorted(p.name for p in dry.glob("*.runs")) == [
+        "assets.runs",
+        "eval-0.runs",
+        "eval-after-0.runs",
+        "train-0.runs",
+    ]
+    assert (dry / "train-0.runs").read_text() == f"0\t{GPU_S2S}\n"
+    assert (dry / "eval-0.runs").read_text() == f"0\t{DENSE}\n1\t{PRUNED}\n2\t{CS3_S2D}\n"
+    assert (dry / "assets.runs").read_text() == f"0\t{GPU_S2S}\n1\t{DENSE}\n2\t{PRUNED}\n3\t{CS3_S2D}\n"
+    train = (dry / "train-0.sbatch").read_text()
     assert "#SBATCH --gpus-per-node=4" in train and "#SBATCH --job-name=phoenix-train-0" in train
     assert "#SBATCH --qos=high" in train and "#SBATCH --array=0-0%8" in train
-    assert f"-m {launch.STAGE_ENTRY_MODULE} --sweep {sweep}" in train
-    evaluation = (sweep / "scheduler" / "dry-run" / "eval-0.sbatch").read_text()
+    assert f"-m modelzoo_ext.study.sweep.task --sweep {sweep}" in train
+    evaluation = (dry / "eval-0.sbatch").read_text()
     assert "#SBATCH --gpus-per-node=1" in evaluation and "#SBATCH --time=0-04:00:00" in evaluation
-    assert (sweep / "scheduler" / "dry-run" / "eval-0.runs").read_text() == "0\tm__t__none__eval\n"
+    assets = (dry / "assets.sbatch").read_text()
+    assert _directives(assets, "#SBATCH") == [
+        "--job-name=phoenix-assets", "--array=0-0", "--output=logs/assets_%A_%a.out", "--nodes=1",
+        "--ntasks-per-node=1", "--cpus-per-task=16", "--time=0-01:00:00", "--account=proj42", "--partition=cpu",
+        "--qos=high",
+    ]  # fmt: skip
+    assert f"-m modelzoo_ext.cli sweep assets {sweep} --run-list {dry / 'assets.runs'}" in assets
+    commands = (dry / "submit.sh").read_text()
+    assert '--dependency=afterok:"${assets}" --kill-on-invalid-dep=yes train-0.sbatch' in commands
+    assert '--dependency=afterok:"${assets}" --kill-on-invalid-dep=yes eval-0.sbatch' in commands
+    assert '--dependency=aftercorr:"${train_0}" --kill-on-invalid-dep=yes eval-after-0.sbatch' in commands
+    assert not (sweep / "registry.sqlite").exists()
+
+    _make_assets(sweep)  # every asset there: no assets job, nothing waits
+    assert cli.main(["sweep", "submit", str(sweep), *options]) == 0
+    assert "shared assets: all present (no assets job)" in capsys.readouterr().out
+    assert not (dry / "assets.sbatch").exists() and "afterok" not in (dry / "submit.sh").read_text()
 
 
-def test_cli_refuses_hostile_options_and_a_missing_entry_point(tmp_path, capsys, monkeypatch):
-    sweep = _cli_sweep(tmp_path, {"m__t__s2s__gpu": ("s2s", "gpu")})
+def test_cli_refuses_hostile_options_and_an_interpreter_without_the_entry_point(
+    tmp_path, tiny_llama_dir, capsys
+):
+    sweep = _cli_sweep(tmp_path, tiny_llama_dir)
     status = cli.main(
         ["sweep", "submit", str(sweep), "--scheduler", "slurm", "--account", "x$(touch /tmp/x)"]
     )
     err = capsys.readouterr().err
     assert status == 2 and "not a plain name" in err and "[account]" in err
-    monkeypatch.setattr(launch, "STAGE_ENTRY_MODULE", "modelzoo_ext.study.no_such_entry_point")
-    status = cli.main(["sweep", "submit", str(sweep), "--scheduler", "slurm"])
-    err = capsys.readouterr().err
-    assert status == 2 and "no_such_entry_point is not installed" in err
+    for python, why in (("/bin/false", "cannot import modelzoo_ext.study.sweep.task"),
+                        (str(tmp_path / "no-python"), "the tasks' interpreter cannot run")):  # fmt: skip
+        assert cli.main(["sweep", "submit", str(sweep), "--scheduler", "slurm", "--python", python]) == 2
+        assert why in capsys.readouterr().err
     assert not (sweep / "scheduler").exists()
+
+
+def test_status_shows_the_scheduler_beside_the_record_and_unknown_when_unreachable(tmp_path, tiny_llama_dir, capsys,
+                                                                                   monkeypatch):  # fmt: skip
+    """`sweep status` where no scheduler answers (no squeue here): each submitted run's tasks are
+    UNKNOWN with the reason, next to the run's own status; runs never submitted show none."""
+    sweep = _cli_sweep(tmp_path, tiny_llama_dir)
+    ledger = {"version": 1, "rounds": [{"round": 1, "scheduler": "slurm", "dir": "round-001", "arrays": [
+        {"name": "assets", "stage": "assets", "job_id": "7", "after": None, "runs": [GPU_S2S, PRUNED]},
+        {"name": "train-0", "stage": "train", "job_id": "8", "after": "assets", "runs": [GPU_S2S]},
+        {"name": "eval-after-0", "stage": "eval", "job_id": "9", "after": "train-0", "runs": [GPU_S2S]},
+        {"name": "eval-0", "stage": "eval", "job_id": "10", "after": "assets", "runs": [PRUNED]}]}]}  # fmt: skip
+    (sweep / "scheduler").mkdir()
+    (sweep / "scheduler" / "jobs.json").write_text(json.dumps(ledger))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    capsys.readouterr()
+    assert cli.main(["sweep", "status", str(sweep)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    reason = "`squeue` is not installed here. Fix: run this where SLURM's commands are"
+    gone = f"UNKNOWN ({reason})"
+    assert f"planned     attempts=0  train: {gone} [slurm 8_0]  eval: {gone} [slurm 9_0]" in lines[GPU_S2S]
+    assert lines[PRUNED].endswith(f"attempts=0  eval: {gone} [slurm 10_0]")
+    assert lines[DENSE].endswith("planned     attempts=0")
+    assert lines["assets"] == f"assets job, round 1: {gone} [slurm 7_0]"
+    assert cli.main(["sweep", "status", str(sweep), "--json"]) == 0
+    rows = {row["run_id"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows[GPU_S2S]["scheduler"]["train"] == {
+        "scheduler": "slurm", "job_id": "8", "index": 0, "array": "train-0", "round": 1, "state": "UNKNOWN",
+        "raw": "", "exit_code": None, "signal": None, "reason": reason,
+        "describe": f"{gone} [slurm 8_0]",
+    }  # fmt: skip
+    assert rows[DENSE]["scheduler"] == {}

@@ -148,6 +148,61 @@ def test_queued_or_running_runs_are_not_submitted_twice_and_cancel(sweep):
     }
 
 
+def test_a_failed_assets_job_cancels_the_arrays_that_wait_for_it(sweep, tmp_path):
+    """The assets job (here an interpreter that exits 1 stands in for `sweep assets`) fails: the
+    training and evaluation arrays never run (afterok with --kill-on-invalid-dep)."""
+    python = tmp_path / "failing-python"
+    python.write_text("#!/bin/sh\necho 'assets: failing as asked' >&2\nexit 1\n")
+    python.chmod(0o755)
+    runs = [RunWork("r0", True), RunWork("base", False, needs_training=False)]
+    sub = build_submission(scheduler="slurm", job_name="t", python=str(python))
+    result = submit(sweep, runs, _done(sweep), sub, entry=ENTRY, missing_assets=lambda ids: ["assets/x"])
+    assert [(a.name, a.after) for a in result.selection.arrays] == [
+        ("assets", None), ("train-0", "assets"), ("eval-after-0", "train-0"), ("eval-0", "assets"),
+    ]  # fmt: skip
+    states = _wait(sweep, _all_ended, "every task to end")
+    assert _summary(states) == {
+        "r0": {"assets": "FAILED (exit 1, NonZeroExitCode)", "train": "CANCELLED (DependencyNeverSatisfied)",
+               "eval": "CANCELLED (DependencyNeverSatisfied)"},
+        "base": {"assets": "FAILED (exit 1, NonZeroExitCode)", "eval": "CANCELLED (DependencyNeverSatisfied)"},
+    }  # fmt: skip
+    assert not (sweep / "runs").exists()  # no task ran
+
+
+def test_an_assets_job_waits_for_an_earlier_one_still_running(sweep, tmp_path):
+    """Two rounds submitted back to back (e.g. `--backend cpu`, then `--backend gpu`): the second
+    round's assets job waits until the first one has ended (afterany), so no two build at once."""
+    log, hold = tmp_path / "assets.log", tmp_path / "hold"
+    python = tmp_path / "holding-python"  # stands in for `sweep assets`: logs its start and end
+    python.write_text(
+        f"#!/bin/sh\necho start >> {log}\nwhile [ -e {hold} ]; do sleep 0.2; done\necho end >> {log}\n"
+    )
+    python.chmod(0o755)
+    hold.touch()
+    sub = build_submission(scheduler="slurm", job_name="t", python=str(python))
+    first = submit(
+        sweep, [RunWork("r0", True)], _done(sweep), sub, entry=ENTRY, missing_assets=lambda ids: ["a"]
+    )
+    _wait(sweep, lambda s: s["r0"]["assets"].state.state == "RUNNING", "the first assets job to run")
+    second = submit(sweep, [RunWork("r0", True), RunWork("r1", True)], _done(sweep), sub, entry=ENTRY,
+                    missing_assets=lambda ids: ["a"])  # fmt: skip
+    assert [(a.name, a.run_ids) for a in second.selection.arrays][0] == ("assets", ("r1",))
+    job = subprocess.run(
+        ["scontrol", "-o", "show", "job", second.job_ids["assets"]], capture_output=True, text=True
+    )
+    assert (
+        f"Dependency=afterany:{first.job_ids['assets']}_" in job.stdout and "JobState=PENDING" in job.stdout
+    )
+    assert "afterany:" + first.job_ids["assets"] in (second.round_dir / "submit.sh").read_text()
+    hold.unlink()
+    states = _wait(sweep, _all_ended, "both rounds to end")
+    assert {run: states[run]["assets"].state.state for run in ("r0", "r1")} == {
+        "r0": "COMPLETED",
+        "r1": "COMPLETED",
+    }
+    assert log.read_text() == "start\nend\nstart\nend\n"  # one after the other
+
+
 def test_hostile_text_runs_nothing_the_spec_did_not_ask_for(tmp_path, slurm_cluster):
     """A sweep directory, interpreter path and extra directive full of shell syntax, through a real
     sbatch: the task runs in the right directory and nothing else runs."""

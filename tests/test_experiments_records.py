@@ -16,6 +16,7 @@ import yaml
 
 from modelzoo_ext.cli import main
 from modelzoo_ext.study.registry import Registry
+from modelzoo_ext.study.steps import StepPolicy
 from modelzoo_ext.study.sweep import execute_stage, load_plan
 from modelzoo_ext.study.sweep.records import RECORD_FILE, read_record
 
@@ -123,6 +124,90 @@ def test_task_refuses_an_unknown_run(tmp_path, tiny_llama_dir):
         assert result.returncode == 2 and "no planned run" in result.stderr
 
 
+def test_a_task_builds_no_shared_asset_and_refuses_when_one_is_missing(tmp_path, tiny_llama_dir):
+    """Tasks run many at once: a stage with work whose shared assets are missing is refused (exit 2,
+    the record untouched, the fix named) instead of racing other tasks to build them; a stage
+    without work needs no asset."""
+    out = tmp_path / "sweep"
+    assert main(["sweep", "plan", str(_sweep_yaml(tmp_path, tiny_llama_dir)), "--out", str(out)]) == 0
+    run_id = "tiny__boolq__magnitude__unstructured__s50__s2d__cpu__seed0"
+    plan = load_plan(out, run_id)
+    before = (plan.run_dir / RECORD_FILE).read_bytes()
+    result = _task(out, run_id, "train")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"4 shared asset(s) of run {run_id} missing, first {plan.assets.data}" in result.stderr
+    assert f"sparse-lora sweep assets {out} --only {run_id}" in result.stderr
+    assert (plan.run_dir / RECORD_FILE).read_bytes() == before and not (out / "assets").exists()
+    result = _task(out, run_id, "eval")  # not trained: no work yet, so no asset is asked for
+    assert result.returncode == 1 and json.loads(result.stdout)["result"] == "not_trained"
+    assert (plan.run_dir / RECORD_FILE).read_bytes() == before  # as a PBS eval task after a failed training
+    assert f"{run_id} eval: not_trained: {run_id} is not trained yet" in result.stderr
+
+
+def test_stage_done_is_one_definition_for_runner_task_and_submit(tmp_path, tiny_llama_dir):
+    """A trained run: its train stage is done for the local runner (nothing to do), the task entry
+    point (skipped, exit 0, no asset needed) and submit; its eval is not."""
+    from modelzoo_ext.study.cluster.cli import done_by_records
+    from modelzoo_ext.study.sweep import load_plans, run_sweep
+    from modelzoo_ext.study.sweep.records import update_record
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", "plan", str(_sweep_yaml(tmp_path, tiny_llama_dir)), "--out", str(out)]) == 0
+    run_id = "tiny__boolq__magnitude__unstructured__s50__s2s__cpu__seed0"
+    update_record(out / "runs" / run_id, status="trained", artifacts={"model": "somewhere"})
+    is_done = done_by_records(load_plans(out)[1])
+    assert (is_done(run_id, "train"), is_done(run_id, "eval")) == (True, False)
+    assert run_sweep(out, only=[run_id], stage="train") == {
+        "selected": 1,
+        "stage": "train",
+        "skipped_finished": 1,
+    }
+    result = _task(out, run_id, "train")
+    assert result.returncode == 0 and json.loads(result.stdout)["result"] == "skipped"
+    update_record(out / "runs" / run_id, status="succeeded")
+    assert (is_done(run_id, "train"), is_done(run_id, "eval")) == (True, True)
+    assert json.loads(_task(out, run_id, "eval").stdout)["result"] == "skipped"
+
+
+def test_a_gpu_run_under_a_job_script_starts_its_trainer_with_the_exported_launcher(tmp_path, tiny_llama_dir,
+                                                                                   monkeypatch):  # fmt: skip
+    """SPARSE_LORA_LAUNCHER (what a job script with GPUs exports) replaces this machine's torchrun
+    before `-m gpu_reference.train ...`; without it, torchrun with the sweep's nproc_per_node."""
+    from modelzoo_ext.study.sweep.commands import train_command
+
+    out = tmp_path / "sweep"
+    sweep = _sweep_yaml(tmp_path, tiny_llama_dir, backends=["gpu"], gpu={"nproc_per_node": 2})
+    assert main(["sweep", "plan", str(sweep), "--out", str(out)]) == 0
+    plan = load_plan(out, "tiny__boolq__magnitude__unstructured__s50__s2s__gpu__seed0")
+    trainer = ["-m", "gpu_reference.train", str(plan.params_path), "--hf-model", plan.hf_dir, "--out",
+               str(plan.train_dir), "--no-progress", "--device", "cuda"]  # fmt: skip
+    assert train_command(plan) == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        *trainer,
+    ]
+    argv = tmp_path / "argv.json"
+    launcher = tmp_path / "bin" / "launcher"  # records its arguments, then fails as a trainer would
+    launcher.parent.mkdir()
+    launcher.write_text(
+        f"#!{sys.executable}\nimport json, sys\nopen({str(argv)!r}, 'w').write(json.dumps(sys.argv[1:]))\nsys.exit(1)\n"
+    )
+    launcher.chmod(0o755)
+    monkeypatch.setenv("SPARSE_LORA_LAUNCHER", f"{launcher} --nnodes=2 'two words'")
+    outcome = execute_stage(plan, "train", policy=StepPolicy(1, 0), assets=_Present())
+    assert outcome.result == "failed"
+    assert json.loads(argv.read_text()) == ["--nnodes=2", "two words", *trainer]
+
+
+class _Present:
+    """An asset builder for a test whose assets do not matter: all of them count as present."""
+
+    def ensure(self, plan) -> None:
+        pass
+
+
 def test_registry_rows_of_an_older_sweep_become_records(tmp_path, tiny_llama_dir, capsys):
     """A sweep directory from before run records (rows, no record files): nothing is lost."""
     out = tmp_path / "sweep"
@@ -160,6 +245,7 @@ def test_local_runner_and_tasks_give_the_same_report(tmp_path, tiny_llama_dir):
     for out in (local, tasks):
         assert main(["sweep", "plan", str(sweep), "--out", str(out)]) == 0
     assert main(["sweep", "run", str(local), "--max-attempts", "1"]) == 0
+    assert main(["sweep", "assets", str(tasks), "--max-attempts", "1"]) == 0  # tasks build no shared asset
     run_ids = sorted(p.name for p in (tasks / "runs").iterdir())
     for stage in ("train", "eval"):
         for run_id in run_ids:

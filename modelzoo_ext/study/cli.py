@@ -1,4 +1,4 @@
-"""Subcommands of the last pipeline stage: `eval`, `sweep plan|run|eval|status`, `report`, `demo`.
+"""Subcommands of the last pipeline stage: `eval`, `sweep plan|run|eval|assets|status`, `report`, `demo`.
 
 Handlers import their modules (and through them torch, lm-eval, matplotlib) only when run, so
 `sparse-lora --help` stays fast.
@@ -187,9 +187,31 @@ def _add_sweep(subparsers, groups) -> None:
     _add_run_arguments(evaluate)
     evaluate.set_defaults(func=_run_sweep_run, stage="eval")
 
+    assets = sub.add_parser(
+        "assets",
+        help="build the missing shared assets (data, masks, pruned models) of the runs not done, in this process",
+        description="What `sweep run` does before it starts the runs, alone: every missing shared asset of the "
+        "selected runs that are not done, built one at a time in this one process (tasks never build them: two "
+        "building one asset at once would race). `sweep submit`'s assets job runs it before the job arrays. "
+        "Exit status 1 when an asset failed (its log: DIR/assets/logs/).",
+    )
+    assets.add_argument("sweep_dir")
+    assets.add_argument(
+        "--backend",
+        choices=("cs3", "gpu", "cpu"),
+        help="only runs of this backend (and evaluation-only ones)",
+    )
+    assets.add_argument("--only", help="comma list of run ids")
+    assets.add_argument("--run-list", metavar="FILE", help="the run ids in FILE, one per line (`INDEX<TAB>RUN_ID` "
+                        "lines, as `sweep submit` writes its run lists, are read too)")  # fmt: skip
+    assets.add_argument("--max-attempts", type=int, default=4, help="tries per step for transient failures")
+    assets.add_argument("--backoff-s", type=float, default=30.0, help="first retry delay, doubled each retry")
+    assets.set_defaults(func=_run_sweep_assets)
+
     status = sub.add_parser(
         "status",
-        help="rebuild the registry from the run records; print each run's status and a count per status",
+        help="each run's status from its record (the registry rebuilt from them), beside its latest "
+        "SLURM / PBS tasks' state when the sweep was submitted",
     )
     status.add_argument("sweep_dir")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -222,32 +244,78 @@ def _run_sweep_plan(args) -> int:
 def _run_sweep_run(args) -> int:
     from modelzoo_ext.study.sweep import run_sweep
 
-    only = [r.strip() for r in args.only.split(",")] if args.only else None
     summary = run_sweep(
         args.sweep_dir,
         backend=args.backend,
         parallel=args.parallel,
         max_attempts=args.max_attempts,
         backoff_s=args.backoff_s,
-        only=only,
+        only=_selected_ids(args),
         stage=args.stage,
     )
     print(json.dumps(summary, sort_keys=True))
     return 0 if summary.get("failed", 0) == 0 and not summary.get("stopped_reason") else 1
 
 
+def _selected_ids(args) -> list[str] | None:
+    """The run ids of `--only ID,ID` and `--run-list FILE` (None: no selection by id)."""
+    from pathlib import Path
+
+    from modelzoo_ext.errors import UserError
+
+    run_list = getattr(args, "run_list", None)
+    if not args.only and not run_list:
+        return None
+    only = [r.strip() for r in (args.only or "").split(",") if r.strip()]
+    if run_list:
+        try:
+            lines = Path(run_list).read_text().splitlines()
+        except OSError as exc:
+            raise UserError(f"cannot read the run list: {exc.strerror}", where=run_list) from exc
+        only += [line.split("\t")[-1].strip() for line in lines if line.strip()]
+    return only
+
+
+def _run_sweep_assets(args) -> int:
+    from modelzoo_ext.study.sweep import build_assets
+
+    summary = build_assets(args.sweep_dir, backend=args.backend, only=_selected_ids(args),
+                           max_attempts=args.max_attempts, backoff_s=args.backoff_s)  # fmt: skip
+    print(f"shared assets of {summary['runs']} runs not done: built {len(summary['built'])}, "
+          f"failed {len(summary['failed'])}")  # fmt: skip
+    for path in summary["built"]:
+        print(f"  built  {path}")
+    for path, why in summary["failed"].items():
+        print(f"  FAILED {path}: {why}")
+    return 1 if summary["failed"] else 0
+
+
+_STAGE_COLUMNS = ("train", "eval")
+
+
 def _run_sweep_status(args) -> int:
+    from modelzoo_ext.study.cluster.submit import task_states
     from modelzoo_ext.study.sweep import sweep_status
 
     rows = sweep_status(args.sweep_dir)
+    tasks = task_states(args.sweep_dir, unreachable_ok=True)
+    for row in rows:
+        row["scheduler"] = {stage: task.to_dict() for stage, task in tasks.get(row["run_id"], {}).items()}
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True))
         return 0
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
-        print(f"{row['run_id']:<60} {row['status']:<10} attempts={row['attempts']} {row.get('error') or ''}")
+        tasks_shown = [
+            f"{s}: {row['scheduler'][s]['describe']}" for s in _STAGE_COLUMNS if s in row["scheduler"]
+        ]
+        parts = [f"{row['run_id']:<60}", f"{row['status']:<10}", f"attempts={row['attempts']}", *tasks_shown]
+        print("  ".join([*parts, row.get("error") or ""]).rstrip())
     print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "no runs")
+    jobs = {t.job_id: t for stages in tasks.values() for stage, t in stages.items() if stage == "assets"}
+    for task in sorted(jobs.values(), key=lambda t: t.round):
+        print(f"assets job, round {task.round}: {task.describe()}")
     return 0
 
 

@@ -3,24 +3,29 @@
 For the runs that are not done (the run's own record decides, through `is_done`) and have no
 task still queued or running:
 
+    assets         (`with_assets_job`, when a shared asset of these runs is missing) one task that
+                   builds every missing asset in one process; the arrays below that have no other
+                   dependency wait for it to succeed (afterok)
     train-K        runs that train on this cluster and are not trained yet
     eval-after-K   the same runs in the same order, so task i evaluates what train task i trained:
                    SLURM `--dependency=aftercorr:TRAIN` starts it when that one task succeeded
     eval-K         runs that need only their evaluation (trained already, trained elsewhere such as
-                   on the CS-3, or evaluation-only baselines): no dependency
+                   on the CS-3, or evaluation-only baselines)
 
 Arrays are cut into chunks of at most `limit` tasks (the scheduler's MaxArraySize), numbered K.
+The assets job is an array of one task, so that the scheduler reports it as it reports the others.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from modelzoo_ext.errors import UserError
 
 STAGES = ("train", "eval")
+ASSETS = "assets"  # the assets job's name and stage
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -40,12 +45,18 @@ class RunWork:
 
 @dataclass(frozen=True)
 class ArrayPlan:
-    """One job array: its name (`train-0`), stage, run per array index, and the array it follows."""
+    """One job array: its name (`train-0`), stage (`train`, `eval`, `assets`), run per array index
+    (the assets job: the runs it builds for, in one task), and the array it follows."""
 
     name: str
     stage: str
     run_ids: tuple[str, ...]
     after: str | None = None
+
+    @property
+    def tasks(self) -> int:
+        """How many array tasks it has."""
+        return 1 if self.stage == ASSETS else len(self.run_ids)
 
 
 @dataclass(frozen=True)
@@ -100,3 +111,11 @@ def plan_arrays(
         arrays.append(ArrayPlan(f"eval-after-{k}", "eval", chunk, after=f"train-{k}"))
     arrays += [ArrayPlan(f"eval-{k}", "eval", chunk) for k, chunk in enumerate(_chunks(eval_only, limit))]
     return Selection(tuple(arrays), tuple(done), tuple(busy), tuple(waiting))
+
+
+def with_assets_job(selection: Selection) -> Selection:
+    """`selection` with the assets job first, building for every run in it; the arrays that had no
+    dependency (train-K, eval-K) now wait for it (eval-after-K still follows its train-K)."""
+    runs = tuple(dict.fromkeys(r for a in selection.arrays for r in a.run_ids))
+    arrays = [a if a.after else replace(a, after=ASSETS) for a in selection.arrays]
+    return replace(selection, arrays=(ArrayPlan(ASSETS, ASSETS, runs), *arrays))

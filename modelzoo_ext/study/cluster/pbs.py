@@ -11,6 +11,9 @@
                                    starts when the whole training array has ended, whatever each
                                    subjob's outcome, and each evaluation task finds its run's
                                    training record (or refuses, and the run stays not done)
+    qsub -W depend=afterok:ASSETS TRAIN
+                                   the arrays wait for the assets job (one subjob) to succeed; an
+                                   assets job waits for an earlier one still queued or running
     qstat -f -x -t -F json IDS     subjobs with job_state Q/H/W (pending), R/E (running),
                                    X/F (ended: substate 92 finished, 93 failed, 91 terminated)
                                    and Exit_status (-29 walltime, -27/-26 memory, >256: signal)
@@ -27,8 +30,8 @@ import json
 import subprocess
 
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.study.cluster.arrays import ArrayPlan
-from modelzoo_ext.study.cluster.launch import launcher_lines, task_lines
+from modelzoo_ext.study.cluster.arrays import ASSETS, ArrayPlan
+from modelzoo_ext.study.cluster.launch import script_body
 from modelzoo_ext.study.cluster.spec import StageResources, Submission
 from modelzoo_ext.study.cluster.states import TaskState
 
@@ -67,11 +70,12 @@ def array_range(count: int, max_concurrent: int | None) -> str:
 
 
 def render_script(array: ArrayPlan, sub: Submission, run_list: str, sweep_dir: str, entry: list[str]) -> str:
-    """The qsub script of `array`: directives, then the task body (`launch.task_lines`)."""
-    res = getattr(sub, array.stage)
+    """The qsub script of `array`: directives, then the body (`launch.script_body`)."""
+    res = sub.resources(array.stage)
+    throttle = sub.max_concurrent if array.stage != ASSETS else None
     options = [
         f"-N {sub.job_name}-{array.name}",
-        f"-J {array_range(len(array.run_ids), sub.max_concurrent)}",
+        f"-J {array_range(array.tasks, throttle)}",
         f"-o logs/{array.name}.^array_index^.out",
         "-j oe",
         "-V",
@@ -80,21 +84,22 @@ def render_script(array: ArrayPlan, sub: Submission, run_list: str, sweep_dir: s
     options += ["-l place=scatter"] if res.nodes_per_run > 1 else []
     options += [f"-l walltime={_walltime(res.time_s)}"] if res.time_s is not None else []
     options += [f"-A {sub.account}"] if sub.account else []
-    options += [f"-q {sub.partition}"] if sub.partition else []
+    queue = sub.partition_for(array.stage)
+    options += [f"-q {queue}"] if queue else []
     lines = ["#!/bin/bash", *(f"#PBS {o}" for o in options), *sub.extra_directives]
-    lines.append(
-        f"# sparse-lora sweep submit: the {array.stage} stage of {len(array.run_ids)} run(s), one per array index"
-    )
-    launcher = launcher_lines(NAME, sub.python, res.nodes_per_run, res.gpus_per_node, sub.rdzv_port)
-    lines += task_lines(
-        INDEX_VAR, run_list, sweep_dir, array.stage, entry, launcher if array.stage == "train" else []
-    )
+    lines += script_body(NAME, INDEX_VAR, array, sub, run_list, sweep_dir, entry)
     return "\n".join(lines) + "\n"
 
 
-def submit_argv(script: str, after_job: str | None) -> list[str]:
-    """qsub's argv (run in the round directory); `after_job`: the train array this one waits for, whole."""
-    return ["qsub", *(["-W", f"depend=afterany:{after_job}"] if after_job else []), script]
+DEPENDENCY = {"per_task": "afterany", "ok": "afterok", "any": "afterany"}  # no task-wise form
+
+
+def submit_argv(script: str, after_job: str | None, *, kind: str = "per_task") -> list[str]:
+    """qsub's argv (run in the round directory). `after_job` (ids joined by `:`): what this array
+    waits for; `kind`: `per_task` (an evaluation array after its training array: PBS has no
+    task-wise form, so after the whole array, whatever its outcome), `ok` (after the assets job
+    succeeded), `any` (after it ended)."""
+    return ["qsub", *(["-W", f"depend={DEPENDENCY[kind]}:{after_job}"] if after_job else []), script]
 
 
 def parse_job_id(stdout: str) -> str:

@@ -6,6 +6,11 @@
                                                task i of EVAL starts when task i of TRAIN succeeded,
                                                and is cancelled (DependencyNeverSatisfied) when
                                                that one failed (checked on slurm 22.05)
+    sbatch --parsable --dependency=afterok:ASSETS --kill-on-invalid-dep=yes TRAIN
+                                               the arrays wait for the assets job to succeed (and
+                                               are cancelled when it fails); an assets job waits
+                                               for an earlier one still queued or running
+                                               (afterany): one builder at a time
     squeue -h -t all -r -j IDS -O ArrayJobID,ArrayTaskID,State,exit_code,Reason
                                                one line per task, pending ones included; kept for
                                                MinJobAge seconds after a job ends
@@ -21,8 +26,8 @@ from __future__ import annotations
 import subprocess
 
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.study.cluster.arrays import ArrayPlan
-from modelzoo_ext.study.cluster.launch import launcher_lines, task_lines
+from modelzoo_ext.study.cluster.arrays import ASSETS, ArrayPlan
+from modelzoo_ext.study.cluster.launch import script_body
 from modelzoo_ext.study.cluster.spec import StageResources, Submission
 from modelzoo_ext.study.cluster.states import TaskState
 
@@ -84,31 +89,32 @@ def _resource_directives(res: StageResources) -> list[str]:
 
 
 def render_script(array: ArrayPlan, sub: Submission, run_list: str, sweep_dir: str, entry: list[str]) -> str:
-    """The sbatch script of `array`: directives, then the task body (`launch.task_lines`)."""
-    res = getattr(sub, array.stage)
-    throttle = f"%{sub.max_concurrent}" if sub.max_concurrent else ""
+    """The sbatch script of `array`: directives, then the body (`launch.script_body`)."""
+    throttle = f"%{sub.max_concurrent}" if sub.max_concurrent and array.stage != ASSETS else ""
     options = [
         f"--job-name={sub.job_name}-{array.name}",
-        f"--array=0-{len(array.run_ids) - 1}{throttle}",
+        f"--array=0-{array.tasks - 1}{throttle}",
         f"--output=logs/{array.name}_%A_%a.out",
-        *_resource_directives(res),
+        *_resource_directives(sub.resources(array.stage)),
     ]
     options += [f"--account={sub.account}"] if sub.account else []
-    options += [f"--partition={sub.partition}"] if sub.partition else []
+    partition = sub.partition_for(array.stage)
+    options += [f"--partition={partition}"] if partition else []
     lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in options), *sub.extra_directives]
-    lines.append(
-        f"# sparse-lora sweep submit: the {array.stage} stage of {len(array.run_ids)} run(s), one per array index"
-    )
-    launcher = launcher_lines(NAME, sub.python, res.nodes_per_run, res.gpus_per_node, sub.rdzv_port)
-    lines += task_lines(
-        INDEX_VAR, run_list, sweep_dir, array.stage, entry, launcher if array.stage == "train" else []
-    )
+    lines += script_body(NAME, INDEX_VAR, array, sub, run_list, sweep_dir, entry)
     return "\n".join(lines) + "\n"
 
 
-def submit_argv(script: str, after_job: str | None) -> list[str]:
-    """sbatch's argv (run in the round directory); `after_job`: the train array this one follows task-wise."""
-    depend = [f"--dependency=aftercorr:{after_job}", "--kill-on-invalid-dep=yes"] if after_job else []
+DEPENDENCY = {"per_task": "aftercorr", "ok": "afterok", "any": "afterany"}
+
+
+def submit_argv(script: str, after_job: str | None, *, kind: str = "per_task") -> list[str]:
+    """sbatch's argv (run in the round directory). `after_job` (ids joined by `:`): what this array
+    waits for; `kind`: `per_task`, task i after task i succeeded (an evaluation array after its
+    training array), `ok`, after the whole job succeeded (the assets job), `any`, after it ended."""
+    depend = (
+        [f"--dependency={DEPENDENCY[kind]}:{after_job}", "--kill-on-invalid-dep=yes"] if after_job else []
+    )
     return ["sbatch", "--parsable", *depend, script]
 
 

@@ -137,6 +137,8 @@ class Submission(_Strict):
     extra_directives: tuple[str, ...] = ()
     train: StageResources = StageResources()
     eval: StageResources = StageResources()
+    assets: StageResources = Field(StageResources(), description="the assets job (CPU only, one node)")
+    assets_partition: str | None = Field(None, description="the assets job's partition / queue [partition]")
     python: str = Field(sys.executable, description="interpreter the tasks run (a shared filesystem path)")
     rdzv_port: int = Field(29500, ge=1024, le=64535, description="multi-node c10d rendezvous: base port")
     pbs_gpu_resource: str | None = Field(
@@ -168,7 +170,7 @@ class Submission(_Strict):
             raise ValueError(f"{value!r} is not a plain name (letters, digits, `._-`, at most 64)")
         return value
 
-    @field_validator("partition")
+    @field_validator("partition", "assets_partition")
     @classmethod
     def _partition(cls, value: str | None) -> str | None:
         if value is not None and not PARTITION.match(value):
@@ -202,6 +204,20 @@ class Submission(_Strict):
         if self.scheduler == "slurm" and self.pbs_select:
             raise ValueError("pbs_select is for PBS submissions")
         return self
+
+    @model_validator(mode="after")
+    def _assets_on_one_cpu_node(self) -> Submission:
+        if self.assets.gpus_per_run or self.assets.nodes_per_run != 1:
+            raise ValueError("the assets job runs on CPUs of one node (no GPUs, one node)")
+        return self
+
+    def resources(self, stage: str) -> StageResources:
+        """What each task of a `train`, `eval` or `assets` array gets."""
+        return {"train": self.train, "eval": self.eval, "assets": self.assets}[stage]
+
+    def partition_for(self, stage: str) -> str | None:
+        """The partition / queue of a stage's arrays (the assets job may have its own)."""
+        return (self.assets_partition or self.partition) if stage == "assets" else self.partition
 
     @property
     def array_limit(self) -> int:

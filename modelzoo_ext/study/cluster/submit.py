@@ -1,6 +1,7 @@
 """Submit a sweep's unfinished runs as job arrays, ask the scheduler how they fare, cancel them.
 
-    submit(sweep_dir, runs, is_done, submission)   -> SubmitResult (arrays and their job ids)
+    submit(sweep_dir, runs, is_done, submission, missing_assets=...)
+                                                   -> SubmitResult (arrays and their job ids)
     submit(..., dry_run=True)                      writes DIR/scheduler/dry-run/, submits nothing
     task_states(sweep_dir)                         -> {run_id: {stage: RunTask}} (latest task each)
     cancel(sweep_dir)                              scancel / qdel every array with a task not ended
@@ -8,13 +9,17 @@
 Layout (one writer: the submitting process; tasks never touch it):
 
     DIR/scheduler/jobs.json           the ledger: every round, its arrays, job ids and run lists
-    DIR/scheduler/round-001/          one submission: for each array (`train-0`, `eval-after-0`,
-        train-0.sbatch, train-0.runs  `eval-0`) its script and run list (`INDEX<TAB>RUN_ID`), the
-        submit.sh, logs/              commands submit ran (submit.sh) and the tasks' logs
+    DIR/scheduler/round-001/          one submission: for each array (`assets`, `train-0`,
+        train-0.sbatch, train-0.runs  `eval-after-0`, `eval-0`) its script and run list
+        submit.sh, logs/              (`INDEX<TAB>RUN_ID`), the commands submit ran (submit.sh)
+                                      and the tasks' logs
     DIR/scheduler/dry-run/            the same, from `--dry-run` (replaced each time)
 
 A second `submit` picks up exactly the runs that are not done by their own records (failed,
 cancelled, timed out, never started), leaving out those with a task still queued or running.
+When a shared asset of the runs submitted is missing (`missing_assets`), the round starts with
+the assets job, and the arrays without another dependency wait for it to succeed; it waits itself
+for an earlier round's assets job still queued or running, so no two build at once.
 """
 
 from __future__ import annotations
@@ -31,7 +36,14 @@ from typing import Any
 from modelzoo_ext.atomic import atomic_dir, atomic_file
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.study.cluster import pbs, slurm
-from modelzoo_ext.study.cluster.arrays import ArrayPlan, RunWork, Selection, plan_arrays
+from modelzoo_ext.study.cluster.arrays import (
+    ASSETS,
+    ArrayPlan,
+    RunWork,
+    Selection,
+    plan_arrays,
+    with_assets_job,
+)
 from modelzoo_ext.study.cluster.launch import entry_command
 from modelzoo_ext.study.cluster.shell import Var, concat, join
 from modelzoo_ext.study.cluster.spec import Submission
@@ -63,15 +75,23 @@ class RunTask:
         )
         return f"{self.state.describe()} [{self.scheduler} {task}]"
 
+    def to_dict(self) -> dict[str, Any]:
+        """Where the task was submitted, its state's fields and `describe()`'s text."""
+        where = {"scheduler": self.scheduler, "job_id": self.job_id, "index": self.index, "array": self.array,
+                 "round": self.round}  # fmt: skip
+        return {**where, **self.state.to_dict(), "describe": self.describe()}
+
 
 @dataclass
 class SubmitResult:
-    """What `submit` wrote and submitted: the round directory, each array's job id, the selection."""
+    """What `submit` wrote and submitted: the round directory, each array's job id, the selection
+    (with the assets job first when `missing_assets` lists what it builds)."""
 
     round_dir: Path
     selection: Selection
     job_ids: dict[str, str] = field(default_factory=dict)
     dry_run: bool = False
+    missing_assets: list[str] = field(default_factory=list)
 
 
 # -- the ledger -----------------------------------------------------------------------------------
@@ -97,6 +117,7 @@ def _latest_tasks(ledger: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any
     for rnd in ledger["rounds"]:
         for array in rnd["arrays"]:
             for index, run_id in enumerate(array["runs"]):
+                index = 0 if array["stage"] == ASSETS else index  # one task builds for all its runs
                 latest[(run_id, array["stage"])] = {
                     "scheduler": rnd["scheduler"], "job_id": array["job_id"], "index": index,
                     "array": array["name"], "round": rnd["round"],
@@ -105,7 +126,8 @@ def _latest_tasks(ledger: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any
 
 
 def task_states(sweep_dir: str | Path, *, unreachable_ok: bool = False) -> dict[str, dict[str, RunTask]]:
-    """{run_id: {"train"|"eval": RunTask}} for every run ever submitted from `sweep_dir`.
+    """{run_id: {"train"|"eval"|"assets": RunTask}} for every run ever submitted from `sweep_dir`
+    (`assets`: the latest assets job that built for the run).
 
     One query per scheduler. A task the scheduler no longer knows is UNKNOWN. With
     `unreachable_ok` (for `sweep status` on a machine without the scheduler), a failed query makes
@@ -135,10 +157,28 @@ def task_states(sweep_dir: str | Path, *, unreachable_ok: bool = False) -> dict[
     return result
 
 
-def _active_runs(sweep_dir: Path) -> set[str]:
-    return {
-        run for run, stages in task_states(sweep_dir).items() if any(t.state.active for t in stages.values())
+def _active(sweep_dir: Path) -> tuple[set[str], tuple[str, ...]]:
+    """The runs with a task queued or running, and the assets jobs queued or running."""
+    states = task_states(sweep_dir)
+    runs = {run for run, stages in states.items() if any(t.state.active for t in stages.values())}
+    assets = {
+        t.job_id for stages in states.values() for s, t in stages.items() if s == ASSETS and t.state.active
     }
+    return runs, tuple(sorted(assets))
+
+
+def _dependency(
+    array: ArrayPlan, job_id: Callable[[str], str], earlier_assets: tuple[str, ...]
+) -> tuple[str | None, str]:
+    """(the job ids `array` waits for, joined by `:`; the kind of wait): an assets job waits for the
+    earlier ones still queued or running to end (`any`: one builder of shared assets at a time, and
+    it finds their assets built); an array after the assets job waits for it to succeed (`ok`); an
+    evaluation array follows its training array (`per_task`)."""
+    if array.stage == ASSETS:
+        return (":".join(earlier_assets) or None), "any"
+    if array.after:
+        return job_id(array.after), "ok" if array.after == ASSETS else "per_task"
+    return None, "per_task"
 
 
 # -- writing a round ------------------------------------------------------------------------------
@@ -146,12 +186,13 @@ def _var(array_name: str) -> str:
     return array_name.replace("-", "_")
 
 
-def _submit_sh(module: ModuleType, arrays: tuple[ArrayPlan, ...]) -> str:
+def _submit_sh(module: ModuleType, arrays: tuple[ArrayPlan, ...], earlier_assets: tuple[str, ...]) -> str:
     """The commands `submit` runs, as a script a user could run by hand from the round directory."""
     lines = ["#!/bin/bash", "# What `sparse-lora sweep submit` runs from this directory (job ids: ../jobs.json).",
              "set -euo pipefail", 'cd "$(dirname "$0")"']  # fmt: skip
     for array in arrays:
-        argv = module.submit_argv(array.name + module.EXTENSION, _AFTER if array.after else None)
+        after, kind = _dependency(array, lambda name: _AFTER, earlier_assets)
+        argv = module.submit_argv(array.name + module.EXTENSION, after, kind=kind)
         words = [concat(*_split_after(w, _var(array.after))) if _AFTER in w else join([w]) for w in argv]
         lines.append(f"{_var(array.name)}=$({' '.join(words)})")
         if module is slurm:  # `--parsable` may answer `id;cluster`
@@ -165,7 +206,7 @@ def _split_after(word: str, var: str) -> list[str | Var]:
 
 
 def _write_round(target: Path, module: ModuleType, sub: Submission, selection: Selection, sweep_dir: Path,
-                 entry: list[str]) -> None:  # fmt: skip
+                 entry: list[str], earlier_assets: tuple[str, ...]) -> None:  # fmt: skip
     """Scripts, run lists, submit.sh and logs/ of one round, all appearing at once (in `target`)."""
     with atomic_dir(target) as tmp:
         (tmp / "logs").mkdir()
@@ -174,7 +215,7 @@ def _write_round(target: Path, module: ModuleType, sub: Submission, selection: S
             (tmp / run_list.name).write_text("".join(f"{i}\t{r}\n" for i, r in enumerate(array.run_ids)))
             script = module.render_script(array, sub, str(run_list), str(sweep_dir), entry)
             (tmp / f"{array.name}{module.EXTENSION}").write_text(script)
-        (tmp / "submit.sh").write_text(_submit_sh(module, selection.arrays))
+        (tmp / "submit.sh").write_text(_submit_sh(module, selection.arrays, earlier_assets))
 
 
 # -- submit / cancel ------------------------------------------------------------------------------
@@ -186,12 +227,15 @@ def submit(
     *,
     dry_run: bool = False,
     entry: list[str] | None = None,
+    missing_assets: Callable[[tuple[str, ...]], list[str]] | None = None,
 ) -> SubmitResult:
     """Submit every run of `runs` that is not done (`is_done(run_id, stage)`) and not queued/running.
 
     `entry`: the words before `--sweep DIR --run ID --stage S` in each task (default: the study's
-    executor entry point, `launch.entry_command`). Job ids go into the ledger after each `sbatch`/
-    `qsub`, so a failure part-way leaves what was submitted recorded.
+    executor entry point, `launch.entry_command`). `missing_assets(run_ids)`: the shared assets of
+    those runs that do not exist yet; when there are some, the assets job builds them first. Job
+    ids go into the ledger after each `sbatch`/`qsub`, so a failure part-way leaves what was
+    submitted recorded.
     """
     sweep_dir = Path(sweep_dir).resolve()
     if not sweep_dir.is_dir():
@@ -199,24 +243,27 @@ def submit(
     module = SCHEDULERS[submission.scheduler]
     module.check_sweep_dir(str(sweep_dir))
     ledger = read_ledger(sweep_dir)
-    active = _active_runs(sweep_dir) if ledger["rounds"] else set()
+    active, earlier_assets = _active(sweep_dir) if ledger["rounds"] else (set(), ())
     selection = plan_arrays(runs, is_done, active.__contains__, submission.array_limit)
     number = len(ledger["rounds"]) + 1
     round_dir = sweep_dir / SCHEDULER_DIR / ("dry-run" if dry_run else f"round-{number:03d}")
     result = SubmitResult(round_dir, selection, dry_run=dry_run)
     if not selection.arrays:
         return result
-    _write_round(
-        round_dir, module, submission, selection, sweep_dir, entry or entry_command(submission.python)
-    )
+    if missing_assets is not None:
+        result.missing_assets = missing_assets(tuple(r for a in selection.arrays for r in a.run_ids))
+        if result.missing_assets:
+            result.selection = selection = with_assets_job(selection)
+    _write_round(round_dir, module, submission, selection, sweep_dir, entry or entry_command(submission.python),
+                 earlier_assets)  # fmt: skip
     if dry_run:
         return result
     record = {"round": number, "scheduler": submission.scheduler, "dir": round_dir.name,
               "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "arrays": []}  # fmt: skip
     ledger["rounds"].append(record)
     for array in selection.arrays:
-        after = result.job_ids[array.after] if array.after else None
-        argv = module.submit_argv(array.name + module.EXTENSION, after)
+        after, kind = _dependency(array, result.job_ids.__getitem__, earlier_assets)
+        argv = module.submit_argv(array.name + module.EXTENSION, after, kind=kind)
         done = subprocess.run(argv, cwd=round_dir, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             submitted = ", ".join(f"{k}={v}" for k, v in result.job_ids.items()) or "nothing"

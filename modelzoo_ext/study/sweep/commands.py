@@ -5,7 +5,8 @@
                                                        the task's training data, never on evaluated examples)
     masks_apply_command    `sparse-lora masks apply`   the pruned base model
     train_command          cpu: `python -m gpu_reference.train`; gpu: torchrun (`python -m
-                           torch.distributed.run`) of the same; cs3: `cszoo fit` with the appliance flags
+                           torch.distributed.run`) of the same, or the launcher a job script
+                           exported for its allocation; cs3: `cszoo fit` with the appliance flags
     cs_export_command      cs3: `sparse-lora convert cs-to-hf` of the last CS checkpoint into the
                            export the reference trainer writes (train/merged or train/adapter)
     eval_command           `sparse-lora eval` (lm-eval, and the held-out loss) of the model to evaluate
@@ -62,8 +63,14 @@ def masks_apply_command(plan: RunPlan) -> list[str]:
     return cli("masks", "apply", "--model", plan.hf_dir, "--masks", str(plan.assets.masks), "--out", str(plan.assets.pruned))  # fmt: skip
 
 
-def train_command(plan: RunPlan) -> list[str] | None:
-    """The backend's training command (None for evaluation-only runs)."""
+def train_command(plan: RunPlan, launcher: list[str] | None = None) -> list[str] | None:
+    """The backend's training command (None for evaluation-only runs).
+
+    gpu: `launcher` (the words a job script exported for its allocation, `cluster.launch.
+    launcher_from_env`: torchrun with the allocation's GPUs, or srun / mpiexec + torchrun across
+    its nodes) starts `-m gpu_reference.train ...` in place of this machine's
+    `torch.distributed.run --nproc-per-node=<gpu.nproc_per_node>`.
+    """
     if not plan.trains:
         return None
     reference = [
@@ -78,9 +85,9 @@ def train_command(plan: RunPlan) -> list[str] | None:
         return [sys.executable, "-m", "gpu_reference.train", *reference, "--device", "cpu"]
     if plan.backend == "gpu":
         # `python -m torch.distributed.run` is torchrun, from this very environment.
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan.spec.gpu.nproc_per_node}",
-                    "-m", "gpu_reference.train"]  # fmt: skip
-        return [*launcher, *reference, "--device", "cuda"]
+        launcher = launcher or [sys.executable, "-m", "torch.distributed.run",
+                                f"--nproc-per-node={plan.spec.gpu.nproc_per_node}"]  # fmt: skip
+        return [*launcher, "-m", "gpu_reference.train", *reference, "--device", "cuda"]
     cs = plan.spec.cs3
     command = [cs.cszoo, "fit", str(plan.params_path), "--target_device", "CSX", "--num_csx", str(cs.num_csx),
                "--model_dir", str(plan.train_dir)]  # fmt: skip

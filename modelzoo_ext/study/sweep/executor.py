@@ -23,8 +23,11 @@ Stages of a run:
 The record's status goes to `running` when a stage starts, and ends `trained`, `succeeded`,
 `failed` (a permanent step failure, or a transient one past its attempts; `UserError`s too) or
 `stopped` (disk full or quota: every further run would fail too). A run killed meanwhile stays
-`running` and is redone like a failed one. Finished work is not redone: a run that `succeeded`, or
-(stage `train`) is `trained`, is `skipped`; `eval` before training is `not_trained`.
+`running` and is redone like a failed one. `attempts` counts the starts of the run's work (an
+`eval` right after its `train` stage goes on with the same attempt). Finished work is not redone
+(`stage_done`, the one definition the local runner, the task entry point and `sweep submit` use):
+a run that `succeeded`, or (stage `train`) is `trained`, is `skipped`; `eval` before training is
+`not_trained`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any, Literal
 from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.run_config import trainer_yaml as rc
+from modelzoo_ext.study.cluster.launch import launcher_from_env
 from modelzoo_ext.study.registry import RunRecord
 from modelzoo_ext.study.steps import StepFailed, StepPolicy, SweepStopped, run_step
 from modelzoo_ext.study.sweep.assets import AssetBuilder
@@ -75,15 +79,26 @@ def is_trained(record: RunRecord) -> bool:
     return "model" in record.artifacts
 
 
-def has_work(plan: RunPlan, record: RunRecord, stage: Stage) -> bool:
-    """Does `stage` still have work on this run?"""
-    if record.status == "succeeded":
+def stage_done(plan: RunPlan, record: RunRecord | None, stage: Stage) -> bool:
+    """Is `stage`'s work on this run finished, so that nothing is redone? The one definition the
+    local runner, the task entry point and `sweep submit` use: a run that `succeeded` is done; its
+    `train` stage also once its checked model is recorded (status `trained` and later), or at once
+    for a run that does not train (no-fine-tune baselines: the sparsity check is part of `eval`)."""
+    if record is None:
         return False
-    if stage == "train":
-        return plan.trains and not is_trained(record)
-    if stage == "eval":
-        return is_trained(record) or not plan.trains
-    return True
+    if record.status == "succeeded":
+        return True
+    return stage == "train" and (not plan.trains or is_trained(record))
+
+
+def can_start(plan: RunPlan, record: RunRecord | None, stage: Stage) -> bool:
+    """Can `stage` run now? `eval` of a run that trains waits for its `train` stage."""
+    return stage != "eval" or not plan.trains or (record is not None and is_trained(record))
+
+
+def has_work(plan: RunPlan, record: RunRecord | None, stage: Stage) -> bool:
+    """Does `stage` still have work on this run that can be done now?"""
+    return not stage_done(plan, record, stage) and can_start(plan, record, stage)
 
 
 def execute_stage(
@@ -97,12 +112,14 @@ def execute_stage(
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}", fix=f"use one of {STAGES}")
     record = read_record(plan.run_dir) or write_record(plan.run_dir, planned_record(plan, git_revision()))
-    if not has_work(plan, record, stage):
-        finished = record.status == "succeeded" or stage == "train"
-        return StageOutcome(plan.run_id, stage, "skipped" if finished else "not_trained")
-    update_record(
-        plan.run_dir, status="running", started_at=time.time(), attempts=record.attempts + 1, error=None
-    )
+    if stage_done(plan, record, stage):
+        return StageOutcome(plan.run_id, stage, "skipped")
+    if not can_start(plan, record, stage):
+        return StageOutcome(plan.run_id, stage, "not_trained", f"{plan.run_id} is not trained yet")
+    # An attempt is a start of the run's work: evaluating a run just `trained` goes on with the same
+    # one (so a run counts 1 whether its stages ran in one process or as two tasks).
+    attempts = record.attempts + (record.status != "trained")
+    update_record(plan.run_dir, status="running", started_at=time.time(), attempts=attempts, error=None)
     try:
         (assets or AssetBuilder(plan.sweep_dir, policy)).ensure(plan)
         if stage != "eval" and plan.trains and not is_trained(record):
@@ -190,7 +207,7 @@ def _train(plan: RunPlan, policy: StepPolicy) -> dict[str, Any] | None:
             run_step(cs_export_command(plan, str(latest_cs_checkpoint(plan.train_dir))), log, policy)
         return cs_throughput(plan.train_dir, load_params(plan.run_dir))
     if not is_complete(plan.train_dir):
-        run_step(train_command(plan), log, policy)
+        run_step(train_command(plan, launcher_from_env()), log, policy)
     if not is_complete(plan.train_dir):
         raise StepFailed(f"training ended without a complete run record in {plan.train_dir}")
     return reference_throughput(plan.train_dir / METRICS_FILE, plan.backend)

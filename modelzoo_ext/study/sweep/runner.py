@@ -1,11 +1,14 @@
-"""The local runner: `sweep run|eval` on one machine, and `sweep status`.
+"""The local runner: `sweep run|eval` on one machine, `sweep assets`, and `sweep status`.
 
 It selects the planned runs (by backend, or by id) whose stage still has work (from their
-records), builds their shared assets one at a time, then executes each run's stage
-(`executor.execute_stage`, the same call a cluster task makes) on a thread pool of `--parallel`
-workers, with a progress bar. After a `stopped` run (disk full, quota) no further run starts.
-Being one process, it rebuilds the registry index from the records at its end (and `sweep
+records, `executor.has_work`), builds their shared assets one at a time, then executes each run's
+stage (`executor.execute_stage`, the same call a cluster task makes) on a thread pool of
+`--parallel` workers, with a progress bar. After a `stopped` run (disk full, quota) no further run
+starts. Being one process, it rebuilds the registry index from the records at its end (and `sweep
 status` before it reads). Returns counts per result.
+
+`build_assets` is the first half alone: the missing shared assets of the runs not done, built in
+one process (`sweep assets`, which a cluster's assets job runs before the job arrays).
 """
 
 from __future__ import annotations
@@ -16,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from modelzoo_ext.errors import UserError
-from modelzoo_ext.study.registry import RunRecord
 from modelzoo_ext.study.steps import StepPolicy, SweepStopped
-from modelzoo_ext.study.sweep.assets import AssetBuilder
-from modelzoo_ext.study.sweep.executor import STAGES, StageOutcome, execute_stage, has_work
+from modelzoo_ext.study.sweep.assets import AssetBuilder, missing
+from modelzoo_ext.study.sweep.executor import STAGES, StageOutcome, execute_stage, has_work, stage_done
 from modelzoo_ext.study.sweep.index import rebuild_index
 from modelzoo_ext.study.sweep.plan import RunPlan, load_plans
 from modelzoo_ext.study.sweep.records import read_record
@@ -55,7 +57,7 @@ def run_sweep(
     sweep_dir = Path(sweep_dir).resolve()
     _, plans = load_plans(sweep_dir)
     selected = _selected(plans, backend, only, sweep_dir)
-    todo = [p for p in selected if has_work(p, read_record(p.run_dir) or RunRecord(p.run_id), stage)]
+    todo = [p for p in selected if has_work(p, read_record(p.run_dir), stage)]
     summary: dict[str, Any] = {
         "selected": len(selected),
         "stage": stage,
@@ -91,6 +93,29 @@ def run_sweep(
     if stop_reason:
         summary["stopped_reason"] = stop_reason[0]
     return summary
+
+
+def build_assets(
+    sweep_dir: str | Path,
+    *,
+    backend: str | None = None,
+    only: list[str] | None = None,
+    max_attempts: int = 4,
+    backoff_s: float = 30.0,
+) -> dict[str, Any]:
+    """Build the missing shared assets of the runs not done yet (of `backend`, or of `only`), in
+    this one process: what `sweep assets` and a cluster's assets job run. Opens no database.
+    Returns the selected runs, the assets built and the assets that failed with why."""
+    sweep_dir = Path(sweep_dir).resolve()
+    _, plans = load_plans(sweep_dir)
+    todo = [
+        p
+        for p in _selected(plans, backend, only, sweep_dir)
+        if not stage_done(p, read_record(p.run_dir), "all")
+    ]
+    absent = missing(todo)
+    failed = AssetBuilder(sweep_dir, StepPolicy(max_attempts, backoff_s)).build_for(todo)
+    return {"runs": len(todo), "built": [a for a in absent if a not in failed], "failed": failed}
 
 
 def sweep_status(sweep_dir: str | Path) -> list[dict[str, Any]]:
