@@ -484,7 +484,7 @@ def plot_scores(scores: list[dict[str, Any]], protocol: str, out_dir: Path) -> l
     return paths
 
 
-CURVE_COLOURS = {"s2s": "C0", "s2d": "C1", "lora": "C2"}
+CURVE_COLOURS = {"s2d": "C0", "s2s": "C1", "lora": "gray"}  # as the held-out-loss-against-sparsity figure
 
 
 def plot_curves(rows: list[dict[str, Any]], protocol: str, out_dir: Path) -> list[Path]:
@@ -492,6 +492,8 @@ def plot_curves(rows: list[dict[str, Any]], protocol: str, out_dir: Path) -> lis
     (method, structure, backend) with its interval over seeds as a band; log scale (step 0 is the
     unfine-tuned model, far above the rest)."""
     plt = _pyplot()
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
+
     paths = []
     figures: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
@@ -516,10 +518,15 @@ def plot_curves(rows: list[dict[str, Any]], protocol: str, out_dir: Path) -> lis
                                 alpha=0.2, linewidth=0)  # fmt: skip
             ax.set(xlabel="training step", yscale="log",
                    title="dense model" if level == 0 else f"sparsity {level:.0%}")  # fmt: skip
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(fontsize=6)
-        axes[0][0].set_ylabel("held-out NLL per completion token")
-        fig.suptitle(f"{model}, {task}: held-out loss during training [{protocol} protocol]; step 0 = before "
-                     "fine-tuning; band = 95% interval over seeds", fontsize=8)  # fmt: skip
+        axis = axes[0][0].yaxis  # shared: plain numbers at 1, 1.5, 2, 3, 5, 7 x 10^k on the log scale
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
+        axes[0][0].set_ylabel("held-out NLL per completion token (log scale)")
+        fig.suptitle(f"{model}, {task}: held-out loss during training [{protocol} protocol]\nstep 0 = before "
+                     "fine-tuning (the no-fine-tune run); band = 95% interval over seeds", fontsize=8)  # fmt: skip
         path = out_dir / f"heldout_curve_{protocol}_{_slug(model)}_{_slug(task)}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=100)

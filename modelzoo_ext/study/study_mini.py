@@ -51,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-dir", default=str(DEFAULT_MODEL_DIR), help="where SmolLM2-135M is built (the spec's hf_dir)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of every step (OMP_NUM_THREADS, inherited by the sweep's processes); on a machine "
+        "busy with other work 1 finishes far sooner than 2 (docs/results/smollm2_mini.md)",
+    )
     parser.add_argument("--publish", help="copy the report and run info here when every run succeeded")
     parser.add_argument("--page", help="results page whose generated blocks are refilled from --publish")
 
@@ -80,6 +86,7 @@ def machine_and_versions() -> dict[str, Any]:
         except PackageNotFoundError:
             versions[package] = "not installed"
     return {"cpu": cpu, "cpus": os.cpu_count(), "memory": memory, "torch_threads": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "platform": platform.platform(), "versions": versions, "git_rev": git_revision()}  # fmt: skip
 
 
@@ -117,7 +124,8 @@ def info_markdown(info: dict[str, Any]) -> str:
     m = info["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     lines = [
-        f"- Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory']} memory, torch threads {m['torch_threads']}; {m['platform']}",
+        f"- Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory']} memory, torch threads {m['torch_threads']} "
+        f"(OMP_NUM_THREADS {m['OMP_NUM_THREADS']}); {m['platform']}",
         f"- Versions: {versions}; git {m['git_rev']}",
         f"- Spec: `{Path(info['spec']).name}` (sha256 {info['spec_sha256'][:16]})",
         f"- Wall time: {info['wall_time_s'] / 3600:.2f} h over {len(info['invocations'])} invocation(s); "
@@ -240,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.threads:  # before torch is imported here or in any step
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     from modelzoo_ext.errors import UserError
 
     try:
