@@ -62,10 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def machine_and_versions() -> dict[str, Any]:
-    """What the numbers were measured on: CPU, cores, memory, torch threads, library versions, git revision."""
+    """What the numbers were measured on: CPU, cores, memory, library versions, git revision."""
     from importlib.metadata import PackageNotFoundError, version
-
-    import torch
 
     from modelzoo_ext.study.sweep import git_revision
 
@@ -85,9 +83,8 @@ def machine_and_versions() -> dict[str, Any]:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = "not installed"
-    return {"cpu": cpu, "cpus": os.cpu_count(), "memory": memory, "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "platform": platform.platform(), "versions": versions, "git_rev": git_revision()}  # fmt: skip
+    return {"cpu": cpu, "cpus": os.cpu_count(), "memory": memory, "platform": platform.platform(),
+            "versions": versions, "git_rev": git_revision()}  # fmt: skip
 
 
 def run_wall_times(registry_path: Path) -> list[dict[str, Any]]:
@@ -124,21 +121,22 @@ def info_markdown(info: dict[str, Any]) -> str:
     m = info["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     lines = [
-        f"- Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory']} memory, torch threads {m['torch_threads']} "
-        f"(OMP_NUM_THREADS {m['OMP_NUM_THREADS']}); {m['platform']}",
+        f"- Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory']} memory; {m['platform']} (each invocation's "
+        "threads are in its row below)",
         f"- Versions: {versions}; git {m['git_rev']}",
         f"- Spec: `{Path(info['spec']).name}` (sha256 {info['spec_sha256'][:16]})",
         f"- Wall time: {info['wall_time_s'] / 3600:.2f} h over {len(info['invocations'])} invocation(s); "
         f"the runs' own wall time (last attempt of each) sums to {info['runs_wall_time_s'] / 3600:.2f} h",
         "",
-        "| invocation started (UTC) | "
+        "| invocation started (UTC) | threads | "
         + " | ".join(info["invocations"][0]["stages_s"])
         + " | load average at start / end |",
-        "|---|" + "---|" * (len(info["invocations"][0]["stages_s"]) + 1),
+        "|---|---|" + "---|" * (len(info["invocations"][0]["stages_s"]) + 1),
     ]
     for inv in info["invocations"]:
         stages = " | ".join(f"{s:.0f} s" for s in inv["stages_s"].values())
-        lines.append(f"| {inv['started']} | {stages} | {inv['load_start']} / {inv['load_end']} |")
+        threads = inv.get("threads", "")
+        lines.append(f"| {inv['started']} | {threads} | {stages} | {inv['load_start']} / {inv['load_end']} |")
     lines += ["", "| run | status | wall time of its last attempt |", "|---|---|---|"]
     lines += [
         f"| {r['run_id']} | {r['status']} | {r['seconds'] if r['seconds'] is not None else ''} s |"
@@ -200,8 +198,10 @@ def run_study(args: argparse.Namespace) -> int:
     out, spec, model_dir = Path(args.out).resolve(), Path(args.spec).resolve(), Path(args.model_dir)
     out.mkdir(parents=True, exist_ok=True)
     sweep_dir = out / "sweep"
+    import torch
+
     invocation = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "stages_s": {},
-                  "load_start": [round(x, 1) for x in os.getloadavg()]}  # fmt: skip
+                  "threads": torch.get_num_threads(), "load_start": [round(x, 1) for x in os.getloadavg()]}  # fmt: skip
     started = time.time()
 
     def mark(stage: str) -> None:
