@@ -13,8 +13,8 @@ rows (`fit.val_dataloader` every `loop.eval_frequency` steps) carry `"split": "e
     {"step": 25, "split": "eval", "loss": 0.71, "nll_per_token": 0.69, "loss_tokens": 512, "samples": 256}
 
 `loss` is ModelZoo's evaluation loss (the mean of the batches' losses); `nll_per_token` the
-summed NLL over summed loss tokens of all `samples` validated (`gpu_reference.loss.Validation`). On resume, rows after the checkpointed step are dropped first, so
-the file never holds a step twice.
+summed NLL over summed loss tokens of all `samples` validated (`gpu_reference.loss.Validation`).
+On resume, rows after the checkpointed step are dropped first, so the file never holds a step twice.
 """
 
 from __future__ import annotations
