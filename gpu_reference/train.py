@@ -59,7 +59,7 @@ from gpu_reference.checkpoint import (
 )
 from gpu_reference.data import collate, global_batches, rank_slice
 from gpu_reference.distributed import check_fsdp_request, load_lora_factors_, lora_factors, shard_frozen_base
-from gpu_reference.evaluate import validation_loss
+from gpu_reference.evaluate import Validation, validation_loss
 from gpu_reference.export import export_run, whole_model
 from gpu_reference.loss import RouterLoss
 from gpu_reference.metrics import MetricsWriter, peak_memory_bytes
@@ -265,7 +265,7 @@ def _eval_every(cfg: RunConfig) -> int:
     return int(frequency)
 
 
-def _evaluate(run: Run, dataset: SampleDataset) -> float:
+def _evaluate(run: Run, dataset: SampleDataset) -> Validation:
     c = run.step_config
     return validation_loss(
         run.model, dataset, run.cfg.val_dataloader, eval_steps=run.cfg.init.loop.eval_steps, scaling=c.loss_scaling,
@@ -342,9 +342,12 @@ def run_loop(run: Run, progress: bool = True) -> float:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(lr):.2e}")
         if eval_every and (step + 1) % eval_every == 0:
-            eval_loss = _evaluate(run, val_dataset)
-            metrics.write({"step": step + 1, "split": "eval", "loss": eval_loss})
-            events.write_eval(step + 1, eval_loss)
+            val = _evaluate(run, val_dataset)
+            metrics.write({
+                "step": step + 1, "split": "eval", "loss": val.loss, "nll_per_token": val.nll_per_token,
+                "loss_tokens": val.loss_tokens, "samples": val.samples,
+            })  # fmt: skip
+            events.write_eval(step + 1, val.loss)
         if run.rank == 0 and (
             (checkpoint_every and (step + 1) % checkpoint_every == 0) or step + 1 == max_steps
         ):

@@ -130,6 +130,24 @@ def set_training_data(params: dict[str, Any], data_dir: str, batch_size: int | N
     _fit(params).pop("val_dataloader", None)
 
 
+def set_validation_data(
+    params: dict[str, Any], data_dir: str, batch_size: int, every_steps: int, batches: int
+) -> None:
+    """Validate during training every `every_steps` steps on the first `batches` batches of `data_dir`,
+    in order (no shuffle); call after `set_training_data`, which removes any validation loader."""
+    fit, loop = _fit(params), _init(params)["loop"]
+    train = train_dataloader(params)
+    fit["val_dataloader"] = {
+        "data_processor": train["data_processor"],
+        "data_dir": data_dir,
+        "batch_size": batch_size,
+        "shuffle": False,
+        **({"num_workers": train["num_workers"]} if "num_workers" in train else {}),
+    }
+    loop["eval_frequency"] = every_steps
+    loop["eval_steps"] = batches
+
+
 def set_max_steps(params: dict[str, Any], max_steps: int) -> None:
     """Train `max_steps` optimizer steps; a periodic checkpoint becomes one at the end."""
     init = _init(params)

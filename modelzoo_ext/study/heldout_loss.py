@@ -11,6 +11,11 @@ what fine-tuning lowers.
 
 The result holds the loss per token with a bootstrap 95% interval over examples, the per-example
 sums (with each example's key digest, to pair runs), and where the data came from.
+
+During training (sweep option `eval.heldout_every`) the reference trainer validates on the same
+held-out examples and logs the same quantity (`nll_per_token` of its `metrics.jsonl` eval rows);
+`heldout_curve` reads those rows back: the curve of held-out loss against steps, which the
+registry keeps under `CURVE_KEY` and the report plots.
 """
 
 from __future__ import annotations
@@ -26,6 +31,21 @@ from modelzoo_ext.data.hdf5 import read_params
 from modelzoo_ext.data.prepare import read_example_keys
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.study.stats import ratio
+
+CURVE_KEY = "heldout_curve"  # registry metrics key: a list, never taken for a score (no "/")
+CURVE_FIELDS = ("step", "nll_per_token", "loss", "loss_tokens", "samples")
+
+
+def heldout_curve(metrics_path: str | Path) -> list[dict[str, Any]]:
+    """The evaluations a reference run logged during training, in step order ([] when none).
+
+    Each: step, nll_per_token (the held-out loss's quantity), loss (ModelZoo's mean of batch
+    losses), loss_tokens and samples scored.
+    """
+    from gpu_reference.metrics import read_metrics
+
+    rows = [row for row in read_metrics(metrics_path) if row.get("split") == "eval"]
+    return [{k: row.get(k) for k in CURVE_FIELDS} for row in sorted(rows, key=lambda r: r["step"])]
 
 
 def _load_model(model_dir: str | Path, adapter_dir: str | Path | None, device: str):

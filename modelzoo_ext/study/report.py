@@ -19,6 +19,11 @@ Outputs (in `--out`, written atomically):
     <metric>_<protocol>_<model>.png  the metric vs sparsity with error bars: a line per (mode, method,
                                    structure, backend); the unfine-tuned pruned model per method; the
                                    dense-LoRA baseline per backend (band = its interval)
+    curves_<protocol>.csv / .md    runs evaluated during training (sweep `eval.heldout_every`): the
+                                   held-out loss per fine-tune grid point and step, mean over seeds;
+                                   step 0 is the same model before fine-tuning (its no-fine-tune run)
+    heldout_curve_<protocol>_<model>_<task>.png  that held-out loss against the training step, a
+                                   panel per sparsity, a line per mode (band = interval over seeds)
     throughput.csv / .md / .png    per run: non-padding tokens/s and samples/s over the whole training,
                                    next to the backend's padding policy (never averaged across runs)
     published.csv / .md            ours next to the user's published numbers, joined on model, task,
@@ -40,6 +45,7 @@ import numpy as np
 from modelzoo_ext.atomic import atomic_dir
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.study import stats
+from modelzoo_ext.study.heldout_loss import CURVE_KEY
 from modelzoo_ext.study.registry import Registry, RunRecord
 
 GRID_COLUMNS = ("model", "task", "method", "structure", "sparsity", "mode", "backend", "seed")
@@ -102,6 +108,10 @@ def build_report(
             if paired:
                 write_table(tmp / f"paired_{protocol}", paired)
             plot_scores(scores, protocol, tmp)
+            curves = curve_rows(mine, protocol)
+            if curves:
+                write_table(tmp / f"curves_{protocol}", curves)
+                plot_curves(curves, protocol, tmp)
         throughput = throughput_rows(runs)
         if throughput:
             write_table(tmp / "throughput", throughput)
@@ -309,6 +319,48 @@ def paired_rows(runs: list[RunRecord], protocol: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _before_fine_tuning(runs: list[RunRecord]) -> dict[tuple, RunRecord]:
+    """(model, task, method, structure, sparsity) -> its no-fine-tune run with a held-out loss (the
+    dense model's is filed under the dense-LoRA point: method and structure `dense`, sparsity 0)."""
+    return {
+        (r.model, r.task, r.method, r.structure, r.sparsity): r
+        for r in runs
+        if r.mode == "none" and HELDOUT_METRIC in r.metrics
+    }
+
+
+def curve_rows(runs: list[RunRecord], protocol: str) -> list[dict[str, Any]]:
+    """The held-out loss during training per fine-tune grid point and step, mean over seeds.
+
+    Each evaluation scored the examples of the final held-out loss (`nll_per_token`, the same
+    quantity); several seeds: t 95% interval over the seeds, one seed: none (a validation pass
+    keeps no per-example sums). Step 0 is the model before fine-tuning, which is the no-fine-tune
+    run of the same masks (LoRA's B starts at zero), with that run's own interval.
+    """
+    groups: dict[tuple, dict[int, list[tuple[RunRecord, dict]]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for point in run.metrics.get(CURVE_KEY) or []:
+            groups[_point(run)][point["step"]].append((run, point))
+    before = _before_fine_tuning(runs)
+    columns = ("model", "task", "method", "structure", "sparsity", "mode", "backend")
+    rows = []
+    for key, steps in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        start = before.get(key[:5])
+        if start is not None:
+            record = start.metrics[HELDOUT_METRIC]
+            rows.append({**dict(zip(columns, key, strict=True)), "protocol": protocol, "step": 0,
+                         "mean": record["value"], "ci95_low": record["ci95"][0], "ci95_high": record["ci95"][1],
+                         "interval": f"{record['method']} (no-fine-tune run)", "seeds": 1,
+                         "examples": record.get("n"), "run_ids": start.run_id})  # fmt: skip
+        for step, members in sorted(steps.items()):
+            estimate = stats.over_seeds([p["nll_per_token"] for _, p in members])
+            rows.append({**dict(zip(columns, key, strict=True)), "protocol": protocol, "step": step,
+                         "mean": estimate.value, "ci95_low": estimate.low, "ci95_high": estimate.high,
+                         "interval": estimate.method, "seeds": len(members), "examples": members[0][1].get("samples"),
+                         "run_ids": " ".join(r.run_id for r, _ in members)})  # fmt: skip
+    return rows
+
+
 def throughput_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
     """One row per fine-tune run that recorded training throughput (never averaged across runs)."""
     rows = []
@@ -459,6 +511,57 @@ def plot_scores(scores: list[dict[str, Any]], protocol: str, out_dir: Path) -> l
     return paths
 
 
+CURVE_COLOURS = {"s2d": "C0", "s2s": "C1", "lora": "gray"}  # as the held-out-loss-against-sparsity figure
+
+
+def plot_curves(rows: list[dict[str, Any]], protocol: str, out_dir: Path) -> list[Path]:
+    """One PNG per (model, task): held-out loss against step, a panel per sparsity, a line per mode
+    (method, structure, backend) with its interval over seeds as a band; log scale (step 0 is the
+    unfine-tuned model, far above the rest)."""
+    plt = _pyplot()
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
+
+    paths = []
+    figures: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        figures[(row["model"], row["task"])].append(row)
+    for (model, task), mine in sorted(figures.items(), key=lambda kv: str(kv[0])):
+        levels = sorted({r["sparsity"] or 0.0 for r in mine})
+        fig, axes = plt.subplots(1, len(levels), figsize=(3.6 * len(levels), 3.8), sharey=True, squeeze=False)
+        for ax, level in zip(axes[0], levels, strict=True):
+            lines: dict[tuple, list[dict]] = defaultdict(list)
+            for row in (r for r in mine if (r["sparsity"] or 0.0) == level):
+                lines[(row["mode"], row["method"], row["structure"], row["backend"])].append(row)
+            for (mode, method, structure, backend), line in sorted(lines.items(), key=lambda kv: str(kv[0])):
+                line.sort(key=lambda r: r["step"])
+                x = [r["step"] for r in line]
+                colour = CURVE_COLOURS.get(mode)
+                label = MODE_NAMES.get(mode, mode) + (
+                    "" if method == "dense" else f" ({method}, {structure})"
+                )
+                ax.plot(x, [r["mean"] for r in line], marker="o", markersize=3, color=colour,
+                        label=f"{label} [{backend}]")  # fmt: skip
+                ax.fill_between(x, [r["ci95_low"] for r in line], [r["ci95_high"] for r in line], color=colour,
+                                alpha=0.2, linewidth=0)  # fmt: skip
+            ax.set(xlabel="training step", yscale="log",
+                   title="dense model" if level == 0 else f"sparsity {level:.0%}")  # fmt: skip
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(fontsize=6)
+        axis = axes[0][0].yaxis  # shared: plain numbers at 1, 1.5, 2, 3, 5, 7 x 10^k on the log scale
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
+        axes[0][0].set_ylabel("held-out NLL per completion token (log scale)")
+        fig.suptitle(f"{model}, {task}: held-out loss during training [{protocol} protocol]\nstep 0 = before "
+                     "fine-tuning (the no-fine-tune run); band = 95% interval over seeds", fontsize=8)  # fmt: skip
+        path = out_dir / f"heldout_curve_{protocol}_{_slug(model)}_{_slug(task)}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def plot_throughput(rows: list[dict[str, Any]], path: Path) -> None:
     """Training tokens/s per run vs sparsity, one panel per backend (their padding policies differ)."""
     plt = _pyplot()
@@ -511,6 +614,9 @@ def _readme(protocols: list[str], runs: list[RunRecord]) -> str:
         f"paired bootstrap over examples ({stats.BOOTSTRAP_RESAMPLES} resamples, percentile 95%). "
         "`no detectable difference` where the interval covers zero; no verdict below "
         f"{stats.MIN_EXAMPLES_FOR_VERDICT} examples.",
+        "- Held-out loss during training (`curves_*`): each evaluation scores the examples of the final held-out "
+        "loss (the same NLL per completion token); mean over seeds with a t 95% interval over the seeds (none "
+        "with one seed); step 0 is the no-fine-tune run of the same masks, with its bootstrap interval.",
         "- Throughput: per run, non-padding tokens / total training time; the backends pad differently "
         "(`padding_policy` column): compare a backend with itself.",
     ]

@@ -11,7 +11,7 @@
     data: {protocol: official, source: hub, max_seq_length: 2048}
     train: {epochs: 1, batch_size: 32, tasks: {gsm8k: {epochs: 3}}}
     calibration: {tokens: 2048, seq_len: 256}   # wanda/gradient/taylor, on the task's training data
-    eval: {device: cuda, limit: null}
+    eval: {device: cuda, limit: null, heldout_limit: 256, heldout_every: 25}   # held-out loss also every 25 steps
 
 See `modelzoo_ext/study/examples/` and docs/experiments.md. Unknown keys are errors; relative paths
 are resolved against the YAML file's folder; the names that become run ids and paths (model keys,
@@ -94,6 +94,12 @@ class EvalSpec(_Strict):
         True, description="also the held-out loss (completion NLL) on prepared held-out data"
     )
     heldout_limit: int | None = Field(None, gt=0, description="score only the first N held-out examples")
+    heldout_every: int | None = Field(
+        None,
+        gt=0,
+        description="also the held-out loss during training, every N steps: the trainer validates on the "
+        "same held-out examples (the curve of held-out loss against steps)",
+    )
 
 
 class CS3Spec(_Strict):
@@ -180,6 +186,36 @@ def _check_points(spec: SweepSpec, path: Path) -> None:
         raise UserError("a (method, structure) pair is listed twice", where=f"{path}: method_structures")
 
 
+def _check_heldout_curve(spec: SweepSpec, path: Path) -> None:
+    """Evaluations during training score exactly the final held-out loss's examples, in whole batches."""
+    ev = spec.eval
+    if ev.heldout_every is None:
+        return
+    if not ev.heldout_loss or ev.heldout_limit is None or ev.heldout_limit % ev.batch_size:
+        raise UserError(
+            "eval.heldout_every needs the held-out loss on a fixed number of examples that fills whole "
+            "batches, so that every point of the curve scores the examples of the final held-out loss",
+            where=f"{path}: eval",
+            fix=f"set heldout_loss: true and heldout_limit to a multiple of eval.batch_size ({ev.batch_size})",
+        )
+
+
+def validation_schedule(spec: SweepSpec) -> dict[str, int] | None:
+    """How a fine-tune validates on the held-out data during training (None: it does not).
+
+    The first `heldout_limit` held-out examples, in order, in batches of `eval.batch_size`, every
+    `heldout_every` steps: the examples the final held-out loss scores (`_check_heldout_curve`).
+    """
+    ev = spec.eval
+    if ev.heldout_every is None:
+        return None
+    return {
+        "every": ev.heldout_every,
+        "batch_size": ev.batch_size,
+        "batches": ev.heldout_limit // ev.batch_size,
+    }
+
+
 def _check_models(spec: SweepSpec, path: Path) -> None:
     """Each model's params name a known family, and its HF config.json is of that family."""
     import json
@@ -245,6 +281,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     spec = _resolved(spec, path.parent.resolve())
     _check_names(spec, path)
     _check_points(spec, path)
+    _check_heldout_curve(spec, path)
     _check_models(spec, path)
     if spec.data.protocol == "official" and spec.data.source == "bundled":
         raise UserError(

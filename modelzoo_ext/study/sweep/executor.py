@@ -44,6 +44,7 @@ from modelzoo_ext.atomic import atomic_file
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.run_config import trainer_yaml as rc
 from modelzoo_ext.study.cluster.launch import launcher_from_env
+from modelzoo_ext.study.heldout_loss import CURVE_KEY, heldout_curve
 from modelzoo_ext.study.registry import RunRecord
 from modelzoo_ext.study.steps import StepFailed, StepPolicy, SweepStopped, run_step
 from modelzoo_ext.study.sweep.assets import AssetBuilder
@@ -148,11 +149,19 @@ def _train_stage(plan: RunPlan, policy: StepPolicy) -> None:
     )
     if mask_sha:
         checksums[_under(plan, plan.assets.masks)] = f"sha256:{mask_sha}"  # hashed once, by the check
+    curve = _heldout_curve(plan) if plan.trains else []
     update_record(
         plan.run_dir, status="trained", mask_sha256=mask_sha, artifacts={k: v for k, v in artifacts.items() if v},
         throughput=throughput or {}, throughput_tokens_per_s=(throughput or {}).get("tokens_per_s"),
-        checksums=checksums, versions={"train": run_versions()},
+        checksums=checksums, versions={"train": run_versions()}, metrics={CURVE_KEY: curve} if curve else {},
     )  # fmt: skip
+
+
+def _heldout_curve(plan: RunPlan) -> list[dict[str, Any]]:
+    """The held-out loss the trainer logged during training ([] unless the sweep validates)."""
+    from gpu_reference.metrics import METRICS_FILE
+
+    return heldout_curve(plan.train_dir / METRICS_FILE)
 
 
 def _under(plan: RunPlan, path: str) -> str:

@@ -31,7 +31,7 @@ from modelzoo_ext.study.sweep.plan import (
     write_plan,
 )
 from modelzoo_ext.study.sweep.records import planned_record, read_record, write_record
-from modelzoo_ext.study.sweep_spec import SweepSpec, load_sweep
+from modelzoo_ext.study.sweep_spec import SweepSpec, load_sweep, validation_schedule
 from modelzoo_ext.versions import git_revision
 
 
@@ -44,6 +44,10 @@ def run_params(spec: SweepSpec, point: dict[str, Any], assets: RunAssets, run_di
     rc.set_output(params, str(run_dir / "train"), seeds["trainer"])
     rc.set_training_data(params, assets.data, spec.train.batch_size)  # evaluation: lm-eval, every backend
     rc.set_seeds(params, lora_init=seeds["lora_init"], data_order=seeds["data_order"])
+    validation = validation_schedule(spec)
+    if validation:  # the held-out loss during training, on the final held-out loss's examples
+        rc.set_validation_data(params, assets.heldout, validation["batch_size"], validation["every"],
+                               validation["batches"])  # fmt: skip
     length = spec.train.length_for(point["task"])
     if length.max_steps:
         rc.set_max_steps(params, length.max_steps)
