@@ -430,6 +430,10 @@ def test_tensorboard_after_a_resume_shows_each_step_once(assets):
     # what a kill right after step 4's metrics and events (before its checkpoint) leaves behind
     (run / "run.json").unlink()
     (run / "checkpoints" / "step_4.pt").unlink()
+    # TensorBoard orders event files by name, whose first field is the second the writer opened; a
+    # real resume is another process, seconds later at least. In one process, within one second, the
+    # names' last field (a per-process counter, compared as text: "10" < "9") could decide the order.
+    time.sleep(1.1)
     train(params, assets["hf"], run, "cpu", progress=False)
     assert len(list((run / "events").glob("events.out.tfevents.*"))) == 2
     again = scalars(run)
