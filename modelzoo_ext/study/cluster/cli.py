@@ -1,7 +1,7 @@
 """`sparse-lora sweep submit | jobs | cancel`: a planned sweep on a SLURM or PBS cluster.
 
     sparse-lora sweep submit DIR --scheduler slurm --account A --partition gpu --time 12:00:00 \\
-        --gpus-per-run 4 --max-concurrent 16 [--dry-run]
+        --gpus-per-run 4 --max-concurrent 16 [--dry-run] [--skip-preflight]
     sparse-lora sweep jobs DIR        # each submitted run's latest train / eval task, as the scheduler says
     sparse-lora sweep cancel DIR      # scancel / qdel what is still queued or running
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelzoo_ext.errors import UserError
+from modelzoo_ext.study.preflight.cli import add_skip_preflight_argument, preflight_before_submit
 
 if TYPE_CHECKING:
     from modelzoo_ext.study.cluster.arrays import RunWork
@@ -86,6 +87,7 @@ def _add_submit(sweep) -> None:
     p.add_argument("--pbs-select", action="append", default=[], metavar="KEY=VALUE",
                    help="more items of the PBS select chunk, e.g. system=polaris (repeatable)")  # fmt: skip
     p.add_argument("--max-array-size", type=int, help="most tasks per array [SLURM 1001, PBS 10000]")
+    add_skip_preflight_argument(p)
     p.set_defaults(func=_run_submit)
 
 
@@ -171,6 +173,7 @@ def _run_submit(args) -> int:
             f"the per-run entry point {STAGE_ENTRY_MODULE} is not installed here: every task would fail",
             fix="install the version of this package that has it (or use --dry-run to see the scripts)",
         )
+    preflight_before_submit(args, sweep_dir)  # exit 2 with the reasons, nothing submitted, when a check fails
     result = submit(sweep_dir, planned_work(sweep_dir, args.backend), registry_done(sweep_dir), submission,
                     dry_run=args.dry_run)  # fmt: skip
     sel = result.selection
