@@ -4,11 +4,17 @@
 RNG states and the hash of the run config; written under a temporary name and renamed. Only
 the LoRA factors are saved (the frozen base comes from --hf-model), so checkpoints stay small.
 Resuming with a different config is refused.
+
+Retention is ModelZoo's `KeepNCheckpoints` (`CheckpointRetention`): after each save, the oldest
+checkpoints this process saved beyond the newest n are deleted; checkpoints already in the run
+directory when it started (the one a resumed run continues from) are left alone, as ModelZoo
+leaves those of earlier runs.
 """
 
 from __future__ import annotations
 
 import re
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,21 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     folder = Path(run_dir) / CHECKPOINT_DIR
     found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := _NAME.search(p.name))]
     return max(found)[1] if found else None
+
+
+class CheckpointRetention:
+    """Keep the newest `keep` checkpoints this process saved (None: keep all), as ModelZoo's
+    `KeepNCheckpoints(n)` does: the oldest is deleted right after the save that makes n + 1."""
+
+    def __init__(self, keep: int | None) -> None:
+        self.keep = keep
+        self.saved: deque[Path] = deque()
+
+    def record(self, path: Path) -> None:
+        """Note a checkpoint just saved; delete the oldest beyond `keep`."""
+        self.saved.append(Path(path))
+        while self.keep is not None and len(self.saved) > self.keep:
+            self.saved.popleft().unlink(missing_ok=True)
 
 
 def rng_state() -> dict[str, Any]:

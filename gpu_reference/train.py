@@ -26,6 +26,7 @@ RUN_DIR (rank 0 writes it):
     metrics.jsonl           one row per step (see gpu_reference.metrics)
     events/                 TensorBoard events under the tags a ModelZoo run writes (gpu_reference.tensorboard)
     checkpoints/step_N.pt   LoRA factors + optimizer + RNG, every `checkpoint.steps` and at the end;
+                            the newest n kept with `KeepNCheckpoints: {n: ...}` (as ModelZoo);
                             rerunning the same command resumes from the latest one
     lora.safetensors, masks.safetensors, adapter/ or merged/, sparsity_report.json
                             the exports (`gpu_reference.export`)
@@ -50,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from gpu_reference.checkpoint import (
+    CheckpointRetention,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
@@ -116,6 +118,7 @@ class Run:
     start_step: int = 0
     tensorboard: dict[str, Any] | None = None  # what run_loop's TensorBoardWriter wrote (rank 0)
     peak_bytes: int | None = None  # this rank's peak memory over the loop (metrics.peak_memory_bytes)
+    retention: CheckpointRetention | None = None  # KeepNCheckpoints of the run config (set by `setup`)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -211,6 +214,7 @@ def setup(
         step_config=step_config, dataset=dataset,
         batches=global_batches(len(dataset), train_dl.batch_size, train_dl.shuffle, train_dl.shuffle_seed, train_dl.drop_last),
         memory=checked, options=memory,
+        retention=CheckpointRetention(cfg.keep_checkpoints),
     )  # fmt: skip
     _resume(run)
     return run
@@ -290,7 +294,9 @@ def _save_checkpoint(run: Run, step: int) -> None:
         "rng": rng_state(),
         "config_sha256": run.config_sha256,
     }
-    save_checkpoint(checkpoint_path(run.run_dir, step), state)
+    path = checkpoint_path(run.run_dir, step)
+    save_checkpoint(path, state)
+    run.retention.record(path)
 
 
 def run_loop(run: Run, progress: bool = True) -> float:

@@ -21,6 +21,7 @@ from modelzoo_ext.errors import UserError
 from modelzoo_ext.masks import cli as masks_cli
 from modelzoo_ext.study import cli as study_cli
 from modelzoo_ext.study.cluster import cli as cluster_cli
+from modelzoo_ext.study.preflight import cli as preflight_cli
 
 # Order matters: a module may extend a group registered by an earlier one.
 COMMAND_MODULES = (
@@ -30,6 +31,7 @@ COMMAND_MODULES = (
     data_cli,  # data prepare
     reference_trainer_cli,  # train, parity
     study_cli,  # eval, sweep plan|run|eval|assets|status, report, demo
+    preflight_cli,  # preflight, sweep preflight
     cluster_cli,  # sweep submit|cancel (SLURM / PBS job arrays)
 )
 

@@ -7,6 +7,7 @@ The family's traits decide the rest: a sliding-window family gets no window (`sl
 null`); an MoE family (Mixtral) 4 experts, top-2, intermediate 96 (w1/w3 [96, 64] and w2 [64, 96]
 differ in shape, so a transposed expert cannot pass), router aux coefficient 0.02 (Mixtral-8x7B's),
 and router weights drawn wider than transformers' init so the top-2 choice is not a near-tie.
+`save_random_model` saves a random model of any config the same way (the preflight's twins).
 """
 
 from __future__ import annotations
@@ -84,6 +85,29 @@ def save_tokenizer(out_dir: str | Path) -> Path:
     return out_dir
 
 
+def save_random_model(
+    out_dir: str | Path, config, *, seed: int = 0, max_shard_size: str | None = None
+) -> Path:
+    """A random model of a transformers `config`, `save_pretrained` as safetensors (no tokenizer).
+
+    Seeded; an MoE router's weights are drawn wider than transformers' init (`ROUTER_STD`), so
+    its top-k choice is not a near-tie that float rounding could flip between two backends.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("block_sparse_moe.gate.weight", "mlp.gate.weight")):  # transformers 4 / 5
+                param.normal_(0.0, ROUTER_STD)
+    kwargs = {"safe_serialization": True}
+    if max_shard_size:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(out_dir, **kwargs)
+    return Path(out_dir)
+
+
 def save_tiny_model(
     out_dir: str | Path,
     family: str = "llama",
@@ -98,19 +122,8 @@ def save_tiny_model(
     takes seconds; fixtures build it once). `max_shard_size` (e.g. "200KB") writes a sharded
     checkpoint with an index, as 7B checkpoints are.
     """
-    from transformers import AutoModelForCausalLM
-
     out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("block_sparse_moe.gate.weight", "mlp.gate.weight")):  # transformers 4 / 5
-                param.normal_(0.0, ROUTER_STD)
-    kwargs = {"safe_serialization": True}
-    if max_shard_size:
-        kwargs["max_shard_size"] = max_shard_size
-    model.save_pretrained(out_dir, **kwargs)
+    save_random_model(out_dir, tiny_config(family), seed=seed, max_shard_size=max_shard_size)
     if tokenizer_from is None:
         save_tokenizer(out_dir)
     else:

@@ -3,7 +3,8 @@
 Lifecycle: read rows (a prompt/completion JSONL, or BoolQ/HellaSwag/GSM8K through a protocol:
 `modelzoo_ext.data.protocol`) -> render each through its versioned template -> keep the rows of
 the requested part -> tokenize and pad (`encode_example`) -> write `output_chunk_0_<k>.h5` files,
-`data_params.json` (template, tokenizer, protocol, part, counts, data checksum) and
+`data_params.json` (template, tokenizer with the digest of its vocabulary files and its size,
+protocol, part, counts, data checksum) and
 `example_keys.txt` (a digest of each sample's example key, to check training and evaluation never
 overlap) into a temporary directory, renamed onto `--out` when complete. The same input gives
 byte-identical files.
@@ -30,6 +31,21 @@ from modelzoo_ext.errors import UserError
 
 SAMPLES_PER_FILE = 50_000
 KEYS_FILE = "example_keys.txt"  # sha256 of each written example's key, in sample order
+# The files that define a tokenizer's vocabulary (what `tokenizer_sha256` in data_params.json covers).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def tokenizer_digest(directory: str | Path) -> str | None:
+    """sha256 over the vocabulary files a tokenizer directory holds (`TOKENIZER_FILES`), or None
+    when it holds none: two directories with the same digest tokenise alike."""
+    digest, found = hashlib.sha256(), False
+    for name in TOKENIZER_FILES:
+        path = Path(directory) / name
+        if path.is_file():
+            digest.update(f"{name}\0".encode())
+            digest.update(path.read_bytes())
+            found = True
+    return digest.hexdigest() if found else None
 
 
 def key_digest(key: str) -> str:
@@ -120,6 +136,8 @@ def prepare(
         "features": ["input_ids", "loss_mask", "labels"],
         "template_version": TEMPLATE_VERSION,
         "tokenizer": str(tokenizer_dir),
+        "tokenizer_sha256": tokenizer_digest(tokenizer_dir),
+        "vocab_size": len(tokenizer),
         "max_seq_length": max_seq_length,
         "pad_id": pad_id_of(tokenizer),
         "eos_id": tokenizer.eos_token_id,

@@ -37,13 +37,14 @@ OBSERVING_CALLBACKS = {
 # ModelZoo callbacks that only set Cerebras (CSX) compiler/runtime flags: they change how a CS-3 runs
 # the step, never what it computes. Accepted when every flag they set is a `csx.` flag.
 CSX_FLAG_CALLBACKS = {"ScopedTrainFlags", "ScopedValidateFlags", "GlobalFlags"}
-# ModelZoo callbacks about checkpoints that leave the computation as it is (what is kept on disk;
-# which states of fit.ckpt_path are read, checked in `_check_callbacks`).
+# ModelZoo callbacks about checkpoints that leave the computation as it is (which states of
+# fit.ckpt_path are read, checked in `_check_callbacks`).
 CHECKPOINT_CALLBACKS = {
-    "KeepNCheckpoints": "how many CS checkpoints are kept on disk: bookkeeping",
     "LoadCheckpointStates": "which states of fit.ckpt_path ModelZoo loads; gpu_reference loads the model "
     "only (from --hf-model), and the base from `convert hf-to-cs` holds the model only",
 }
+# ModelZoo's checkpoint retention: honoured by gpu_reference with the same meaning (`RunConfig.keep_checkpoints`).
+KEEP_CHECKPOINTS = "KeepNCheckpoints"
 # This package's own callbacks (modelzoo_ext.cerebras): the CS side of what gpu_reference does itself.
 PACKAGE_CALLBACKS = {
     "SparseLoRAMasks": "this package's CS-side mask hook; gpu_reference applies the masks itself",
@@ -218,6 +219,14 @@ class RunConfig(BaseModel):
         return self.init.model.sparse_lora
 
     @property
+    def keep_checkpoints(self) -> int | None:
+        """How many of its checkpoints a run keeps on disk (`KeepNCheckpoints` n; None: all)."""
+        for entry in self.init.callbacks or []:
+            if isinstance(entry, dict) and len(entry) == 1 and KEEP_CHECKPOINTS in entry:
+                return keep_n_checkpoints(entry[KEEP_CHECKPOINTS])
+        return None
+
+    @property
     def val_dataloader(self) -> DataLoaderSection | None:
         val = self.fit.val_dataloader
         return val[0] if isinstance(val, list) else val
@@ -261,6 +270,8 @@ def _check_callbacks(callbacks: list[Any] | None, ignored: dict[str, str]) -> No
             )
         elif name in PACKAGE_CALLBACKS:
             ignored[f"callbacks.{name}"] = PACKAGE_CALLBACKS[name]
+        elif name == KEEP_CHECKPOINTS:
+            keep_n_checkpoints(entry[name] if isinstance(entry, dict) else None)
         elif is_lora_callback(entry):
             raise lora_callback_refusal(f"trainer.init.callbacks.{name}")
         elif name in CHECKPOINT_CALLBACKS:
@@ -272,6 +283,18 @@ def _check_callbacks(callbacks: list[Any] | None, ignored: dict[str, str]) -> No
                 where="trainer.init.callbacks",
                 fix="remove it from the run config, or run on the Cerebras backend",
             )
+
+
+def keep_n_checkpoints(settings: Any) -> int | None:
+    """`n` of a `KeepNCheckpoints` callback, checked as ModelZoo checks it (None: keep every one)."""
+    n = (settings or {}).get("n") if isinstance(settings, dict) or settings is None else settings
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise UserError(
+            f"KeepNCheckpoints n must be a positive integer (or left out: keep every checkpoint), got {n!r}",
+            where="trainer.init.callbacks.KeepNCheckpoints",
+            fix="n: 1 keeps the latest checkpoint (enough to resume)",
+        )
+    return n
 
 
 def _check_loaded_states(name: str, settings: Any) -> None:

@@ -157,6 +157,42 @@ def set_max_steps(params: dict[str, Any], max_steps: int) -> None:
         init["checkpoint"]["steps"] = max_steps
 
 
+KEEP_CHECKPOINTS = "KeepNCheckpoints"  # ModelZoo's retention callback (`trainer/callbacks/checkpoint.py`)
+
+
+def set_checkpoint_retention(params: dict[str, Any], keep: int, every: int | None) -> None:
+    """Keep the newest `keep` checkpoints on disk (ModelZoo's `KeepNCheckpoints`, which the reference
+    trainer honours too) and checkpoint every `every` steps (`set_checkpoint_steps`)."""
+    callbacks = _init(params).setdefault("callbacks", [])
+    callbacks[:] = [c for c in callbacks if not _is_callback(c, KEEP_CHECKPOINTS)]
+    callbacks.append({KEEP_CHECKPOINTS: {"n": keep}})
+    set_checkpoint_steps(params, every)
+
+
+def set_checkpoint_steps(params: dict[str, Any], every: int | None) -> None:
+    """`checkpoint.steps`: every `every` steps (a resumable run), else once at the last step.
+
+    ModelZoo also checkpoints the last step whatever the period (its schedule includes it), and
+    writes no checkpoint at all without `checkpoint.steps`.
+    """
+    steps = max_steps(params)
+    period = min(every, steps) if every and steps else (every or steps)
+    _init(params).setdefault("checkpoint", {})["steps"] = period
+
+
+def kept_checkpoints(params: dict[str, Any]) -> int | None:
+    """`n` of the `KeepNCheckpoints` callback (None: the callback is absent or keeps every checkpoint)."""
+    for entry in _init(params).get("callbacks") or []:
+        if _is_callback(entry, KEEP_CHECKPOINTS):
+            return (entry[next(iter(entry))] or {}).get("n")
+    return None
+
+
+def _is_callback(entry: Any, name: str) -> bool:
+    """Is a `callbacks` entry the callback `name` (ModelZoo matches callback names lower-cased)?"""
+    return isinstance(entry, dict) and len(entry) == 1 and str(next(iter(entry))).lower() == name.lower()
+
+
 def set_output(params: dict[str, Any], model_dir: str, seed: int) -> None:
     """Where the trainer writes, and the trainer seed (its RNG: LoRA dropout)."""
     set_model_dir(params, model_dir)

@@ -151,9 +151,15 @@ def layer_generator(init_seed: int, canonical: str) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def _check_masks(
+def check_masks_match(
     targets: dict[str, nn.Module], masks: Mapping[str, torch.Tensor], config: SparseLoRAConfig
 ) -> None:
+    """The masks fit the targeted layers (`find_target_linears`): one mask per target and none
+    other, bool, of the weight's shape; UserError listing every offence otherwise.
+
+    Only names, shapes and dtypes are read: `meta` tensors do (the preflight checks a 7B model's
+    mask file against a `meta`-device copy of the model).
+    """
     problems = []
     if config.dense_baseline and masks:
         problems.append(f"dense_baseline is set but {len(masks)} masks were given")
@@ -219,7 +225,7 @@ def apply_sparse_lora_(
             fix="apply_sparse_lora_ once per model: merge_sparse_lora_ first, or build a fresh model",
         )
     targets = find_target_linears(model, target_modules or config.target_modules)
-    _check_masks(targets, masks, config)
+    check_masks_match(targets, masks, config)
     canonical_name = canonical_name or (lambda name: name)
     for param in model.parameters():
         param.requires_grad_(False)

@@ -10,6 +10,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
+from modelzoo_ext.study.preflight.cli import add_skip_preflight_argument
+
 if TYPE_CHECKING:
     from modelzoo_ext.data.protocol import DataProtocol
 
@@ -225,6 +227,7 @@ def _add_run_arguments(parser) -> None:
     parser.add_argument("--max-attempts", type=int, default=4, help="tries per step for transient failures")
     parser.add_argument("--backoff-s", type=float, default=30.0, help="first retry delay, doubled each retry")
     parser.add_argument("--only", help="comma list of run ids")
+    add_skip_preflight_argument(parser)  # `run --backend cs3` runs `sweep preflight` before any appliance job
 
 
 def _run_sweep_plan(args) -> int:
@@ -244,6 +247,13 @@ def _run_sweep_plan(args) -> int:
 def _run_sweep_run(args) -> int:
     from modelzoo_ext.study.sweep import run_sweep
 
+    gate = None
+    if args.backend == "cs3" and args.stage != "eval" and not args.skip_preflight:
+        from modelzoo_ext.study.preflight.cli import preflight_gate
+
+        gate = preflight_gate(
+            args.sweep_dir, backend="cs3", concurrency=args.parallel, only=_selected_ids(args)
+        )
     summary = run_sweep(
         args.sweep_dir,
         backend=args.backend,
@@ -252,6 +262,7 @@ def _run_sweep_run(args) -> int:
         backoff_s=args.backoff_s,
         only=_selected_ids(args),
         stage=args.stage,
+        before_runs=gate,
     )
     print(json.dumps(summary, sort_keys=True))
     return 0 if summary.get("failed", 0) == 0 and not summary.get("stopped_reason") else 1

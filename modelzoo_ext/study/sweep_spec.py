@@ -9,7 +9,7 @@
     backends: [cs3, gpu]
     seeds: [0, 1, 2]                      # each seed sets LoRA init, data order, random/calibration masks, dropout
     data: {protocol: official, source: hub, max_seq_length: 2048}
-    train: {epochs: 1, batch_size: 32, tasks: {gsm8k: {epochs: 3}}}
+    train: {epochs: 1, batch_size: 32, tasks: {gsm8k: {epochs: 3}}, keep_checkpoints: 1}
     calibration: {tokens: 2048, seq_len: 256}   # wanda/gradient/taylor, on the task's training data
     eval: {device: cuda, limit: null, heldout_limit: 256, heldout_every: 25}   # held-out loss also every 25 steps
 
@@ -71,6 +71,20 @@ class TrainLength(_Strict):
 class TrainSpec(TrainLength):
     batch_size: int | None = Field(None, gt=0, description="global batch (default: the params file's)")
     tasks: dict[TaskName, TrainLength] = Field(default_factory=dict, description="per-task training length")
+    keep_checkpoints: int = Field(
+        1,
+        ge=0,
+        description="training checkpoints a run keeps on disk (ModelZoo's KeepNCheckpoints, honoured by the "
+        "reference trainer too); 0: one while training, deleted once the run's export is checked",
+    )
+    checkpoint_steps: int | None = Field(
+        None, gt=0, description="checkpoint every N steps, to resume from (default: once, at the last step)"
+    )
+
+    @property
+    def kept_while_training(self) -> int:
+        """The KeepNCheckpoints `n` written into every run's params (ModelZoo needs n >= 1)."""
+        return max(1, self.keep_checkpoints)
 
     def length_for(self, task: str) -> TrainLength:
         """The task's own length, else the sweep's, else none (the params file's max_steps)."""
@@ -112,6 +126,9 @@ class CS3Spec(_Strict):
 
 class GPUSpec(_Strict):
     nproc_per_node: int = 1
+    device_memory: str | None = Field(
+        None, description="one GPU's memory, e.g. 80GB: the preflight's memory plan per device"
+    )
 
 
 class BaselineSpec(_Strict):

@@ -1,7 +1,7 @@
 """`sparse-lora sweep submit | cancel`: a planned sweep on a SLURM or PBS cluster.
 
     sparse-lora sweep submit DIR --scheduler slurm --account A --partition gpu --time 12:00:00 \\
-        --gpus-per-run 4 --max-concurrent 16 [--dry-run]
+        --gpus-per-run 4 --max-concurrent 16 [--dry-run] [--skip-preflight]
     sparse-lora sweep status DIR      # each run's record, beside its latest tasks' scheduler state
     sparse-lora sweep cancel DIR      # scancel / qdel what is still queued or running
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelzoo_ext.study.cluster.arrays import ASSETS
+from modelzoo_ext.study.preflight.cli import add_skip_preflight_argument, preflight_before_submit
 
 if TYPE_CHECKING:
     from modelzoo_ext.study.cluster.arrays import RunWork
@@ -91,6 +92,7 @@ def _add_submit(sweep) -> None:
     p.add_argument("--pbs-select", action="append", default=[], metavar="KEY=VALUE",
                    help="more items of the PBS select chunk, e.g. system=polaris (repeatable)")  # fmt: skip
     p.add_argument("--max-array-size", type=int, help="most tasks per array [SLURM 1001, PBS 10000]")
+    add_skip_preflight_argument(p)
     p.set_defaults(func=_run_submit)
 
 
@@ -164,6 +166,7 @@ def _run_submit(args) -> int:
     submission = _submission(args, spec)
     if not args.dry_run:
         check_entry_point(submission.python)
+    preflight_before_submit(args, sweep_dir)  # exit 2 with the reasons, nothing submitted, when a check fails
     result = submit(sweep_dir, planned_work(plans, args.backend), done_by_records(plans), submission,
                     dry_run=args.dry_run, missing_assets=missing_assets(plans))  # fmt: skip
     _print_round(result)

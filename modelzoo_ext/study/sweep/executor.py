@@ -14,7 +14,8 @@ Stages of a run:
            record says it finished; then the model to evaluate must satisfy the run's mask with
            zero violations (a dense checkpoint is never evaluated in place of a sparse one) ->
            status `trained`, with the export's paths and checksums, the mask file's sha256, the
-           throughput and the software versions of the stage
+           throughput and the software versions of the stage; with `train.keep_checkpoints: 0`
+           the run's training checkpoints are then deleted (the study needs the export only)
     eval   `sparse-lora eval` of that model (the no-fine-tune runs: the pruned or dense base, after
            the same sparsity check) -> status `succeeded`, with its metrics (each with its 95%
            interval), the evaluation's checksums and the software versions of the stage
@@ -155,6 +156,25 @@ def _train_stage(plan: RunPlan, policy: StepPolicy) -> None:
         throughput=throughput or {}, throughput_tokens_per_s=(throughput or {}).get("tokens_per_s"),
         checksums=checksums, versions={"train": run_versions()}, metrics={CURVE_KEY: curve} if curve else {},
     )  # fmt: skip
+    if plan.trains and plan.spec.train.keep_checkpoints == 0:
+        drop_training_checkpoints(plan)
+
+
+def training_checkpoints(plan: RunPlan) -> list[Path]:
+    """The checkpoint files the run's trainer wrote (cs3: `checkpoint_<step>.mdl`; the reference
+    trainer: `checkpoints/step_<N>.pt`)."""
+    from gpu_reference.checkpoint import CHECKPOINT_DIR
+
+    if plan.backend == "cs3":
+        return sorted(plan.train_dir.glob("checkpoint_*.mdl"))
+    return sorted((plan.train_dir / CHECKPOINT_DIR).glob("step_*.pt"))
+
+
+def drop_training_checkpoints(plan: RunPlan) -> None:
+    """`train.keep_checkpoints: 0`: once the export is checked and recorded, the run's training
+    checkpoints are not needed by the study (evaluation reads the export)."""
+    for path in training_checkpoints(plan):
+        path.unlink(missing_ok=True)
 
 
 def _heldout_curve(plan: RunPlan) -> list[dict[str, Any]]:
@@ -197,6 +217,7 @@ def _finalise_length(plan: RunPlan) -> None:
     steps = max(1, math.floor(length.epochs * examples / batch))
     if rc.max_steps(params) != steps:
         rc.set_max_steps(params, steps)
+        rc.set_checkpoint_steps(params, plan.spec.train.checkpoint_steps)
         rc.write_yaml(plan.params_path, params)
     train_length = {"epochs": length.epochs, "examples": examples, "batch_size": batch, "max_steps": steps}
     write_plan(plan, **{**read_plan_file(plan.run_dir), "train_length": train_length})

@@ -1,8 +1,9 @@
 """`sweep plan`: a sweep YAML -> one run directory per grid point, nothing executed.
 
 Per run (`DIR/runs/<run_id>/`): `run.json` (the `RunPlan`, plus its training command for reading),
-`params.yaml` (the model's params file with this run's mode, masks, data, seeds, output folder and,
-for cs3, its base checkpoint and loss-log callback: one file for every backend) and `command.sh`;
+`params.yaml` (the model's params file with this run's mode, masks, data, seeds, output folder,
+checkpoint retention (`train.keep_checkpoints`, `train.checkpoint_steps`) and, for cs3, its base
+checkpoint and loss-log callback: one file for every backend) and `command.sh`;
 and `record.json` (the run's own record, `planned`). Per sweep: `sweep.json` (the checked spec
 every later stage reads), `seeds.json` (what each derived seed controls) and the registry, rebuilt
 from the records. Replanning keeps finished runs as they are: a run's record is replaced by a
@@ -51,6 +52,8 @@ def run_params(spec: SweepSpec, point: dict[str, Any], assets: RunAssets, run_di
     length = spec.train.length_for(point["task"])
     if length.max_steps:
         rc.set_max_steps(params, length.max_steps)
+    # Keep only what the study needs: `train.keep_checkpoints` checkpoints, every `train.checkpoint_steps`.
+    rc.set_checkpoint_retention(params, spec.train.kept_while_training, spec.train.checkpoint_steps)
     if point["backend"] == "cs3":
         rc.set_base_checkpoint(params, model.cs_checkpoint)
         rc.ensure_callback(params, "SparseLoRALossLog")  # per-step losses and times: parity and throughput

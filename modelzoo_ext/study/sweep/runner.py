@@ -1,10 +1,11 @@
 """The local runner: `sweep run|eval` on one machine, `sweep assets`, and `sweep status`.
 
 It selects the planned runs (by backend, or by id) whose stage still has work (from their
-records, `executor.has_work`), builds their shared assets one at a time, then executes each run's
-stage (`executor.execute_stage`, the same call a cluster task makes) on a thread pool of
-`--parallel` workers, with a progress bar. After a `stopped` run (disk full, quota) no further run
-starts. Being one process, it rebuilds the registry index from the records at its end (and `sweep
+records, `executor.has_work`), builds their shared assets one at a time, runs the caller's check
+(`before_runs`: the preflight, for `--backend cs3`), then executes each run's stage
+(`executor.execute_stage`, the same call a cluster task makes) on a thread pool of `--parallel`
+workers, with a progress bar. After a `stopped` run (disk full, quota) no further run starts.
+Being one process, it rebuilds the registry index from the records at its end (and `sweep
 status` before it reads). Returns counts per result.
 
 `build_assets` is the first half alone: the missing shared assets of the runs not done, built in
@@ -14,6 +15,7 @@ one process (`sweep assets`, which a cluster's assets job runs before the job ar
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,8 +52,12 @@ def run_sweep(
     backoff_s: float = 30.0,
     only: list[str] | None = None,
     stage: str = "all",
+    before_runs: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the unfinished work of `stage` (for runs of `backend`, or of `only`); counts and any stop reason."""
+    """Run the unfinished work of `stage` (for runs of `backend`, or of `only`); counts and any stop reason.
+
+    `before_runs` runs once the shared assets are built and before any run starts (`sweep run
+    --backend cs3`: the preflight, which raises to start nothing)."""
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}", fix=f"use one of {STAGES}")
     sweep_dir = Path(sweep_dir).resolve()
@@ -82,6 +88,8 @@ def run_sweep(
     with tqdm(total=len(todo), desc=f"sweep run ({stage})", unit="run") as bar:
         try:
             assets.build_for(todo)
+            if before_runs is not None and todo:
+                before_runs()
             with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
                 for result in pool.map(one, todo):
                     summary[result] = summary.get(result, 0) + 1

@@ -1,0 +1,70 @@
+"""Check 5: a GPU run's memory per device, by the reference trainer's own memory plan.
+
+    memory_check(subject, cfg)  ->  Check (gpu runs only)
+
+The plan is `gpu_reference.memory_plan.plan_memory`, through the check the reference trainer
+makes at the start of every GPU run (`gpu_reference.run_plan.check_memory`: the run config's own
+micro-batch setting, `auto` = the largest that fits, the prepared data's longest sequences or the
+configured worst case, the mask file's densities), so the preflight and the run cannot disagree.
+The device's memory comes from `--device-memory` (or the sweep's `gpu.device_memory`): there is
+no GPU on the machine that plans. Where that plan is not importable, the check is skipped with
+the reason (`plan_module`): nothing else stands in for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from modelzoo_ext.errors import UserError
+from modelzoo_ext.run_config import RunConfig
+from modelzoo_ext.study.preflight.report import FAIL, PASS, SKIP, Check
+from modelzoo_ext.study.preflight.subject import Subject
+
+NAME = "memory per GPU"
+PLAN_MODULES = ("gpu_reference.memory_plan", "gpu_reference.run_plan")
+
+
+def plan_module() -> ModuleType | None:
+    """`gpu_reference.run_plan` when the memory plan is installed, else None."""
+    try:
+        return [importlib.import_module(name) for name in PLAN_MODULES][-1]
+    except ModuleNotFoundError:
+        return None
+
+
+def memory_check(subject: Subject, cfg: RunConfig) -> Check | None:
+    """The plan of one device of the run (None off the gpu backend)."""
+    if subject.backend != "gpu":
+        return None
+    run_plan = plan_module()
+    if run_plan is None:
+        return Check(NAME, SKIP, "memory plan not merged: gpu_reference.memory_plan is not importable here")
+    if subject.device_memory is None:
+        return Check(NAME, SKIP, "device memory unknown: pass --device-memory (e.g. 80GB) or set the sweep's "
+                     "gpu.device_memory")  # fmt: skip
+    try:
+        checked = plan_device_memory(run_plan, subject, cfg)
+    except UserError as exc:
+        return Check(NAME, FAIL, str(exc))
+    plan = checked.plan
+    summary = f"{plan.summary()}; micro-batch {checked.micro_batch_size} ({checked.setting.source}), {subject.gpus} GPU(s)"
+    if plan.fits is False:
+        levers = "; ".join(f"{what}: {total / 2**30:.1f} GiB" for what, total in plan.levers())
+        return Check(NAME, FAIL, f"does not fit: {summary}; levers (plan total each): {levers or 'none'}")
+    return Check(NAME, PASS, f"fits: {summary}")
+
+
+def plan_device_memory(run_plan: ModuleType, subject: Subject, cfg: RunConfig):
+    """`check_memory` of the run as the trainer will start it: `subject.gpus` processes, no FSDP
+    (the sweep launches `torchrun ... gpu_reference.train` without it), the run config's
+    micro-batch setting, on a device of `subject.device_memory`."""
+    import torch
+
+    from gpu_reference.train_args import MemoryOptions
+
+    hf_config, _ = subject.hf_config()
+    return run_plan.check_memory(
+        cfg, hf_config, masks_file=subject.mask_path, world_size=subject.gpus, device=torch.device("cuda"),
+        fsdp=False, memory=MemoryOptions(device_memory=subject.device_memory),
+    )  # fmt: skip
