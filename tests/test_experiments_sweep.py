@@ -386,3 +386,34 @@ def test_official_protocol_sweep_with_seeds_intervals_and_paired_report(tmp_path
     with open(tmp_path / "report" / "scores_official.csv", newline="") as f:
         scores = list(csv.DictReader(f))
     assert any(r["interval"] == "t 95% interval over 2 seeds" for r in scores)
+
+
+def test_replanning_with_another_config_moves_the_old_outputs_aside(tmp_path, tiny_llama_dir):
+    """A run that failed after training under one config, replanned with another: its complete
+    `train/run.json` must not be taken for the new config's training (the executor skips a complete
+    training), so the old outputs move to `superseded/<old hash>/` and the record starts over."""
+    from modelzoo_ext.study.sweep.records import read_record, update_record
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", "plan", str(_tiny_sweep(tmp_path, tiny_llama_dir)), "--out", str(out)]) == 0
+    run_dir = next((out / "runs").glob("*__s2s__*"))
+    old = read_record(run_dir)
+    (run_dir / "train").mkdir()
+    (run_dir / "train" / "run.json").write_text(json.dumps({"complete": True}))
+    (run_dir / "train.log").write_text("trained\n")
+    update_record(run_dir, status="failed", error="evaluation failed")
+    spec = yaml.safe_load((tmp_path / "sweep.yaml").read_text())
+    spec["train"]["max_steps"] = spec["train"].get("max_steps", 2) + 1
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["sweep", "plan", str(tmp_path / "sweep.yaml"), "--out", str(out)]) == 0
+    new = read_record(run_dir)
+    assert new.status == "planned" and new.config_hash != old.config_hash
+    assert not (run_dir / "train").exists() and not (run_dir / "train.log").exists()
+    moved = run_dir / "superseded" / old.config_hash
+    assert json.loads((moved / "train" / "run.json").read_text()) == {"complete": True}
+    assert (moved / "train.log").read_text() == "trained\n"
+    # the same config replanned: nothing moves, the record stays
+    update_record(run_dir, status="failed", error="again")
+    (run_dir / "train").mkdir()
+    assert main(["sweep", "plan", str(tmp_path / "sweep.yaml"), "--out", str(out)]) == 0
+    assert read_record(run_dir).status == "failed" and (run_dir / "train").is_dir()

@@ -7,7 +7,9 @@ checkpoint and loss-log callback: one file for every backend) and `command.sh`;
 and `record.json` (the run's own record, `planned`). Per sweep: `sweep.json` (the checked spec
 every later stage reads), `seeds.json` (what each derived seed controls) and the registry, rebuilt
 from the records. Replanning keeps finished runs as they are: a run's record is replaced by a
-`planned` one only where it has not succeeded and its config hash changed.
+`planned` one only where it has not succeeded and its config hash changed; that run's earlier
+outputs (trainer folder, evaluation, logs) are moved to `superseded/<old config hash>/` first, so
+that nothing trained under the old config (a complete `train/run.json`) is taken for the new one.
 """
 
 from __future__ import annotations
@@ -133,4 +135,21 @@ def _record_planned(plan: RunPlan, rev: str) -> None:
     """A `planned` record, unless the run has one with the same config or has succeeded."""
     existing = read_record(plan.run_dir)
     if existing is None or (existing.status != "succeeded" and existing.config_hash != plan.config_hash):
+        if existing is not None:
+            _supersede_outputs(plan.run_dir, existing.config_hash or "unknown")
         write_record(plan.run_dir, planned_record(plan, rev))
+
+
+# What a run's stages write into its directory (the plan's own files stay).
+RUN_OUTPUTS = ("train", "eval.json", "eval_samples", "sparsity_check.json", "train.log", "eval.log")
+
+
+def _supersede_outputs(run_dir: Path, old_hash: str) -> None:
+    """Move what the run wrote under its old config to `superseded/<old_hash>/` (kept, not deleted)."""
+    outputs = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not outputs:
+        return
+    target = run_dir / "superseded" / old_hash
+    target.mkdir(parents=True, exist_ok=True)
+    for path in outputs:
+        path.rename(target / path.name)
