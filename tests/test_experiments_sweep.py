@@ -417,3 +417,21 @@ def test_replanning_with_another_config_moves_the_old_outputs_aside(tmp_path, ti
     (run_dir / "train").mkdir()
     assert main(["sweep", "plan", str(tmp_path / "sweep.yaml"), "--out", str(out)]) == 0
     assert read_record(run_dir).status == "failed" and (run_dir / "train").is_dir()
+
+
+def test_the_sweep_s_gpu_memory_settings_reach_the_gpu_command(tmp_path, tiny_llama_dir):
+    """`gpu: {micro_batch_size, activation_checkpointing}` become the trainer's options on GPU runs only;
+    a micro-batch below 1 is refused when the sweep is loaded."""
+    sweep = _tiny_sweep(tmp_path, tiny_llama_dir, backends=["gpu", "cpu"],
+                        gpu={"nproc_per_node": 2, "micro_batch_size": "auto", "activation_checkpointing": True})  # fmt: skip
+    assert main(["sweep", "plan", str(sweep), "--out", str(tmp_path / "out")]) == 0
+    commands = {
+        p.parent.name: json.loads(p.read_text())["train_command"]
+        for p in (tmp_path / "out" / "runs").glob("*/run.json")
+    }
+    gpu = [c for name, c in commands.items() if "__gpu__" in name and c]
+    cpu = [c for name, c in commands.items() if "__cpu__" in name and c]
+    assert gpu and all(c[-3:] == ["--micro-batch-size", "auto", "--activation-checkpointing"] for c in gpu)
+    assert cpu and not any("--micro-batch-size" in c or "--activation-checkpointing" in c for c in cpu)
+    with pytest.raises(Exception, match="micro_batch_size"):
+        load_sweep(_tiny_sweep(tmp_path, tiny_llama_dir, gpu={"micro_batch_size": 0}))

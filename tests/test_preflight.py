@@ -514,6 +514,7 @@ def test_sweep_preflight_checks_each_distinct_configuration_once(tmp_path, tiny_
         and len({group_key(p) for p in trains}) == 4
         and len({twin_key(p) for p in trains}) == 2
     )
+    capsys.readouterr()  # what `sweep plan` printed
     assert main(["sweep", "preflight", str(out), "--no-twin", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     scopes = {c["scope"] for c in report["checks"]}
@@ -600,8 +601,10 @@ def test_sweep_submit_runs_the_preflight_first(tmp_path, tiny, capsys):
 
 # -- memory per GPU -----------------------------------------------------------------------------------
 def test_gpu_memory_plan_per_device(tmp_path, capsys):
-    """Llama-3.1-8B's flagship config on 80 GB: the plan the reference trainer makes at its start; on
-    a 1 GB device: refused with the levers."""
+    """Llama-3.1-8B's flagship config, no prepared data (the plan's worst case: every sample at the
+    run config's 8192 positions): on 80 GB at the file's own micro-batch (8, the CSX flag) refused
+    with the levers; on 141 GB with micro-batch `auto` and activation checkpointing it fits; on a 1 GB
+    device nothing does. The plan the reference trainer makes at its start."""
     pytest.importorskip("gpu_reference.run_plan", reason="memory plan not merged")
     hf = tmp_path / "llama"
     hf.mkdir()
@@ -611,8 +614,17 @@ def test_gpu_memory_plan_per_device(tmp_path, capsys):
 
     params = REPO / "model_configs" / "params_sparse_lora_llama3p1_8b.yaml"
     cfg = load_run_config(params)
-    fits = memory_check(subject_from_options(params, hf_model=hf, backend="gpu", device_memory="80GB"), cfg)
-    assert fits.status == PASS and fits.detail.startswith("fits:")
+    default = memory_check(
+        subject_from_options(params, hf_model=hf, backend="gpu", device_memory="80GB"), cfg
+    )
+    assert (
+        default.status == FAIL
+        and "micro-batch 8" in default.detail
+        and "--activation-checkpointing" in default.detail
+    )
+    fits = memory_check(subject_from_options(params, hf_model=hf, backend="gpu", device_memory="141GB",
+                                             micro_batch_size="auto", activation_checkpointing=True), cfg)  # fmt: skip
+    assert fits.status == PASS and fits.detail.startswith("fits:") and "(--micro-batch-size)" in fits.detail
     small = memory_check(subject_from_options(params, hf_model=hf, backend="gpu", device_memory="1GB"), cfg)
     assert small.status == FAIL and "levers" in small.detail
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelzoo_ext.data.split import DEFAULT_SALT
 from modelzoo_ext.data.templates import TASKS
@@ -129,6 +129,27 @@ class GPUSpec(_Strict):
     device_memory: str | None = Field(
         None, description="one GPU's memory, e.g. 80GB: the preflight's memory plan per device"
     )
+    micro_batch_size: int | Literal["auto", "none"] | None = Field(
+        None,
+        description="the reference trainer's --micro-batch-size (None: the run config's own setting; auto: "
+        "the largest that fits the device); the same summed gradients whatever it is",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="the reference trainer's --activation-checkpointing (the same losses and gradients)",
+    )
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("micro_batch_size must be >= 1, 'auto' or 'none'")
+        return value
+
+    def memory_arguments(self) -> list[str]:
+        """The options of `gpu_reference.train` these settings ask for."""
+        args = [] if self.micro_batch_size is None else ["--micro-batch-size", str(self.micro_batch_size)]
+        return args + (["--activation-checkpointing"] if self.activation_checkpointing else [])
 
 
 class BaselineSpec(_Strict):

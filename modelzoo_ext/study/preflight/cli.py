@@ -47,6 +47,10 @@ def _add_preflight(subparsers) -> None:
     p.add_argument("--backend", choices=("cs3", "gpu", "cpu"), help="[default: the params' backend_type]")
     p.add_argument("--device-memory", metavar="SIZE", help="gpu: one device's memory, e.g. 80GB")
     p.add_argument("--gpus", type=int, default=1, help="gpu: processes (torchrun --nproc-per-node) [1]")
+    p.add_argument(
+        "--micro-batch-size", metavar="N|auto|none", help="gpu: as the trainer's option [the run config's]"
+    )
+    p.add_argument("--activation-checkpointing", action="store_true", help="gpu: as the trainer's option")
     p.add_argument("--work", metavar="DIR", help="where the twin is built [a temporary directory]")
     p.add_argument("--no-twin", action="store_true", help="leave out the scaled-down twin")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -99,7 +103,8 @@ def _run_preflight(args) -> int:
 
     subject = subject_from_options(
         args.params, hf_model=args.hf_model, masks=args.masks, data=args.data, backend=args.backend,
-        gpus=args.gpus, device_memory=args.device_memory,
+        gpus=args.gpus, device_memory=args.device_memory, micro_batch_size=args.micro_batch_size,
+        activation_checkpointing=args.activation_checkpointing,
     )  # fmt: skip
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="sparse-lora-preflight-"))
     report = preflight_params(subject, work, twin=not args.no_twin)

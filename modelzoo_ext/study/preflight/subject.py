@@ -35,6 +35,8 @@ class Subject:
     hf_dir: Path | None = None  # the run's HF model directory (None: not given)
     gpus: int = 1  # GPU runs: processes (torchrun --nproc-per-node)
     device_memory: str | None = None  # GPU runs: one device's memory, e.g. "80GB"
+    micro_batch_size: str | None = None  # GPU runs: --micro-batch-size (None: the run config's setting)
+    activation_checkpointing: bool = False  # GPU runs: --activation-checkpointing
     allowed_epochs: float = 1.0  # how often the run may go through its data (a sweep's train.epochs)
     mask_method: dict[str, Any] | None = field(default=None, compare=False)  # sweep: the planned masks
 
@@ -109,6 +111,8 @@ def subject_from_options(
     backend: str | None = None,
     gpus: int = 1,
     device_memory: str | None = None,
+    micro_batch_size: str | None = None,
+    activation_checkpointing: bool = False,
 ) -> Subject:
     """The subject of `sparse-lora preflight PARAMS.yaml [--hf-model] [--masks] [--data] [--backend]`."""
     params = copy.deepcopy(load_yaml(params_yaml))
@@ -127,4 +131,5 @@ def subject_from_options(
     return Subject(
         label=f"{params_yaml} ({chosen})", params=params, params_path=Path(params_yaml), backend=chosen,
         hf_dir=Path(hf_model) if hf_model else None, gpus=gpus, device_memory=device_memory,
+        micro_batch_size=micro_batch_size, activation_checkpointing=activation_checkpointing,
     )  # fmt: skip

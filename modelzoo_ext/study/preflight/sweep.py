@@ -123,7 +123,8 @@ def subject_of(plan: RunPlan, label: str, device_memory: str | None) -> Subject:
     return Subject(
         label=label, params=load_params(plan.run_dir), params_path=plan.params_path, backend=plan.backend,
         hf_dir=Path(plan.hf_dir), gpus=spec.gpu.nproc_per_node, device_memory=device_memory or spec.gpu.device_memory,
-        allowed_epochs=allowed_epochs(plan),
+        micro_batch_size=None if spec.gpu.micro_batch_size is None else str(spec.gpu.micro_batch_size),
+        activation_checkpointing=spec.gpu.activation_checkpointing, allowed_epochs=allowed_epochs(plan),
     )  # fmt: skip
 
 

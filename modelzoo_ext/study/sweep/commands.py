@@ -87,7 +87,8 @@ def train_command(plan: RunPlan, launcher: list[str] | None = None) -> list[str]
         # `python -m torch.distributed.run` is torchrun, from this very environment.
         launcher = launcher or [sys.executable, "-m", "torch.distributed.run",
                                 f"--nproc-per-node={plan.spec.gpu.nproc_per_node}"]  # fmt: skip
-        return [*launcher, "-m", "gpu_reference.train", *reference, "--device", "cuda"]
+        memory = plan.spec.gpu.memory_arguments()
+        return [*launcher, "-m", "gpu_reference.train", *reference, "--device", "cuda", *memory]
     cs = plan.spec.cs3
     command = [cs.cszoo, "fit", str(plan.params_path), "--target_device", "CSX", "--num_csx", str(cs.num_csx),
                "--model_dir", str(plan.train_dir)]  # fmt: skip
