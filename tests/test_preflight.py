@@ -203,7 +203,12 @@ def test_data_too_short_for_the_steps_or_too_long_for_the_model(tiny, capsys):
         "5 steps x batch 4 x accumulation 1 = 20 samples, but the data holds 8"
         in checks["data: examples"]["detail"]
     )
+    assert "preflight --epochs 2.5" in checks["data: examples"]["detail"]
     assert checks["data: sequence length"]["status"] == FAIL
+    # repeating the data, where meant, is allowed by saying so
+    del params["trainer"]["init"]["model"]["max_position_embeddings"]
+    assert preflight(tiny, params, "--no-twin", "--epochs", "2.5") == 0
+    assert checks_of(capsys)["data: examples"]["status"] == PASS
 
 
 def test_a_cs3_run_without_checkpoint_steps_is_refused(tiny, capsys):

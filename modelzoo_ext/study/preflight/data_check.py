@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,7 @@ def _examples(dataset: SampleDataset, cfg: RunConfig, allowed_epochs: float) -> 
         return Check("data: examples", FAIL, f"{cfg.max_steps} steps x batch {batch} x accumulation {accum} = {needed:,} "
                      f"samples, but the data holds {have:,}: the run would go through it {epochs:.2f} times "
                      f"(asked: {allowed_epochs:g}); lower max_steps to {int(have * allowed_epochs) // (batch * accum)} "
-                     "or use the sweep's train.epochs")  # fmt: skip
+                     f"(a sweep: train.epochs), or, where repeating the data is meant, allow it (`preflight --epochs "
+                     f"{math.ceil(epochs * 100) / 100:g}`)")  # fmt: skip
     return Check("data: examples", PASS, f"{needed:,} samples for {cfg.max_steps} steps of {batch * accum}; "
                  f"the data holds {have:,} ({epochs:.2f} epochs)")  # fmt: skip

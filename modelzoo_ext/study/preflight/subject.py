@@ -113,6 +113,7 @@ def subject_from_options(
     device_memory: str | None = None,
     micro_batch_size: str | None = None,
     activation_checkpointing: bool = False,
+    allowed_epochs: float = 1.0,
 ) -> Subject:
     """The subject of `sparse-lora preflight PARAMS.yaml [--hf-model] [--masks] [--data] [--backend]`."""
     params = copy.deepcopy(load_yaml(params_yaml))
@@ -132,4 +133,5 @@ def subject_from_options(
         label=f"{params_yaml} ({chosen})", params=params, params_path=Path(params_yaml), backend=chosen,
         hf_dir=Path(hf_model) if hf_model else None, gpus=gpus, device_memory=device_memory,
         micro_batch_size=micro_batch_size, activation_checkpointing=activation_checkpointing,
+        allowed_epochs=allowed_epochs,
     )  # fmt: skip
