@@ -232,7 +232,7 @@ def _static_terms(
 
 
 def _sampled_index_term(
-    cfg: RunConfig, shape: ModelShape, options: PlanOptions, densities: dict[str, float] | None
+    cfg: RunConfig, shape: ModelShape, options: PlanOptions, densities: dict[str, float] | float | None
 ) -> MemoryTerm:
     name = "s2s sampled-product index"
     limit = _sampled_density_limit(options.device_type)
@@ -245,6 +245,10 @@ def _sampled_index_term(
     if densities is None:  # no mask file to read: every layer just at the limit, the worst case
         kept = int(shape.target_weights * limit)
         return MemoryTerm(name, kept * SAMPLED_INDEX_BYTES, f"worst case (mask densities unknown): all at the {options.device_type} limit {limit}")  # fmt: skip
+    if isinstance(densities, float):  # planned: every mask at one density
+        kept = int(shape.target_weights * densities) if densities <= limit else 0
+        note = f"every mask at the planned density {densities:g} ({options.device_type} limit {limit})"
+        return MemoryTerm(name, kept * SAMPLED_INDEX_BYTES, note)
     used = {n: d for n, d in densities.items() if d <= limit}
     kept = int(sum(d * shape.target_numel.get(n.removesuffix(".weight"), 0) for n, d in used.items()))
     note = f"{len(used)} of {len(densities)} masks at density <= {limit} ({options.device_type}): 12 bytes per kept weight"
@@ -332,7 +336,7 @@ def plan_memory(
     activation_checkpointing: bool = False,
     bf16_base: bool = False,
     sequences: SequenceStats | None = None,
-    mask_densities: dict[str, float] | None = None,
+    mask_densities: dict[str, float] | float | None = None,
     device_type: str = "cuda",
     sampled_product: str = "auto",
 ) -> MemoryPlan:
@@ -341,7 +345,8 @@ def plan_memory(
     micro_batch_size: samples per forward/backward on a rank (None: its whole slice of the batch).
     sequences: from the prepared data (`gpu_reference.data.sequence_stats`); default the
     configured worst case. mask_densities: {mask name: kept fraction} from the mask file's
-    header (default: unknown, the worst case for the s2s sampled-product index).
+    header, or one kept fraction for every mask (a planned per-layer sparsity before its mask
+    file exists); default: unknown, the worst case for the s2s sampled-product index.
     """
     options = PlanOptions(
         world_size, fsdp, micro_batch_size, activation_checkpointing, bf16_base, device_type

@@ -80,11 +80,26 @@ def mask_densities(masks_file: str | None) -> dict[str, float] | None:
     return {name: info["kept"] / max(1, info["numel"]) for name, info in tensors.items()}
 
 
-def run_sequences(cfg: RunConfig) -> SequenceStats:
-    """The training data's sequence statistics, or the configured worst case before it exists."""
+@dataclass(frozen=True)
+class PlannedInputs:
+    """What a planned sweep run knows before its data and masks exist: the data's maximum sequence
+    length (`data prepare --max-seq-length`) and, for per-layer masks, every mask's kept fraction
+    (None: not known per layer, e.g. a global threshold)."""
+
+    max_seq_length: int
+    mask_density: float | None = None
+
+
+def run_sequences(cfg: RunConfig, planned: PlannedInputs | None = None) -> SequenceStats:
+    """The training data's sequence statistics, or the worst case before it exists (every sample
+    at the planned data's maximum length, else the run config's maximum positions)."""
     data_dir = cfg.fit.train_dataloader.data_dir
     if Path(data_dir).is_dir() and any(Path(data_dir).glob("*.h5")):
         return sequence_stats(data_dir)
+    if planned is not None:
+        longest = planned.max_seq_length
+        return SequenceStats(longest, longest, f"worst case: data not prepared yet, every sample {longest} tokens "
+                             "(the planned --max-seq-length), every position a loss token")  # fmt: skip
     return configured_sequences(cfg)
 
 
@@ -97,16 +112,21 @@ def check_memory(
     device: torch.device,
     fsdp: bool,
     memory: MemoryOptions,
+    planned: PlannedInputs | None = None,
 ) -> CheckedMemory:
     """The plan of this run on one of its devices, with the micro-batch chosen (`auto`: the
-    largest that fits; 1 when none does, whose plan then does not fit)."""
+    largest that fits; 1 when none does, whose plan then does not fit). `planned`: what a sweep
+    knows of its data and masks before they are built (used only where they are not there)."""
     setting = micro_batch_setting(cfg, memory.micro_batch_size)
     total, source = device_memory(device, memory.device_memory)
-    sequences = run_sequences(cfg)
+    sequences = run_sequences(cfg, planned)
+    densities = mask_densities(masks_file)
+    if densities is None and planned is not None:
+        densities = planned.mask_density
     plan_args = dict(
         world_size=world_size, device_memory=total, device_memory_source=source, fsdp=fsdp,
         activation_checkpointing=memory.activation_checkpointing, bf16_base=memory.bf16_base,
-        sequences=sequences, mask_densities=mask_densities(masks_file), device_type=device.type,
+        sequences=sequences, mask_densities=densities, device_type=device.type,
         sampled_product=memory.sampled_product,
     )  # fmt: skip
     per_rank = cfg.fit.train_dataloader.batch_size // world_size

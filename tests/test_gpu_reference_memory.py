@@ -389,3 +389,25 @@ def test_every_flagship_gets_a_plan_that_fits_80gb(name):
     assert micro is not None and micro >= 2
     plan = plan_memory(cfg, hf_config, micro_batch_size=micro, **common)
     assert plan.fits and plan.options.micro_batch_size == micro and not plan.options.bf16_base
+
+
+def test_a_planned_sweep_run_is_planned_from_its_data_length_and_mask_sparsity(tmp_path):
+    """Before a sweep's data and masks exist, the plan takes every sample at the planned
+    --max-seq-length (not the model's 8192 positions) and the s2s index from the planned per-layer
+    density: 12 bytes per kept weight at or below the device's limit, none above it."""
+    from gpu_reference.memory_plan import SAMPLED_INDEX_BYTES
+    from gpu_reference.run_plan import PlannedInputs, check_memory
+    from gpu_reference.train_args import MemoryOptions
+
+    cfg = flagship("llama3p1_8b")  # s2s; its data_dir and mask_path do not exist here
+    hf_config = json.loads((REPO / "tests" / "fixtures" / "hf_configs" / "Llama-3.1-8B.config.json").read_text())
+    targets = model_shape(hf_config, cfg.sparse_lora.target_modules, cfg.sparse_lora.r).target_weights
+    options = dict(masks_file=None, world_size=1, device=torch.device("cuda"), fsdp=False,
+                   memory=MemoryOptions(micro_batch_size="1", device_memory="80GB"))  # fmt: skip
+    worst = check_memory(cfg, hf_config, **options)
+    assert worst.sequences.longest == 8192 and "no prepared data" in worst.sequences.source
+    for density, index_bytes in ((0.3, int(targets * 0.3) * SAMPLED_INDEX_BYTES), (0.5, 0)):
+        planned = check_memory(cfg, hf_config, **options, planned=PlannedInputs(2048, density))
+        assert planned.sequences.longest == 2048 and "planned --max-seq-length" in planned.sequences.source
+        assert planned.plan.term("s2s sampled-product index").bytes == index_bytes
+        assert planned.plan.total < worst.plan.total

@@ -35,20 +35,39 @@ def plan_module() -> ModuleType | None:
 
 def memory_check(subject: Subject, cfg: RunConfig) -> Check | None:
     """The plan of one device of the run (None off the gpu backend)."""
-    if subject.backend != "gpu":
+    return memory_check_each([subject], cfg)
+
+
+def memory_check_each(subjects: list[Subject], cfg: RunConfig) -> Check | None:
+    """The plan of one device of each run (runs of one configuration that differ in their masks'
+    sparsity, hence in the s2s sampled-product index): the first that does not fit, else the
+    largest plan. None off the gpu backend."""
+    if subjects[0].backend != "gpu":
         return None
     run_plan = plan_module()
     if run_plan is None:
         return Check(NAME, SKIP, "memory plan not merged: gpu_reference.memory_plan is not importable here")
-    if subject.device_memory is None:
+    if subjects[0].device_memory is None:
         return Check(NAME, SKIP, "device memory unknown: pass --device-memory (e.g. 80GB) or set the sweep's "
                      "gpu.device_memory")  # fmt: skip
-    try:
-        checked = plan_device_memory(run_plan, subject, cfg)
-    except UserError as exc:
-        return Check(NAME, FAIL, str(exc))
+    largest = None
+    for subject in subjects:
+        try:
+            checked = plan_device_memory(run_plan, subject, cfg)
+        except UserError as exc:
+            return Check(NAME, FAIL, str(exc))
+        if checked.plan.fits is False:
+            return _plan_check(checked, subject, len(subjects))
+        if largest is None or checked.plan.total > largest[0].plan.total:
+            largest = (checked, subject)
+    return _plan_check(*largest, len(subjects))
+
+
+def _plan_check(checked, subject: Subject, runs: int) -> Check:
     plan = checked.plan
     summary = f"{plan.summary()}; micro-batch {checked.micro_batch_size} ({checked.setting.source}), {subject.gpus} GPU(s)"
+    if runs > 1:
+        summary += f"; {subject.label} (of {runs} mask sparsities planned)"
     if plan.fits is False:
         levers = "; ".join(f"{what}: {total / 2**30:.1f} GiB" for what, total in plan.levers())
         return Check(NAME, FAIL, f"does not fit: {summary}; levers (plan total each): {levers or 'none'}")
@@ -64,6 +83,9 @@ def plan_device_memory(run_plan: ModuleType, subject: Subject, cfg: RunConfig):
 
     from gpu_reference.train_args import MemoryOptions
 
+    planned = None
+    if subject.planned_max_seq_length is not None:
+        planned = run_plan.PlannedInputs(subject.planned_max_seq_length, subject.planned_mask_density)
     hf_config, _ = subject.hf_config()
     return run_plan.check_memory(
         cfg, hf_config, masks_file=subject.mask_path, world_size=subject.gpus, device=torch.device("cuda"),
@@ -71,4 +93,5 @@ def plan_device_memory(run_plan: ModuleType, subject: Subject, cfg: RunConfig):
             micro_batch_size=subject.micro_batch_size, activation_checkpointing=subject.activation_checkpointing,
             device_memory=subject.device_memory,
         ),
+        planned=planned,
     )  # fmt: skip

@@ -37,6 +37,8 @@ class Subject:
     device_memory: str | None = None  # GPU runs: one device's memory, e.g. "80GB"
     micro_batch_size: str | None = None  # GPU runs: --micro-batch-size (None: the run config's setting)
     activation_checkpointing: bool = False  # GPU runs: --activation-checkpointing
+    planned_max_seq_length: int | None = None  # a sweep's data before it is prepared (memory plan)
+    planned_mask_density: float | None = None  # a sweep's per-layer masks before they are built
     allowed_epochs: float = 1.0  # how often the run may go through its data (a sweep's train.epochs)
     mask_method: dict[str, Any] | None = field(default=None, compare=False)  # sweep: the planned masks
 

@@ -49,7 +49,7 @@ from modelzoo_ext.study.preflight.disk import (
     run_outputs,
 )
 from modelzoo_ext.study.preflight.mask_callback import mask_callback_check, masks_fit_check
-from modelzoo_ext.study.preflight.memory import memory_check
+from modelzoo_ext.study.preflight.memory import memory_check_each
 from modelzoo_ext.study.preflight.model_counts import model_counts
 from modelzoo_ext.study.preflight.provenance_check import provenance_check
 from modelzoo_ext.study.preflight.quota import filesystem_room
@@ -115,6 +115,14 @@ def allowed_epochs(plan: RunPlan) -> float:
     return math.inf if length.max_steps is not None else 1.0
 
 
+def planned_density(plan: RunPlan) -> float | None:
+    """Every mask's kept fraction where the plan fixes it per layer (per-layer scope: each layer
+    pruned to the sweep's sparsity), else None (a global threshold: per-layer densities vary)."""
+    if plan.mode == "lora" or plan.spec.scope != "layer":
+        return None
+    return 1.0 - plan.sparsity
+
+
 def subject_of(plan: RunPlan, label: str, device_memory: str | None) -> Subject:
     """The run as a preflight subject: its own params.yaml, backend, HF model, launch."""
     from modelzoo_ext.study.sweep.plan import load_params
@@ -125,6 +133,7 @@ def subject_of(plan: RunPlan, label: str, device_memory: str | None) -> Subject:
         hf_dir=Path(plan.hf_dir), gpus=spec.gpu.nproc_per_node, device_memory=device_memory or spec.gpu.device_memory,
         micro_batch_size=None if spec.gpu.micro_batch_size is None else str(spec.gpu.micro_batch_size),
         activation_checkpointing=spec.gpu.activation_checkpointing, allowed_epochs=allowed_epochs(plan),
+        planned_max_seq_length=spec.data.max_seq_length, planned_mask_density=planned_density(plan),
     )  # fmt: skip
 
 
@@ -186,7 +195,7 @@ class SweepPreflight:
         if subject.data_dir not in self.data_done:
             self.data_done.add(subject.data_dir)
             checks += data_checks(subject, cfg, prepared_later=True)
-        if cfg is not None and (memory := memory_check(subject, cfg)) is not None:
+        if cfg is not None and (memory := self._memory(group, cfg)) is not None:
             checks.append(memory)
         out = _within(group.label, checks)
         if self.twin and twin_key(plan) not in self.twins_done:
@@ -194,6 +203,14 @@ class SweepPreflight:
             twin_scope = "/".join(twin_key(plan)) + " (twin, every backend)"
             out += _within(twin_scope, self._twin(plan, subject, prior_failed=any(c.failed for c in checks)))
         return out
+
+    def _memory(self, group: Group, cfg) -> Check | None:
+        """The memory plan at each sparsity of the group (the s2s index grows with the kept weights)."""
+        by_sparsity = {plan.sparsity: plan for plan in group.plans}
+        subjects = [
+            subject_of(plan, f"sparsity {s:g}", self.device_memory) for s, plan in sorted(by_sparsity.items())
+        ]
+        return memory_check_each(subjects, cfg)
 
     def _masks_built(self, plan: RunPlan) -> bool:
         return plan.assets.masks is None or Path(plan.assets.masks).is_file()
