@@ -400,7 +400,9 @@ def test_a_planned_sweep_run_is_planned_from_its_data_length_and_mask_sparsity(t
     from gpu_reference.train_args import MemoryOptions
 
     cfg = flagship("llama3p1_8b")  # s2s; its data_dir and mask_path do not exist here
-    hf_config = json.loads((REPO / "tests" / "fixtures" / "hf_configs" / "Llama-3.1-8B.config.json").read_text())
+    hf_config = json.loads(
+        (REPO / "tests" / "fixtures" / "hf_configs" / "Llama-3.1-8B.config.json").read_text()
+    )
     targets = model_shape(hf_config, cfg.sparse_lora.target_modules, cfg.sparse_lora.r).target_weights
     options = dict(masks_file=None, world_size=1, device=torch.device("cuda"), fsdp=False,
                    memory=MemoryOptions(micro_batch_size="1", device_memory="80GB"))  # fmt: skip

@@ -138,6 +138,9 @@ class GPUSpec(_Strict):
         False,
         description="the reference trainer's --activation-checkpointing (the same losses and gradients)",
     )
+    fsdp: bool = Field(
+        False, description="the reference trainer's --fsdp: the frozen base sharded over the ranks"
+    )
 
     @field_validator("micro_batch_size")
     @classmethod
@@ -149,7 +152,8 @@ class GPUSpec(_Strict):
     def memory_arguments(self) -> list[str]:
         """The options of `gpu_reference.train` these settings ask for."""
         args = [] if self.micro_batch_size is None else ["--micro-batch-size", str(self.micro_batch_size)]
-        return args + (["--activation-checkpointing"] if self.activation_checkpointing else [])
+        args += ["--activation-checkpointing"] if self.activation_checkpointing else []
+        return args + (["--fsdp"] if self.fsdp else [])
 
 
 class BaselineSpec(_Strict):

@@ -75,10 +75,9 @@ def _plan_check(checked, subject: Subject, runs: int) -> Check:
 
 
 def plan_device_memory(run_plan: ModuleType, subject: Subject, cfg: RunConfig):
-    """`check_memory` of the run as the trainer will start it: `subject.gpus` processes, no FSDP
-    (the sweep launches `torchrun ... gpu_reference.train` without it), the micro-batch and
-    activation checkpointing it is given (the sweep's `gpu:` settings, or the run config's own
-    micro-batch setting), on a device of `subject.device_memory`."""
+    """`check_memory` of the run as the trainer will start it: `subject.gpus` processes, with the
+    FSDP, micro-batch and activation checkpointing it is given (the sweep's `gpu:` settings, or the
+    run config's own micro-batch setting), on a device of `subject.device_memory`."""
     import torch
 
     from gpu_reference.train_args import MemoryOptions
@@ -89,7 +88,7 @@ def plan_device_memory(run_plan: ModuleType, subject: Subject, cfg: RunConfig):
     hf_config, _ = subject.hf_config()
     return run_plan.check_memory(
         cfg, hf_config, masks_file=subject.mask_path, world_size=subject.gpus, device=torch.device("cuda"),
-        fsdp=False, memory=MemoryOptions(
+        fsdp=subject.fsdp, memory=MemoryOptions(
             micro_batch_size=subject.micro_batch_size, activation_checkpointing=subject.activation_checkpointing,
             device_memory=subject.device_memory,
         ),

@@ -132,7 +132,8 @@ def subject_of(plan: RunPlan, label: str, device_memory: str | None) -> Subject:
         label=label, params=load_params(plan.run_dir), params_path=plan.params_path, backend=plan.backend,
         hf_dir=Path(plan.hf_dir), gpus=spec.gpu.nproc_per_node, device_memory=device_memory or spec.gpu.device_memory,
         micro_batch_size=None if spec.gpu.micro_batch_size is None else str(spec.gpu.micro_batch_size),
-        activation_checkpointing=spec.gpu.activation_checkpointing, allowed_epochs=allowed_epochs(plan),
+        activation_checkpointing=spec.gpu.activation_checkpointing, fsdp=spec.gpu.fsdp,
+        allowed_epochs=allowed_epochs(plan),
         planned_max_seq_length=spec.data.max_seq_length, planned_mask_density=planned_density(plan),
     )  # fmt: skip
 
