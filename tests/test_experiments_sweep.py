@@ -420,11 +420,11 @@ def test_replanning_with_another_config_moves_the_old_outputs_aside(tmp_path, ti
 
 
 def test_the_sweep_s_gpu_memory_settings_reach_the_gpu_command(tmp_path, tiny_llama_dir):
-    """`gpu: {micro_batch_size, activation_checkpointing, fsdp}` become the trainer's options on GPU runs only;
+    """`gpu: {micro_batch_size, activation_checkpointing, sampled_product, fsdp}` become the trainer's options on GPU runs only;
     a micro-batch below 1 is refused when the sweep is loaded."""
     sweep = _tiny_sweep(tmp_path, tiny_llama_dir, backends=["gpu", "cpu"],
                         gpu={"nproc_per_node": 2, "micro_batch_size": "auto", "activation_checkpointing": True,
-                             "fsdp": True})  # fmt: skip
+                             "fsdp": True, "sampled_product": "never"})  # fmt: skip
     assert main(["sweep", "plan", str(sweep), "--out", str(tmp_path / "out")]) == 0
     commands = {
         p.parent.name: json.loads(p.read_text())["train_command"]
@@ -432,9 +432,15 @@ def test_the_sweep_s_gpu_memory_settings_reach_the_gpu_command(tmp_path, tiny_ll
     }
     gpu = [c for name, c in commands.items() if "__gpu__" in name and c]
     cpu = [c for name, c in commands.items() if "__cpu__" in name and c]
-    assert gpu and all(
-        c[-4:] == ["--micro-batch-size", "auto", "--activation-checkpointing", "--fsdp"] for c in gpu
-    )
+    wanted = [
+        "--micro-batch-size",
+        "auto",
+        "--activation-checkpointing",
+        "--sampled-product",
+        "never",
+        "--fsdp",
+    ]
+    assert gpu and all(c[-6:] == wanted for c in gpu)
     assert cpu and not any("--micro-batch-size" in c or "--fsdp" in c for c in cpu)
     with pytest.raises(Exception, match="micro_batch_size"):
         load_sweep(_tiny_sweep(tmp_path, tiny_llama_dir, gpu={"micro_batch_size": 0}))

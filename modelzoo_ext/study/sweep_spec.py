@@ -141,6 +141,11 @@ class GPUSpec(_Strict):
     fsdp: bool = Field(
         False, description="the reference trainer's --fsdp: the frozen base sharded over the ranks"
     )
+    sampled_product: Literal["auto", "never", "always"] = Field(
+        "auto",
+        description="the reference trainer's --sampled-product: the s2s weight gradient through an index of the "
+        "kept weights (12 bytes each, whole on every rank) or the dense product masked (the same gradient)",
+    )
 
     @field_validator("micro_batch_size")
     @classmethod
@@ -153,6 +158,7 @@ class GPUSpec(_Strict):
         """The options of `gpu_reference.train` these settings ask for."""
         args = [] if self.micro_batch_size is None else ["--micro-batch-size", str(self.micro_batch_size)]
         args += ["--activation-checkpointing"] if self.activation_checkpointing else []
+        args += [] if self.sampled_product == "auto" else ["--sampled-product", self.sampled_product]
         return args + (["--fsdp"] if self.fsdp else [])
 
 

@@ -52,6 +52,8 @@ def _add_preflight(subparsers) -> None:
     )
     p.add_argument("--activation-checkpointing", action="store_true", help="gpu: as the trainer's option")
     p.add_argument("--fsdp", action="store_true", help="gpu: as the trainer's option")
+    p.add_argument("--sampled-product", choices=("auto", "never", "always"), default="auto",
+                   help="gpu: as the trainer's option [auto]")  # fmt: skip
     p.add_argument(
         "--epochs", type=float, default=1.0,
         help="how many times the run may go through its training data (max_steps x batch) [1]",
@@ -109,7 +111,8 @@ def _run_preflight(args) -> int:
     subject = subject_from_options(
         args.params, hf_model=args.hf_model, masks=args.masks, data=args.data, backend=args.backend,
         gpus=args.gpus, device_memory=args.device_memory, micro_batch_size=args.micro_batch_size,
-        activation_checkpointing=args.activation_checkpointing, fsdp=args.fsdp, allowed_epochs=args.epochs,
+        activation_checkpointing=args.activation_checkpointing, fsdp=args.fsdp,
+        sampled_product=args.sampled_product, allowed_epochs=args.epochs,
     )  # fmt: skip
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="sparse-lora-preflight-"))
     report = preflight_params(subject, work, twin=not args.no_twin)

@@ -90,7 +90,7 @@ def plan_device_memory(run_plan: ModuleType, subject: Subject, cfg: RunConfig):
         cfg, hf_config, masks_file=subject.mask_path, world_size=subject.gpus, device=torch.device("cuda"),
         fsdp=subject.fsdp, memory=MemoryOptions(
             micro_batch_size=subject.micro_batch_size, activation_checkpointing=subject.activation_checkpointing,
-            device_memory=subject.device_memory,
+            device_memory=subject.device_memory, sampled_product=subject.sampled_product,
         ),
         planned=planned,
     )  # fmt: skip

@@ -38,6 +38,7 @@ class Subject:
     micro_batch_size: str | None = None  # GPU runs: --micro-batch-size (None: the run config's setting)
     activation_checkpointing: bool = False  # GPU runs: --activation-checkpointing
     fsdp: bool = False  # GPU runs: --fsdp
+    sampled_product: str = "auto"  # GPU runs: --sampled-product
     planned_max_seq_length: int | None = None  # a sweep's data before it is prepared (memory plan)
     planned_mask_density: float | None = None  # a sweep's per-layer masks before they are built
     allowed_epochs: float = 1.0  # how often the run may go through its data (a sweep's train.epochs)
@@ -117,6 +118,7 @@ def subject_from_options(
     micro_batch_size: str | None = None,
     activation_checkpointing: bool = False,
     fsdp: bool = False,
+    sampled_product: str = "auto",
     allowed_epochs: float = 1.0,
 ) -> Subject:
     """The subject of `sparse-lora preflight PARAMS.yaml [--hf-model] [--masks] [--data] [--backend]`."""
@@ -137,5 +139,5 @@ def subject_from_options(
         label=f"{params_yaml} ({chosen})", params=params, params_path=Path(params_yaml), backend=chosen,
         hf_dir=Path(hf_model) if hf_model else None, gpus=gpus, device_memory=device_memory,
         micro_batch_size=micro_batch_size, activation_checkpointing=activation_checkpointing, fsdp=fsdp,
-        allowed_epochs=allowed_epochs,
+        sampled_product=sampled_product, allowed_epochs=allowed_epochs,
     )  # fmt: skip

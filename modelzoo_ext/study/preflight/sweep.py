@@ -133,6 +133,7 @@ def subject_of(plan: RunPlan, label: str, device_memory: str | None) -> Subject:
         hf_dir=Path(plan.hf_dir), gpus=spec.gpu.nproc_per_node, device_memory=device_memory or spec.gpu.device_memory,
         micro_batch_size=None if spec.gpu.micro_batch_size is None else str(spec.gpu.micro_batch_size),
         activation_checkpointing=spec.gpu.activation_checkpointing, fsdp=spec.gpu.fsdp,
+        sampled_product=spec.gpu.sampled_product,
         allowed_epochs=allowed_epochs(plan),
         planned_max_seq_length=spec.data.max_seq_length, planned_mask_density=planned_density(plan),
     )  # fmt: skip
