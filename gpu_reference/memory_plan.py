@@ -349,7 +349,7 @@ def plan_memory(
     file exists); default: unknown, the worst case for the s2s sampled-product index.
     """
     options = PlanOptions(
-        world_size, fsdp, micro_batch_size, activation_checkpointing, bf16_base, device_type
+        world_size, fsdp, micro_batch_size, activation_checkpointing, bf16_base, device_type, sampled_product
     )
     sl = params.sparse_lora
     shape = model_shape(hf_config, sl.target_modules, sl.r)

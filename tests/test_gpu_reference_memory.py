@@ -413,3 +413,14 @@ def test_a_planned_sweep_run_is_planned_from_its_data_length_and_mask_sparsity(t
         assert planned.sequences.longest == 2048 and "planned --max-seq-length" in planned.sequences.source
         assert planned.plan.term("s2s sampled-product index").bytes == index_bytes
         assert planned.plan.total < worst.plan.total
+    # --sampled-product never: no index whatever the density (the plan honours the option it is given)
+    never = dict(
+        options, memory=MemoryOptions(micro_batch_size="1", device_memory="80GB", sampled_product="never")
+    )
+    for planned in (None, PlannedInputs(2048, 0.3)):
+        assert (
+            check_memory(cfg, hf_config, **never, planned=planned)
+            .plan.term("s2s sampled-product index")
+            .bytes
+            == 0
+        )
