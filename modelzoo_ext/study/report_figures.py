@@ -93,7 +93,7 @@ def plot_curves(rows: list[dict[str, Any]], protocol: str, out_dir: Path) -> lis
     (method, structure, backend) with its interval over seeds as a band; log scale (step 0 is the
     unfine-tuned model, far above the rest)."""
     plt = _pyplot()
-    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     paths = []
     figures: dict[tuple, list[dict]] = defaultdict(list)
@@ -101,6 +101,9 @@ def plot_curves(rows: list[dict[str, Any]], protocol: str, out_dir: Path) -> lis
         figures[(row["model"], row["task"])].append(row)
     for (model, task), mine in sorted(figures.items(), key=lambda kv: str(kv[0])):
         levels = sorted({r["sparsity"] or 0.0 for r in mine})
+        # A log axis cannot show an interval reaching zero or below (a t interval over two seeds
+        # often does): such a band is drawn down to the axis' floor, a third of the smallest mean.
+        floor = min(r["mean"] for r in mine if r["mean"] > 0) / 3
         fig, axes = plt.subplots(1, len(levels), figsize=(3.6 * len(levels), 3.8), sharey=True, squeeze=False)
         for ax, level in zip(axes[0], levels, strict=True):
             lines: dict[tuple, list[dict]] = defaultdict(list)
@@ -115,19 +118,21 @@ def plot_curves(rows: list[dict[str, Any]], protocol: str, out_dir: Path) -> lis
                 )
                 ax.plot(x, [r["mean"] for r in line], marker="o", markersize=3, color=colour,
                         label=f"{label} [{backend}]")  # fmt: skip
-                ax.fill_between(x, [r["ci95_low"] for r in line], [r["ci95_high"] for r in line], color=colour,
-                                alpha=0.2, linewidth=0)  # fmt: skip
+                ax.fill_between(x, [max(r["ci95_low"], floor) for r in line], [r["ci95_high"] for r in line],
+                                color=colour, alpha=0.2, linewidth=0)  # fmt: skip
             ax.set(xlabel="training step", yscale="log",
                    title="dense model" if level == 0 else f"sparsity {level:.0%}")  # fmt: skip
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(fontsize=6)
         axis = axes[0][0].yaxis  # shared: plain numbers at 1, 1.5, 2, 3, 5, 7 x 10^k on the log scale
         axis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
-        axis.set_major_formatter(ScalarFormatter())
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         axis.set_minor_formatter(NullFormatter())
+        axes[0][0].set_ylim(bottom=floor)
         axes[0][0].set_ylabel("held-out NLL per completion token (log scale)")
         fig.suptitle(f"{model}, {task}: held-out loss during training [{protocol} protocol]\nstep 0 = before "
-                     "fine-tuning (the no-fine-tune run); band = 95% interval over seeds", fontsize=8)  # fmt: skip
+                     "fine-tuning (the no-fine-tune run); band = 95% interval over seeds (cut at the axis' floor where it "
+                     "reaches zero)", fontsize=8)  # fmt: skip
         path = out_dir / f"heldout_curve_{protocol}_{slug(model)}_{slug(task)}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=100)
