@@ -170,8 +170,8 @@ def torchrun(params: Path, hf: Path, out: Path, *extra: str) -> Path:
 @pytest.mark.parametrize("extra", [(), ("--fsdp",)], ids=["ddp", "fsdp"])
 def test_two_processes_with_micro_batches_and_checkpointing_equal_one_whole_batch(assets, extra):  # noqa: F811
     params = write_params(assets, "micro_torchrun", max_steps=3)
-    single = train(params, assets["hf"], assets["root"] / "micro_torchrun_single", "cpu", progress=False)
     name = "micro_torchrun_" + ("fsdp" if extra else "ddp")
+    single = train(params, assets["hf"], assets["root"] / f"{name}_single", "cpu", progress=False)
     multi = torchrun(params, assets["hf"], assets["root"] / name, "--micro-batch-size", "1",
                      "--activation-checkpointing", *extra)  # fmt: skip
     torch.testing.assert_close(torch.tensor(losses(multi)), torch.tensor(losses(single)), rtol=1e-5, atol=0)
