@@ -34,6 +34,7 @@ def test_names_that_become_paths_must_be_plain(tmp_path, tiny_llama_dir, capsys,
     assert not out.exists() and not (tmp_path / "MARK").exists() and not (tmp_path / "x").exists()
 
 
+@pytest.mark.cs  # the script's first step writes a CS checkpoint
 def test_command_script_runs_exactly_the_planned_command(tmp_path, tiny_llama_dir):
     """Free text in the spec (paths, the cszoo program, its extra arguments) and a sweep directory
     with shell syntax in their names: `command.sh` passes every word through unchanged and runs

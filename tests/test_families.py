@@ -11,6 +11,7 @@ import importlib
 import warnings
 
 import pytest
+from conftest import skip_mixtral_on_transformers_5
 from transformers import AutoConfig
 
 from modelzoo_ext.families import FAMILIES
@@ -33,6 +34,7 @@ def test_traits_are_those_of_the_transformers_config(name):
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_the_rule_table_maps_every_tensor_of_the_tiny_model(name):
     """Every parameter of the family's transformers model matches exactly one rule."""
+    skip_mixtral_on_transformers_5(name)  # its in-memory layout there is not the checkpoints'
     import re
 
     import torch

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import MIXTRAL_ON_TRANSFORMERS_5, transformers_major
 
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.hf_checkpoint import HFCheckpoint
@@ -33,16 +34,7 @@ E = 4
 EXPERT_W1 = "model.transformer_decoder.layers.{i}.ffn.experts.fused_ffns.0.linear_layer_for_glu"
 
 
-def transformers_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
-
-
-needs_per_expert_mixtral = pytest.mark.skipif(
-    transformers_major() >= 5,
-    reason="transformers >= 5 fuses Mixtral's experts; the reference path needs transformers 4.x",
-)
+needs_per_expert_mixtral = pytest.mark.skipif(transformers_major() >= 5, reason=MIXTRAL_ON_TRANSFORMERS_5)
 
 
 def layout() -> RopeLayout:

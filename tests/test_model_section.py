@@ -155,6 +155,9 @@ def test_modelzoo_refuses_both_spellings_at_once_too():
 @pytest.fixture(scope="module")
 def tiny_assets(tmp_path_factory, tokenizer_dir):
     """family -> the paths of its tiny assets (HF model, masks, data), built once per family."""
+    pytest.importorskip(
+        "cerebras.pytorch", reason="the tiny assets include a CS checkpoint (cerebras-pytorch)"
+    )
     from modelzoo_ext.study.tiny_assets import make_tiny_assets
 
     root = tmp_path_factory.mktemp("spelling")

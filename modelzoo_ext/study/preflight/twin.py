@@ -250,7 +250,8 @@ def build_twin(subject: Subject, masks: TwinMasks | None, work: Path) -> TwinFil
     write_samples(files["data"] / "data-0.h5", samples)
     if masks is not None:
         _twin_masks(files, masks, samples.shape[2])
-    convert_hf_to_cs(files["hf"], files["cs_checkpoint"].parent, family)
+    if modelzoo_installed():  # the CS base only `cszoo fit` reads (and only cerebras-pytorch writes)
+        convert_hf_to_cs(files["hf"], files["cs_checkpoint"].parent, family)
     params = _twin_params(subject, section, files, batch)
     rc.write_yaml(work / "params.yaml", params)
     return TwinFiles(work, files["hf"], work / "params.yaml", files["cs_run"], work / "reference", data_note)
