@@ -207,9 +207,9 @@ def migrate_run_config(
                 f"  ModelZoo's Lora also wrapped {skipped}: sparse LoRA adapts decoder projections only; "
                 "those stay frozen"
             )
-        if family == "mixtral":
+        if FAMILIES[family].has_experts:
             changes.append(
-                "  Mixtral's experts (w1, w2, w3) are fused parameters that ModelZoo's Lora does not wrap; "
+                "  the experts (Mixtral: w1, w2, w3) are fused parameters that ModelZoo's Lora does not wrap; "
                 "add them to sparse_lora.target_modules to adapt them too"
             )
         if settings.get("merge_weights"):
