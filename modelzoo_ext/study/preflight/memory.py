@@ -1,11 +1,14 @@
 """Check 5: a GPU run's memory per device, by the reference trainer's own memory plan.
 
-    memory_check(subject, cfg)  ->  Check (gpu runs only)
+    memory_check(subject, cfg)              ->  Check (gpu runs only)
+    memory_check_each(subjects, cfg)        ->  one Check for runs that differ in mask sparsity
 
 The plan is `gpu_reference.memory_plan.plan_memory`, through the check the reference trainer
-makes at the start of every GPU run (`gpu_reference.run_plan.check_memory`: the run config's own
-micro-batch setting, `auto` = the largest that fits, the prepared data's longest sequences or the
-configured worst case, the mask file's densities), so the preflight and the run cannot disagree.
+makes at the start of every GPU run (`gpu_reference.run_plan.check_memory`: the micro-batch,
+checkpointing, FSDP and sampled-product options the run is launched with, `auto` = the largest
+micro-batch that fits, the prepared data's longest sequences and the mask file's densities), so
+the preflight and the run cannot disagree. Before a sweep's data and masks exist, the plan takes
+what the sweep planned (its `--max-seq-length`, the per-layer sparsity) instead of the worst case.
 The device's memory comes from `--device-memory` (or the sweep's `gpu.device_memory`): there is
 no GPU on the machine that plans. Where that plan is not importable, the check is skipped with
 the reason (`plan_module`): nothing else stands in for it.
