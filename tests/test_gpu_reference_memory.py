@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from conftest import skip_mixtral_on_transformers_5, transformers_major
 from safetensors.torch import load_file
 from test_gpu_reference_train import assets, losses, write_params  # noqa: F401  (assets: a fixture)
 from test_mixtral_core import needs_per_expert_mixtral
+from test_mixtral_gpu_reference import torchrun
 
 from gpu_reference.data import SequenceStats, collate
 from gpu_reference.loss import RouterLoss
@@ -157,14 +157,6 @@ def test_a_run_with_micro_batches_and_checkpointing_trains_as_the_whole_batch(as
 
 
 # ----------------------------------------------------------------------------- equivalence (torchrun)
-def torchrun(params: Path, hf: Path, out: Path, *extra: str) -> Path:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "gpu_reference.train", str(params), "--hf-model", str(hf), "--out", str(out),
-           "--device", "cpu", "--no-progress", *extra]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
 
 
 @pytest.mark.slow

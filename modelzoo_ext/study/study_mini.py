@@ -76,9 +76,10 @@ def machine_and_versions() -> dict[str, Any]:
         ]
         cpu = names[0] if names else cpu
     memory = meminfo.read_text().splitlines()[0].split(":", 1)[1].strip() if meminfo.is_file() else "unknown"
-    versions = {k: v for k, v in run_versions().items() if v is not None and k != "git_revision"}
+    stack = run_versions()
+    versions = {k: v for k, v in stack.items() if v is not None and k != "git_revision"}
     return {"cpu": cpu, "cpus": os.cpu_count(), "memory": memory, "platform": platform.platform(),
-            "versions": versions, "git_rev": run_versions()["git_revision"]}  # fmt: skip
+            "versions": versions, "git_rev": stack["git_revision"]}  # fmt: skip
 
 
 def run_wall_times(registry_path: Path) -> list[dict[str, Any]]:
