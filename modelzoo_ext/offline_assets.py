@@ -8,6 +8,7 @@ names; these are an option of the loaders, never a silent substitute.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from modelzoo_ext.errors import UserError
@@ -38,3 +39,14 @@ def asset_path(name: str) -> Path:
     if not path.exists():
         raise UserError(f"offline asset {name!r} is missing from its package", where=str(path))
     return path
+
+
+def prefer_offline_environment() -> None:
+    """Keep the Hugging Face libraries off the hub for a job built on these assets.
+
+    Call before transformers or datasets is imported (they read the variables once). A value already
+    in the environment wins, so a user with a hub can still say `HF_HUB_OFFLINE=0`.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

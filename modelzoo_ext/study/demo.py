@@ -342,11 +342,9 @@ def print_results(sweep_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
+    from modelzoo_ext.offline_assets import prefer_offline_environment
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    prefer_offline_environment()
     parser = argparse.ArgumentParser(
         prog="python -m modelzoo_ext.study.demo", description=__doc__.split("\n")[0]
     )

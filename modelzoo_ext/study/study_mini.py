@@ -235,9 +235,9 @@ def run_study(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from modelzoo_ext.offline_assets import prefer_offline_environment
+
+    prefer_offline_environment()
     parser = argparse.ArgumentParser(
         prog="python -m modelzoo_ext.study.study_mini", description=__doc__.split("\n")[0]
     )
