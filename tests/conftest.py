@@ -15,6 +15,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,30 @@ def slurm_cluster() -> str:
         conf = started.stdout.strip().splitlines()[-1]
     os.environ["SLURM_CONF"] = conf
     return conf
+
+
+def task_summary(states: dict) -> dict[str, dict[str, str]]:
+    """{run: {stage: state}} of a sweep's scheduler tasks (`task_states`), as `sweep status` names them."""
+    return {run: {stage: t.state.describe() for stage, t in stages.items()} for run, stages in states.items()}
+
+
+def all_tasks_ended(states: dict) -> bool:
+    """No task of the sweep is queued or running any more."""
+    return not any(t.state.active for stages in states.values() for t in stages.values())
+
+
+def wait_for_tasks(sweep: Path, until, what: str, timeout_s: float, poll_s: float = 0.5) -> dict:
+    """Poll the scheduler until `until(task_states(sweep))` holds; those states, or an
+    AssertionError naming `what` and every task's state after `timeout_s`."""
+    from modelzoo_ext.study.cluster.submit import task_states
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        states = task_states(sweep)
+        if until(states):
+            return states
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}: {task_summary(task_states(sweep))}")
 
 
 def get_cstorch_cpu_backend():

@@ -14,22 +14,24 @@ import json
 import os
 import subprocess
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import pytest
+from conftest import all_tasks_ended, task_summary, wait_for_tasks
 
 from modelzoo_ext.errors import UserError
 from modelzoo_ext.study.cluster import launch
 from modelzoo_ext.study.cluster.arrays import RunWork
 from modelzoo_ext.study.cluster.spec import StageResources, build_submission
-from modelzoo_ext.study.cluster.submit import cancel, read_ledger, submit, task_states
+from modelzoo_ext.study.cluster.submit import cancel, read_ledger, submit
 
 pytestmark = pytest.mark.slurm
 
 FAKE_TASK = Path(__file__).parent / "fixtures" / "cluster_task.py"
 ENTRY = [sys.executable, str(FAKE_TASK)]
 TIMEOUT_S = 120
+_wait = partial(wait_for_tasks, timeout_s=TIMEOUT_S)
 
 
 def _done(sweep: Path):
@@ -41,24 +43,6 @@ def _flag(sweep: Path, kind: str, run_id: str, stage: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch()
     return path
-
-
-def _wait(sweep: Path, until, what: str):
-    deadline = time.time() + TIMEOUT_S
-    while time.time() < deadline:
-        states = task_states(sweep)
-        if until(states):
-            return states
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}: {_summary(task_states(sweep))}")
-
-
-def _summary(states) -> dict[str, dict[str, str]]:
-    return {run: {stage: t.state.describe() for stage, t in stages.items()} for run, stages in states.items()}
-
-
-def _all_ended(states) -> bool:
-    return not any(t.state.active for stages in states.values() for t in stages.values())
 
 
 @pytest.fixture
@@ -89,8 +73,8 @@ def test_states_taskwise_dependency_and_resubmission(sweep):
     states = _wait(sweep, lambda s: s["r0"]["eval"].state.state == "COMPLETED" and s["r2"]["train"].state.state == "RUNNING",
                    "r0 evaluated while r2 trains")  # fmt: skip
     subprocess.run(["scancel", f"{first.job_ids['train-0']}_2"], check=True)
-    states = _wait(sweep, _all_ended, "every task to end")
-    got = _summary(states)
+    states = _wait(sweep, all_tasks_ended, "every task to end")
+    got = task_summary(states)
     assert got == {
         "r0": {"train": "COMPLETED", "eval": "COMPLETED"},
         "r1": {"train": "FAILED (exit 3, NonZeroExitCode)", "eval": "CANCELLED (DependencyNeverSatisfied)"},
@@ -112,8 +96,8 @@ def test_states_taskwise_dependency_and_resubmission(sweep):
     ]
     assert second.selection.done == ("r0", "r3", "base")
     assert second.round_dir.name == "round-002"
-    states = _wait(sweep, _all_ended, "the resubmitted tasks to end")
-    assert _summary(states) == {run: ({"eval": "COMPLETED"} if run == "base" else
+    states = _wait(sweep, all_tasks_ended, "the resubmitted tasks to end")
+    assert task_summary(states) == {run: ({"eval": "COMPLETED"} if run == "base" else
                                       {"train": "COMPLETED", "eval": "COMPLETED"}) for run in ("r0", "r1", "r2", "r3", "base")}  # fmt: skip
     assert states["r1"]["train"].round == 2 and states["r0"]["train"].round == 1
     assert sorted(p.parent.name for p in sweep.glob("runs/*/eval.done")) == ["base", "r0", "r1", "r2", "r3"]
@@ -141,7 +125,7 @@ def test_queued_or_running_runs_are_not_submitted_twice_and_cancel(sweep):
     again = submit(sweep, runs, _done(sweep), sub, entry=ENTRY)
     assert again.selection.arrays == () and again.selection.active == ("r0",)
     assert sorted(cancel(sweep)) == sorted(first.job_ids.values())
-    states = _wait(sweep, _all_ended, "the cancelled tasks to end")
+    states = _wait(sweep, all_tasks_ended, "the cancelled tasks to end")
     assert {stage: t.state.state for stage, t in states["r0"].items()} == {
         "train": "CANCELLED",
         "eval": "CANCELLED",
@@ -160,8 +144,8 @@ def test_a_failed_assets_job_cancels_the_arrays_that_wait_for_it(sweep, tmp_path
     assert [(a.name, a.after) for a in result.selection.arrays] == [
         ("assets", None), ("train-0", "assets"), ("eval-after-0", "train-0"), ("eval-0", "assets"),
     ]  # fmt: skip
-    states = _wait(sweep, _all_ended, "every task to end")
-    assert _summary(states) == {
+    states = _wait(sweep, all_tasks_ended, "every task to end")
+    assert task_summary(states) == {
         "r0": {"assets": "FAILED (exit 1, NonZeroExitCode)", "train": "CANCELLED (DependencyNeverSatisfied)",
                "eval": "CANCELLED (DependencyNeverSatisfied)"},
         "base": {"assets": "FAILED (exit 1, NonZeroExitCode)", "eval": "CANCELLED (DependencyNeverSatisfied)"},
@@ -195,7 +179,7 @@ def test_an_assets_job_waits_for_an_earlier_one_still_running(sweep, tmp_path):
     )
     assert "afterany:" + first.job_ids["assets"] in (second.round_dir / "submit.sh").read_text()
     hold.unlink()
-    states = _wait(sweep, _all_ended, "both rounds to end")
+    states = _wait(sweep, all_tasks_ended, "both rounds to end")
     assert {run: states[run]["assets"].state.state for run in ("r0", "r1")} == {
         "r0": "COMPLETED",
         "r1": "COMPLETED",
@@ -224,7 +208,7 @@ def test_hostile_text_runs_nothing_the_spec_did_not_ask_for(tmp_path, slurm_clus
                            train=StageResources(gpus_per_run=0))  # fmt: skip
     try:
         result = submit(sweep, [RunWork("r0", True)], _done(sweep), sub, entry=ENTRY)
-        states = _wait(sweep, _all_ended, "the hostile tasks to end")
+        states = _wait(sweep, all_tasks_ended, "the hostile tasks to end")
     finally:
         if read_ledger(sweep)["rounds"]:
             cancel(sweep)

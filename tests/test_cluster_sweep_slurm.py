@@ -18,14 +18,15 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import all_tasks_ended, task_summary, wait_for_tasks
 
 from modelzoo_ext.cli import main
-from modelzoo_ext.study.cluster.submit import read_ledger, task_states
+from modelzoo_ext.study.cluster.submit import read_ledger
 from modelzoo_ext.study.sweep.records import read_record
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -37,6 +38,7 @@ S2S, S2D = (f"tiny__boolq__magnitude__unstructured__s50__{m}__cpu__seed0" for m 
 PRUNED = "tiny__boolq__magnitude__unstructured__s50__none__eval__seed0"
 DENSE = "tiny__boolq__dense__dense__s00__none__eval__seed0"
 TIMEOUT_S = 900  # two shared cores: the whole round takes a few minutes
+_wait = partial(wait_for_tasks, timeout_s=TIMEOUT_S, poll_s=1)
 
 _opened: list[str] = []  # databases this process opened (sqlite3.connect), in order
 
@@ -47,24 +49,6 @@ def _watch_sqlite(event: str, args: tuple) -> None:
 
 
 sys.addaudithook(_watch_sqlite)  # audit hooks stay for the process; this one only records
-
-
-def _wait(sweep: Path, until, what: str) -> dict:
-    deadline = time.time() + TIMEOUT_S
-    while time.time() < deadline:
-        states = task_states(sweep)
-        if until(states):
-            return states
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}: {_summary(task_states(sweep))}")
-
-
-def _summary(states: dict) -> dict:
-    return {run: {stage: t.state.describe() for stage, t in stages.items()} for run, stages in states.items()}
-
-
-def _all_ended(states: dict) -> bool:
-    return not any(t.state.active for stages in states.values() for t in stages.values())
 
 
 def _csv(path: Path) -> list[dict[str, str]]:
@@ -127,8 +111,8 @@ def test_tiny_sweep_as_job_arrays_fails_cancels_resubmits_and_reports_as_the_loc
           "the s2s trainer to run")  # fmt: skip
     assert read_record(sweep / "runs" / S2S).status == "running"
     subprocess.run(["scancel", f"{jobs['train-0']}_1"], check=True)
-    states = _wait(sweep, _all_ended, "round 1 to end")
-    assert _summary(states) == {
+    states = _wait(sweep, all_tasks_ended, "round 1 to end")
+    assert task_summary(states) == {
         S2D: {"assets": "COMPLETED", "train": "FAILED (exit 1, NonZeroExitCode)",
               "eval": "CANCELLED (DependencyNeverSatisfied)"},
         S2S: {"assets": "COMPLETED", "train": "CANCELLED (signal 15)", "eval": "CANCELLED (DependencyNeverSatisfied)"},
@@ -169,7 +153,7 @@ def test_tiny_sweep_as_job_arrays_fails_cancels_resubmits_and_reports_as_the_loc
         ("train-0", None, [S2D, S2S]),
         ("eval-after-0", "train-0", [S2D, S2S]),
     ]
-    states = _wait(sweep, _all_ended, "round 2 to end")
+    states = _wait(sweep, all_tasks_ended, "round 2 to end")
     assert {run: {s: t.state.describe() for s, t in stages.items() if s != "assets"} for run, stages in states.items()} == {
         S2D: {"train": "COMPLETED", "eval": "COMPLETED"},
         S2S: {"train": "COMPLETED", "eval": "COMPLETED"},
